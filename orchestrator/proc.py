@@ -1,0 +1,74 @@
+"""The one place that runs external commands: argument lists, timeouts, useful errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from orchestrator.errors import CommandError
+
+log = logging.getLogger(__name__)
+
+STDERR_TAIL_CHARS = 2000
+
+
+def run(
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    timeout_s: float = 300,
+    cwd: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    input_text: str | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
+    """Run argv to completion and return it; stdout and stderr are captured as text.
+
+    Raises CommandError (with argv, rc and the tail of stderr) when the command exits
+    non-zero (if check) or outlives timeout_s; a missing binary is rc 127.
+    """
+    args = [os.fspath(a) for a in argv]
+    log.debug("run %s", args)
+    try:
+        cp = subprocess.run(
+            args, cwd=cwd, env=dict(env) if env is not None else None, input=input_text,
+            capture_output=True, text=True, timeout=timeout_s, check=False,
+            stdin=None if input_text is not None else subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired as e:
+        tail = (e.stderr or b"")[-STDERR_TAIL_CHARS:]
+        tail_s = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+        raise CommandError(args, None, tail_s, timed_out=True) from e
+    except FileNotFoundError as e:
+        raise CommandError(args, 127, str(e)) from e
+    if check and cp.returncode != 0:
+        raise CommandError(args, cp.returncode, cp.stderr[-STDERR_TAIL_CHARS:])
+    return cp
+
+
+def spawn_group(
+    argv: Sequence[str | os.PathLike[str]], *, stdout: int | None = None, stderr: int | None = None,
+    cwd: str | Path | None = None, env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a long-lived helper in its own process group, so stop_group can end it whole."""
+    return subprocess.Popen(
+        [os.fspath(a) for a in argv], stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+        cwd=cwd, env=dict(env) if env is not None else None, start_new_session=True,
+    )
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> int | None:
+    """SIGTERM the helper's process group, SIGKILL it after grace_s; returns its rc."""
+    if proc.poll() is not None:
+        return proc.returncode
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        return proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait(timeout=grace_s)
+    except ProcessLookupError:
+        return proc.wait(timeout=grace_s)
