@@ -19,7 +19,9 @@ class UsageError(DensitylabError):
 class CommandError(DensitylabError):
     """An external command failed or timed out."""
 
-    def __init__(self, argv: Sequence[str], rc: int | None, stderr_tail: str, timed_out: bool = False):
+    def __init__(
+        self, argv: Sequence[str], rc: int | None, stderr_tail: str, timed_out: bool = False
+    ):
         self.argv = list(argv)
         self.rc = rc
         self.stderr_tail = stderr_tail
@@ -42,7 +44,7 @@ class HostError(DensitylabError):
     """The host cannot do what the experiment needs (missing capability, short of memory)."""
 
 
-class Interrupted(DensitylabError):  # noqa: N818 - it is a signal, not a failure
+class Interrupted(DensitylabError):
     """SIGINT or SIGTERM arrived; raised so that teardown runs."""
 
     def __init__(self, signum: int):

@@ -34,8 +34,14 @@ def run(
     log.debug("run %s", args)
     try:
         cp = subprocess.run(
-            args, cwd=cwd, env=dict(env) if env is not None else None, input=input_text,
-            capture_output=True, text=True, timeout=timeout_s, check=False,
+            args,
+            cwd=cwd,
+            env=dict(env) if env is not None else None,
+            input=input_text,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
             stdin=None if input_text is not None else subprocess.DEVNULL,
         )
     except subprocess.TimeoutExpired as e:
@@ -50,13 +56,22 @@ def run(
 
 
 def spawn_group(
-    argv: Sequence[str | os.PathLike[str]], *, stdout: int | None = None, stderr: int | None = None,
-    cwd: str | Path | None = None, env: Mapping[str, str] | None = None,
+    argv: Sequence[str | os.PathLike[str]],
+    *,
+    stdout: int | None = None,
+    stderr: int | None = None,
+    cwd: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a long-lived helper in its own process group, so stop_group can end it whole."""
     return subprocess.Popen(
-        [os.fspath(a) for a in argv], stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-        cwd=cwd, env=dict(env) if env is not None else None, start_new_session=True,
+        [os.fspath(a) for a in argv],
+        stdin=subprocess.DEVNULL,
+        stdout=stdout,
+        stderr=stderr,
+        cwd=cwd,
+        env=dict(env) if env is not None else None,
+        start_new_session=True,
     )
 
 

@@ -1,0 +1,62 @@
+"""SIGINT and SIGTERM become an Interrupted exception, so that teardown always runs.
+
+The first signal raises (unless inside `deferred()`, where it is only recorded and
+checked by the code that can stop cleanly, such as an Ansible play's cancel callback).
+Later signals are recorded and ignored: teardown must not itself be interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+from orchestrator.errors import Interrupted
+
+log = logging.getLogger(__name__)
+
+
+class InterruptGuard:
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._raised = False
+        self._defer = 0
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handler(self, signum: int, _frame: FrameType | None) -> None:
+        if self.signum is not None:
+            log.warning("signal %d again: still tearing down, please wait", signum)
+            return
+        self.signum = signum
+        if self._defer == 0:
+            self._raised = True
+            raise Interrupted(signum)
+
+    def check(self) -> None:
+        """Raise Interrupted once if a signal arrived while deferred."""
+        if self.signum is not None and not self._raised:
+            self._raised = True
+            raise Interrupted(self.signum)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._defer += 1
+        try:
+            yield
+        finally:
+            self._defer -= 1
+
+    @contextmanager
+    def installed(self) -> Iterator[InterruptGuard]:
+        """Install the handlers for the block; the previous handlers come back after."""
+        old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)

@@ -1,0 +1,53 @@
+"""Spec -> trials: the expanded matrix of (kernel, fleet size, repeat) and a time estimate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.spec import Spec
+
+# Rough costs measured on a 2-core TCG host (LAB-NOTES: ~5 s boot, fills of 160 MiB in
+# 14-34 s for 4 guests); used only for the estimate `plan` prints.
+BOOT_S = 8.0
+BOOT_S_PER_GUEST = 1.5
+FILL_MIB_PER_S = 25.0
+ANSIBLE_PLAY_S = 4.0
+TEARDOWN_S = 3.0
+PAGES_PER_MIB = 256
+
+
+@dataclass(frozen=True)
+class Trial:
+    trial_id: str
+    kernel: str
+    fleet_size: int
+    repeat: int
+
+
+def expand(spec: Spec) -> list[Trial]:
+    return [
+        Trial(f"{k}-n{n}-r{r}", k, n, r)
+        for k in spec.kernels
+        for n in spec.fleet.counts
+        for r in range(spec.repeats)
+    ]
+
+
+def full_scan_s(spec: Spec, fleet_size: int) -> float:
+    """Seconds for one KSM full scan over every guest's RAM at the spec's scan rate."""
+    pages = fleet_size * spec.fleet.memory_mib * PAGES_PER_MIB
+    per_s = (
+        int(spec.ksm.get("pages_to_scan", 100))
+        * 1000
+        / max(1, int(spec.ksm.get("sleep_millisecs", 20)))
+    )
+    return pages / per_s
+
+
+def estimate_s(spec: Spec, trial: Trial) -> float:
+    scans = spec.phases.merge.settle_scans + 2
+    boot = BOOT_S + BOOT_S_PER_GUEST * trial.fleet_size
+    baseline = scans * full_scan_s(spec, trial.fleet_size) if spec.phases.baseline.enabled else 0
+    fill = 3 * ANSIBLE_PLAY_S + spec.workload.mib * trial.fleet_size / FILL_MIB_PER_S
+    merge = min(spec.phases.merge.timeout_s, scans * full_scan_s(spec, trial.fleet_size))
+    return boot + baseline + fill + merge + spec.phases.hold.duration_s + TEARDOWN_S

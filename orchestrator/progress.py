@@ -1,0 +1,103 @@
+"""Progress and the end-of-run summary, drawn with rich (only on a terminal)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from orchestrator.runner import TrialResult
+
+
+class RichProgress:
+    """One status line: trial, phase, guests' Ansible progress, KSM sharing vs target."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.live: Live | None = None
+        self.trial = ""
+        self.phase_name = ""
+        self.detail = ""
+        self.guest_states: dict[str, str] = {}
+
+    def __enter__(self) -> RichProgress:
+        if self.console.is_terminal:
+            self.live = Live(
+                self._render(), console=self.console, refresh_per_second=4, transient=True
+            )
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+    def _render(self) -> Text:
+        return Text(f"{self.trial} {self.phase_name:<9} {self.detail}")
+
+    def _refresh(self) -> None:
+        if self.live is not None:
+            self.live.update(self._render())
+
+    def phase(self, trial_id: str, phase: str) -> None:
+        if not self.console.is_terminal:
+            self.console.print(f"{trial_id}: {phase}", markup=False, highlight=False)
+        self.trial, self.phase_name, self.detail = trial_id, phase, ""
+        self.guest_states.clear()
+        self._refresh()
+
+    def guest_event(self, guest: str, event: str) -> None:
+        if event.startswith("runner_on_") or event == "runner_retry":
+            self.guest_states[guest] = event.removeprefix("runner_on_")
+            done = sum(1 for v in self.guest_states.values() if v == "ok")
+            self.detail = f"ansible: {done}/{len(self.guest_states)} guests ok"
+            self._refresh()
+
+    def merge(self, sharing_mib: float, target_mib: float | None, full_scans: int) -> None:
+        target = f" / predicted {target_mib:.0f} MiB" if target_mib is not None else ""
+        self.detail = f"KSM saving {sharing_mib:.0f} MiB{target}, full scans {full_scans}"
+        self._refresh()
+
+
+def fmt(v: float | None, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def summary_table(results: Sequence[TrialResult]) -> Table:
+    t = Table(title="densitylab summary")
+    cols = (
+        "trial",
+        "status",
+        "guests",
+        "pages sharing",
+        "saved MiB (measured)",
+        "saved MiB (predicted)",
+        "error %",
+        "general_profit MiB",
+        "ksmd CPU-s",
+        "settle s",
+    )
+    for c in cols:
+        t.add_column(c, justify="left" if c in ("trial", "status") else "right")
+    for r in results:
+        err = None
+        if r.measured_saving_mib is not None and r.predicted_saving_mib:
+            err = 100 * (r.measured_saving_mib - r.predicted_saving_mib) / r.predicted_saving_mib
+        settle = fmt(r.settle_s) + ("" if r.settled else " (timeout)")
+        t.add_row(
+            r.trial_id,
+            r.status,
+            str(r.fleet_size),
+            fmt(r.pages_sharing, "d") if r.pages_sharing is not None else "-",
+            fmt(r.measured_saving_mib),
+            fmt(r.predicted_saving_mib),
+            fmt(err, "+.1f"),
+            fmt(r.general_profit_mib),
+            fmt(r.ksmd_cpu_s, ".2f"),
+            settle,
+        )
+    return t

@@ -1,0 +1,590 @@
+"""The trial runner: spec -> trials -> (host, fleet, workload, samples) -> run store.
+
+Every resource goes onto an ExitStack the moment it exists (KSM knobs, domains, the
+workload, the sampler), so teardown runs LIFO on success, on error and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+
+from orchestrator import __version__, fleet, hostagent, images, plan, sampling, store
+from orchestrator.errors import DensitylabError, HostError, Interrupted, UsageError
+from orchestrator.interrupts import InterruptGuard
+from orchestrator.sampling import PhaseMark, Sampler, sharing_pages
+from orchestrator.spec import Spec, check_fits_host, load_spec
+from orchestrator.workload import FillResult, PlayError, WorkloadDriver
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+MIB = 1 << 20
+PAGES_PER_MIB = 256
+
+
+class Progress(Protocol):
+    """What the runner tells a front end (the CLI draws it with rich; tests ignore it)."""
+
+    def phase(self, trial_id: str, phase: str) -> None: ...
+    def guest_event(self, guest: str, event: str) -> None: ...
+    def merge(self, sharing_mib: float, target_mib: float | None, full_scans: int) -> None: ...
+
+
+class QuietProgress:
+    def phase(self, trial_id: str, phase: str) -> None:
+        log.info("%s: %s", trial_id, phase)
+
+    def guest_event(self, guest: str, event: str) -> None:
+        pass
+
+    def merge(self, sharing_mib: float, target_mib: float | None, full_scans: int) -> None:
+        pass
+
+
+@dataclass
+class TrialResult:
+    """One row of trials.parquet."""
+
+    trial_id: str
+    kernel: str
+    kernel_release: str
+    fleet_size: int
+    repeat: int
+    accel: str
+    guest_memory_mib: int
+    workload_mib: int
+    status: str = "failed"
+    reason: str | None = None
+    settled: bool = False
+    settle_s: float | None = None
+    baseline_settled: bool | None = None
+    baseline_saving_mib: float = 0.0
+    predicted_saving_mib: float | None = None
+    measured_saving_mib: float | None = None
+    general_profit_mib: float | None = None
+    pages_sharing: int | None = None
+    pages_shared: int | None = None
+    ksmd_cpu_s: float | None = None
+    started_ns: int = 0
+    ended_ns: int = 0
+
+
+@dataclass
+class SettleResult:
+    settled: bool
+    seconds: float
+    sample: dict[str, Any]
+
+
+@dataclass
+class TrialState:
+    """What a trial accumulates while it runs, turned into tables at the end."""
+
+    t0_ns: int = field(default_factory=time.monotonic_ns)
+    marks: list[PhaseMark] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    fills: list[FillResult] = field(default_factory=list)
+    guests: list[fleet.Guest] = field(default_factory=list)
+    sampler: Sampler | None = None
+
+    def event(self, phase: str, event: str, detail: str = "") -> None:
+        ts = time.monotonic_ns()
+        self.events.append(
+            {
+                "ts_ns": ts,
+                "t_s": (ts - self.t0_ns) / 1e9,
+                "phase": phase,
+                "event": event,
+                "detail": detail,
+            }
+        )
+
+
+# ---------------------------------------------------------------- predictions
+
+
+def predicted_saving_pages(fills: list[FillResult], use_zero_pages: bool) -> int:
+    """Pages KSM should save for this pattern across the fleet.
+
+    Duplicate page i is identical in every guest and distinct from the guest's other
+    pages, so N guests share it N-1 times. Zero pages all merge into one page (or, with
+    use_zero_pages, each maps the zero page). Unique and volatile pages never merge.
+    """
+    n = len(fills)
+    if n == 0:
+        return 0
+    dup = min(f.dup_pages for f in fills) * (n - 1)
+    zero = sum(f.zero_pages for f in fills)
+    return dup + (zero if use_zero_pages else max(0, zero - 1))
+
+
+# ---------------------------------------------------------------- waits
+
+
+def wait_settled(
+    sampler: Sampler,
+    guard: InterruptGuard,
+    spec: Spec,
+    timeout_s: float,
+    on_sample: Callable[[dict[str, Any]], None],
+) -> SettleResult:
+    """Wait until KSM sharing moves less than settle_pct over settle_scans full scans.
+
+    Only full scans completed inside this wait count, so a settle always reflects
+    memory as it is now. Returns whether it settled or the timeout ended it.
+    """
+    m = spec.phases.merge
+    start = time.monotonic()
+    first = None
+    by_scan: dict[int, int] = {}
+    while True:
+        guard.check()
+        s = sampler.latest()
+        if s is not None:
+            on_sample(s)
+            scans = int(s["ksm"].get("full_scans", 0))
+            first = scans if first is None else first
+            by_scan[scans] = sharing_pages(s)
+            back = scans - m.settle_scans
+            if back > first and back in by_scan:
+                now, then = by_scan[scans], by_scan[back]
+                if abs(now - then) <= m.settle_pct / 100 * max(now, 1):
+                    return SettleResult(True, time.monotonic() - start, s)
+        if time.monotonic() - start > timeout_s:
+            last = sampler.latest() or {}
+            return SettleResult(False, time.monotonic() - start, last)
+        time.sleep(min(0.25, spec.sampling.interval_s / 2))
+
+
+def hold(sampler: Sampler, guard: InterruptGuard, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        guard.check()
+        sampler.poll()
+        time.sleep(min(0.2, max(0.0, end - time.monotonic())))
+
+
+# ---------------------------------------------------------------- the run
+
+
+class TeardownStack(ExitStack):
+    """An ExitStack whose unwinding a signal cannot cut short (it is only recorded)."""
+
+    def __init__(self, guard: InterruptGuard):
+        super().__init__()
+        self.guard = guard
+
+    def __exit__(self, *exc: Any) -> bool:
+        with self.guard.deferred():
+            return bool(super().__exit__(*exc))
+
+
+@dataclass
+class RunContext:
+    spec: Spec
+    spec_path: Path
+    store: store.RunStore
+    image: images.TinyImage
+    conn: Any
+    domain_type: str
+    facts: dict[str, Any]
+    guard: InterruptGuard
+    progress: Progress
+
+
+def guest_specs(ctx: RunContext, trial: plan.Trial, token: str) -> list[fleet.GuestSpec]:
+    img = fleet.GuestImage(kernel=ctx.image.kernel, initrd=ctx.image.initrd)
+    logs = ctx.store.trial_dir(trial.trial_id) / "console"
+    return [
+        fleet.GuestSpec(
+            name=f"dl-{token}-{trial.fleet_size}-{trial.repeat}-g{i}",
+            memory_mib=ctx.spec.fleet.memory_mib,
+            vcpus=ctx.spec.fleet.vcpus,
+            image=img,
+            console_log=logs / f"g{i}.log",
+        )
+        for i in range(trial.fleet_size)
+    ]
+
+
+def ksm_saved_path(run_id: str) -> Path:
+    return hostagent.STATE_DIR / f"ksm-{run_id}.json"
+
+
+def restore_ksm_or_raise(path: Path) -> None:
+    errors = hostagent.restore_ksm(path)
+    if errors:
+        raise HostError("KSM restore: " + "; ".join(errors))
+
+
+def set_ksm_run(value: int) -> None:
+    hostagent.write_knob(hostagent.KSM_DIR, "run", str(value))
+
+
+def run_phases(ctx: RunContext, trial: plan.Trial, st: TrialState, res: TrialResult) -> None:
+    """Boot, baseline, fill, merge, hold; resources are torn down when this returns."""
+    spec, run_id = ctx.spec, ctx.store.run_id
+
+    def phase(name: str) -> None:
+        st.marks.append(PhaseMark(name, time.monotonic_ns()))
+        st.event(name, "phase-start")
+        ctx.progress.phase(trial.trial_id, name)
+
+    with TeardownStack(ctx.guard) as stack:
+        saved = ksm_saved_path(run_id)
+        hostagent.apply_ksm({**spec.ksm, "run": 0}, saved)
+        stack.callback(restore_ksm_or_raise, saved)
+        fl = stack.enter_context(fleet.Fleet(ctx.conn, run_id, trial.trial_id, ctx.domain_type))
+        phase("boot")
+        token = run_id.rsplit("-", 1)[-1] + f"{int(time.time()) % 100000:05d}"
+        fl.define(guest_specs(ctx, trial, token))
+        st.guests = list(fl.guests)  # the fleet clears its own list at teardown
+        fl.start_all()
+        pids = {g.name: g.pid for g in fl.guests if g.pid is not None}
+        st.sampler = stack.enter_context(
+            Sampler(
+                ctx.store.trial_dir(trial.trial_id) / "samples.jsonl",
+                pids,
+                spec.sampling.interval_s,
+            )
+        )
+        fl.wait_ready(spec.phases.boot.timeout_s)
+        st.event("boot", "fleet-ready", f"{len(fl.guests)} guests")
+        merge_phases(ctx, trial, st, res, stack, phase, fl)
+        phase("teardown")
+
+
+def merge_phases(
+    ctx: RunContext,
+    trial: plan.Trial,
+    st: TrialState,
+    res: TrialResult,
+    stack: ExitStack,
+    phase: Callable[[str], None],
+    fl: fleet.Fleet,
+) -> None:
+    spec = ctx.spec
+    assert st.sampler is not None
+    sampler = st.sampler
+
+    def on_sample(s: dict[str, Any]) -> None:
+        ctx.progress.merge(
+            sharing_pages(s) / PAGES_PER_MIB,
+            res.predicted_saving_mib,
+            int(s["ksm"].get("full_scans", 0)),
+        )
+
+    baseline_pages = 0
+    set_ksm_run(1)
+    if spec.phases.baseline.enabled:
+        phase("baseline")
+        b = wait_settled(sampler, ctx.guard, spec, spec.phases.baseline.timeout_s, on_sample)
+        baseline_pages = sharing_pages(b.sample) if b.sample else 0
+        res.baseline_settled = b.settled
+        res.baseline_saving_mib = baseline_pages / PAGES_PER_MIB
+        st.event("baseline", "settled" if b.settled else "timeout", f"{b.seconds:.1f}s")
+    phase("fill")
+    st.fills = fill_guests(ctx, trial, st, stack, fl)
+    use_zero = (
+        str(spec.ksm.get("use_zero_pages", hostagent.read_ksm_knobs().get("use_zero_pages", "0")))
+        == "1"
+    )
+    res.predicted_saving_mib = predicted_saving_pages(st.fills, use_zero) / PAGES_PER_MIB
+    phase("merge")
+    m = wait_settled(sampler, ctx.guard, spec, spec.phases.merge.timeout_s, on_sample)
+    res.settled, res.settle_s = m.settled, m.seconds
+    st.event("merge", "settled" if m.settled else "timeout", f"{m.seconds:.1f}s")
+    if m.sample:
+        k = m.sample["ksm"]
+        res.measured_saving_mib = (sharing_pages(m.sample) - baseline_pages) / PAGES_PER_MIB
+        res.general_profit_mib = int(k.get("general_profit", 0)) / MIB
+        res.pages_sharing, res.pages_shared = k.get("pages_sharing"), k.get("pages_shared")
+    phase("hold")
+    hold(sampler, ctx.guard, spec.phases.hold.duration_s)
+
+
+def fill_guests(
+    ctx: RunContext, trial: plan.Trial, st: TrialState, stack: ExitStack, fl: fleet.Fleet
+) -> list[FillResult]:
+    """Start the workload everywhere and wait for it, stopping early if the host runs short."""
+    spec = ctx.spec
+    assert st.sampler is not None
+    sampler = st.sampler
+    short: list[str] = []
+
+    def cancel() -> bool:
+        s = sampler.latest()
+        avail_mib = s["meminfo_kib"].get("MemAvailable", 1 << 40) / 1024 if s else 1 << 30
+        if avail_mib < spec.host_reserve_mib and not short:
+            short.append(
+                f"host memory reserve reached: MemAvailable {avail_mib:.0f} MiB < "
+                f"host_reserve_mib {spec.host_reserve_mib}"
+            )
+        return bool(short) or ctx.guard.requested
+
+    driver = WorkloadDriver(
+        [g.name for g in fl.guests],
+        ctx.store.trial_dir(trial.trial_id) / "ansible",
+        fleet.URI,
+        on_event=ctx.progress.guest_event,
+        cancel=cancel,
+    )
+    stack.callback(driver.stop)
+    seed = spec.workload_seed
+    try:
+        with ctx.guard.deferred():
+            driver.start(spec.workload, seed, spec.phases.fill.timeout_s)
+            results = driver.wait_filled(spec.workload, seed, spec.phases.fill.timeout_s)
+    except PlayError as e:
+        ctx.guard.check()
+        if short:
+            raise HostError(short[0]) from e
+        raise
+    for r in results:
+        st.event("fill", "fill-done", f"{r.guest} {r.fill_s:.2f}s")
+    return results
+
+
+def trial_tables(st: TrialState, res: TrialResult) -> dict[str, pd.DataFrame]:
+    samples = st.sampler.samples if st.sampler else []
+    tid = res.trial_id
+    fills = {f.guest: f for f in st.fills}
+    guests = pd.DataFrame(
+        [
+            {
+                "trial_id": tid,
+                "guest": g.name,
+                "pid": g.pid,
+                "boot_s": g.boot_s,
+                "ready_s": g.ready_s,
+                **(
+                    {k: v for k, v in asdict(fills[g.name]).items() if k != "guest"}
+                    if g.name in fills
+                    else {}
+                ),
+            }
+            for g in st.guests
+        ]
+    )
+    events = pd.DataFrame(st.events, columns=["ts_ns", "t_s", "phase", "event", "detail"])
+    events.insert(0, "trial_id", tid)
+    return {
+        "trials": pd.DataFrame([asdict(res)]),
+        "ksm_samples": sampling.ksm_table(samples, tid, st.t0_ns, st.marks),
+        "vmstat_samples": sampling.vmstat_table(samples, tid, st.t0_ns, st.marks),
+        "process_samples": sampling.process_table(samples, tid, st.t0_ns, st.marks),
+        "guests": guests,
+        "events": events,
+    }
+
+
+def finish_result(st: TrialState, res: TrialResult) -> None:
+    samples = st.sampler.samples if st.sampler else []
+    cpu = [s["ksmd_cpu_s"] for s in samples if s.get("ksmd_cpu_s") is not None]
+    res.ksmd_cpu_s = (cpu[-1] - cpu[0]) if len(cpu) >= 2 else None
+    res.ended_ns = time.monotonic_ns()
+
+
+def run_trial(
+    ctx: RunContext, trial: plan.Trial, on_result: Callable[[TrialResult], None]
+) -> TrialResult:
+    """Run one trial and store its tables, whatever its outcome. Re-raises Interrupted
+    after on_result has seen the canceled result."""
+    st = TrialState()
+    res = TrialResult(
+        trial.trial_id,
+        trial.kernel,
+        os.uname().release,
+        trial.fleet_size,
+        trial.repeat,
+        ctx.domain_type,
+        ctx.spec.fleet.memory_mib,
+        ctx.spec.workload.mib,
+        started_ns=st.t0_ns,
+    )
+    interrupted: Interrupted | None = None
+    try:
+        run_phases(ctx, trial, st, res)
+        res.status, res.reason = "successful", None
+    except Interrupted as e:
+        res.status, res.reason, interrupted = "canceled", str(e), e
+    except DensitylabError as e:
+        res.status, res.reason = "failed", str(e)
+        log.error("%s failed: %s", trial.trial_id, e)
+    finish_result(st, res)
+    ctx.store.write_trial_tables(trial.trial_id, trial_tables(st, res))
+    on_result(res)
+    if interrupted is not None:
+        raise interrupted
+    return res
+
+
+# ---------------------------------------------------------------- experiments
+
+
+def host_available_mib() -> int:
+    return hostagent.read_meminfo_kib().get("MemAvailable", 0) // 1024
+
+
+def pick_domain_type(requested: str, facts: dict[str, Any]) -> str:
+    """libvirt domain type for the spec's accel: auto picks KVM only where it boots guests."""
+    probed = facts["accel"]["value"]
+    if requested == "auto":
+        return "kvm" if probed == "kvm" else "qemu"
+    if requested == "kvm" and probed != "kvm":
+        raise UsageError(f"fleet.accel: kvm requested but {facts['accel']['how']}")
+    return "kvm" if requested == "kvm" else "qemu"
+
+
+def new_manifest(
+    spec_path: Path,
+    raw: dict[str, Any],
+    spec_sha: str,
+    spec: Spec,
+    facts: dict[str, Any],
+    image: images.TinyImage,
+    run_id: str,
+    domain_type: str,
+) -> dict[str, Any]:
+    libvirt_facts = facts.get("libvirt", {})
+    return {
+        "run_id": run_id,
+        "spec_name": spec.name,
+        "spec_path": str(spec_path),
+        "spec": raw,
+        "spec_sha256": spec_sha,
+        "densitylab_version": __version__,
+        "git_commit": store.git_commit(REPO),
+        "host": facts,
+        "kernel_release": os.uname().release,
+        "qemu_version": libvirt_facts.get("qemu"),
+        "libvirt_version": libvirt_facts.get("libvirt"),
+        "accel": "kvm" if domain_type == "kvm" else "tcg",
+        "accel_how": facts["accel"]["how"],
+        "images": {"tiny": describe_image(image)},
+        "seed": spec.seed,
+        "workload_seed": spec.workload_seed,
+        "started_at": store.utc_now(),
+        "ended_at": None,
+        "trials": [],
+        "files": {},
+    }
+
+
+def describe_image(image: images.TinyImage) -> dict[str, Any]:
+    """The image's build manifest plus the checksums of what the guests boot."""
+    import json
+
+    return {
+        "key": image.key,
+        "kernel": str(image.kernel),
+        "initrd": str(image.initrd),
+        "kernel_sha256": store.sha256_file(image.kernel),
+        "initrd_sha256": store.sha256_file(image.initrd),
+        "build_manifest": json.loads(image.manifest.read_text()),
+    }
+
+
+def record_trial(manifest: dict[str, Any], res: TrialResult) -> None:
+    manifest["trials"] = [t for t in manifest["trials"] if t["trial_id"] != res.trial_id]
+    manifest["trials"].append(
+        {
+            "trial_id": res.trial_id,
+            "kernel": res.kernel,
+            "fleet_size": res.fleet_size,
+            "repeat": res.repeat,
+            "status": res.status,
+            "reason": res.reason,
+        }
+    )
+
+
+@dataclass
+class RunOutcome:
+    store: store.RunStore
+    results: list[TrialResult]
+    skipped: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return all(r.status == "successful" for r in self.results)
+
+
+def prepare(spec_path: Path, results_dir: Path, resume: Path | None):
+    """Validate everything that can be checked before the host is touched."""
+    from orchestrator import doctor  # imports libvirt; kept out of `plan`'s path
+
+    spec, raw, sha = load_spec(spec_path)
+    check_fits_host(spec, host_available_mib(), str(spec_path))
+    image = images.find_tiny_image()
+    report = doctor.run_doctor(check_bpf=False)
+    if not report.ok:
+        raise HostError("host not ready: " + "; ".join(report.problems))
+    domain_type = pick_domain_type(spec.fleet.accel, report.facts)
+    if resume is not None:
+        st = store.RunStore.open(resume)
+        if st.read_manifest().get("spec_sha256") != sha:
+            raise UsageError(
+                f"{spec_path}: differs from the spec of run {resume} "
+                "(a resumed run must use the same spec)"
+            )
+    else:
+        st = store.RunStore.create(results_dir, spec.name)
+    return spec, raw, sha, image, report.facts, domain_type, st
+
+
+def run_experiment(
+    spec_path: Path,
+    results_dir: Path = Path("results"),
+    resume: Path | None = None,
+    progress: Progress | None = None,
+) -> RunOutcome:
+    """Run every trial of a spec (skipping finished ones when resuming)."""
+    spec, raw, sha, image, facts, domain_type, st = prepare(spec_path, results_dir, resume)
+    manifest = (
+        st.read_manifest()
+        if resume
+        else new_manifest(spec_path, raw, sha, spec, facts, image, st.run_id, domain_type)
+    )
+    manifest["ended_at"] = None
+    st.write_manifest(manifest)
+    done = st.finished_trials()
+    guard = InterruptGuard()
+    conn = fleet.connect()
+    ctx = RunContext(
+        spec, spec_path, st, image, conn, domain_type, facts, guard, progress or QuietProgress()
+    )
+    outcome = RunOutcome(st, [], [])
+    try:
+        with guard.installed():
+            for trial in plan.expand(spec):
+                if trial.trial_id in done:
+                    outcome.skipped.append(trial.trial_id)
+                    continue
+
+                def on_result(res: TrialResult) -> None:
+                    outcome.results.append(res)
+                    record_trial(manifest, res)
+                    finish_run(st, manifest)
+
+                run_trial(ctx, trial, on_result)
+    finally:
+        finish_run(st, manifest)
+        conn.close()
+    return outcome
+
+
+def finish_run(st: store.RunStore, manifest: dict[str, Any]) -> None:
+    """Fold trial parts into run tables and write the manifest with checksums."""
+    manifest["files"] = st.rebuild_run_tables()
+    manifest["ended_at"] = store.utc_now()
+    st.write_manifest(manifest)

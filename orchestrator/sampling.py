@@ -1,0 +1,184 @@
+"""Runs the host agent's sampler as a child process and turns its JSON lines into tables.
+
+The sampler is a separate process (its own process group) so that sampling keeps its
+cadence while the orchestrator waits on Ansible or libvirt, and so that the same agent
+file can sample a remote lab host.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from orchestrator import hostagent, proc
+
+AGENT = Path(hostagent.__file__).resolve()
+PAGE_SIZE = 4096
+KSM_COLUMNS = (
+    "full_scans",
+    "pages_scanned",
+    "pages_shared",
+    "pages_sharing",
+    "pages_unshared",
+    "pages_volatile",
+    "pages_skipped",
+    "ksm_zero_pages",
+    "stable_node_chains",
+    "stable_node_dups",
+)
+
+
+class Sampler:
+    """The host agent's `sample` subcommand, started on enter and stopped on exit."""
+
+    def __init__(self, out: Path, pids: Mapping[str, int], interval_s: float):
+        self.out = out
+        self.pids = dict(pids)
+        self.interval_s = interval_s
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._offset = 0
+        self.samples: list[dict[str, Any]] = []
+
+    def __enter__(self) -> Sampler:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        argv = [
+            sys.executable,
+            str(AGENT),
+            "sample",
+            "--interval-s",
+            str(self.interval_s),
+            "--out",
+            str(self.out),
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+        for name, pid in self.pids.items():
+            argv += ["--pid", f"{name}={pid}"]
+        self.proc = proc.spawn_group(argv, stderr=subprocess.DEVNULL)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            proc.stop_group(self.proc)
+            self.poll()
+
+    def poll(self) -> list[dict[str, Any]]:
+        """Read samples written since the last poll; returns all samples so far."""
+        if not self.out.exists():
+            return self.samples
+        with open(self.out) as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind("\n") + 1]  # a half-written last line waits
+        self._offset += len(complete.encode())
+        self.samples += [json.loads(line) for line in complete.splitlines() if line]
+        return self.samples
+
+    def latest(self) -> dict[str, Any] | None:
+        s = self.poll()
+        return s[-1] if s else None
+
+
+@dataclass(frozen=True)
+class PhaseMark:
+    phase: str
+    ts_ns: int
+
+
+def label_phases(ts_ns: pd.Series, marks: Sequence[PhaseMark]) -> pd.Series:
+    """The phase each timestamp falls in: the last mark at or before it."""
+    if not marks:
+        return pd.Series(["unknown"] * len(ts_ns), index=ts_ns.index)
+    starts = np.array([m.ts_ns for m in marks])
+    idx = np.searchsorted(starts, ts_ns.to_numpy(), side="right") - 1
+    names = np.array([m.phase for m in marks] + ["before"], dtype=object)
+    return pd.Series(names[np.where(idx < 0, len(marks), idx)], index=ts_ns.index)
+
+
+def ksm_table(
+    samples: Sequence[Mapping[str, Any]], trial_id: str, t0_ns: int, marks: Sequence[PhaseMark]
+) -> pd.DataFrame:
+    rows = []
+    for s in samples:
+        ksm = s["ksm"]
+        row: dict[str, Any] = {c: ksm.get(c) for c in KSM_COLUMNS}
+        row["general_profit_bytes"] = ksm.get("general_profit")
+        row["ksmd_cpu_s"] = s.get("ksmd_cpu_s")
+        row["mem_free_kib"] = s["meminfo_kib"].get("MemFree")
+        row["mem_available_kib"] = s["meminfo_kib"].get("MemAvailable")
+        row["ts_ns"] = s["ts_ns"]
+        rows.append(row)
+    cols = [
+        *KSM_COLUMNS,
+        "general_profit_bytes",
+        "ksmd_cpu_s",
+        "mem_free_kib",
+        "mem_available_kib",
+        "ts_ns",
+    ]
+    return finish(pd.DataFrame(rows, columns=cols), trial_id, t0_ns, marks)
+
+
+def vmstat_table(
+    samples: Sequence[Mapping[str, Any]], trial_id: str, t0_ns: int, marks: Sequence[PhaseMark]
+) -> pd.DataFrame:
+    rows = [
+        {"ts_ns": s["ts_ns"], "counter": k, "value": v}
+        for s in samples
+        for k, v in s["vmstat"].items()
+    ]
+    return finish(pd.DataFrame(rows, columns=["ts_ns", "counter", "value"]), trial_id, t0_ns, marks)
+
+
+def process_table(
+    samples: Sequence[Mapping[str, Any]], trial_id: str, t0_ns: int, marks: Sequence[PhaseMark]
+) -> pd.DataFrame:
+    rows = []
+    for s in samples:
+        for guest, p in s["processes"].items():
+            rows.append(
+                {
+                    "ts_ns": s["ts_ns"],
+                    "guest": guest,
+                    "pid": p["pid"],
+                    "ksm_rmap_items": p.get("ksm_rmap_items"),
+                    "ksm_zero_pages": p.get("ksm_zero_pages"),
+                    "ksm_merging_pages": p.get("ksm_merging_pages"),
+                    "ksm_process_profit_bytes": p.get("ksm_process_profit"),
+                    "ram_vmas": p.get("ram_vmas"),
+                }
+            )
+    cols = [
+        "ts_ns",
+        "guest",
+        "pid",
+        "ksm_rmap_items",
+        "ksm_zero_pages",
+        "ksm_merging_pages",
+        "ksm_process_profit_bytes",
+        "ram_vmas",
+    ]
+    return finish(pd.DataFrame(rows, columns=cols), trial_id, t0_ns, marks)
+
+
+def finish(df: pd.DataFrame, trial_id: str, t0_ns: int, marks: Sequence[PhaseMark]) -> pd.DataFrame:
+    """Add trial id, seconds since trial start and phase labels; order columns."""
+    df.insert(0, "trial_id", trial_id)
+    df.insert(1, "phase", label_phases(df["ts_ns"], marks) if len(df) else pd.Series(dtype=object))
+    df.insert(3, "t_s", (df["ts_ns"] - t0_ns) / 1e9)
+    return df
+
+
+def sharing_pages(sample: Mapping[str, Any]) -> int:
+    """Pages KSM saves: each sharing PTE, plus the zero pages mapped with use_zero_pages."""
+    k = sample["ksm"]
+    return int(k.get("pages_sharing", 0)) + int(k.get("ksm_zero_pages", 0))

@@ -1,0 +1,227 @@
+"""In-guest workloads through ansible-runner: the only module that imports ansible_runner.
+
+Each play runs with its own private data directory inside the run directory, so the
+artifacts (job_events, stdout, status, rc) stay with the run. Per-guest results are
+read from the job events, never scraped from text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ansible_runner
+import yaml
+
+from orchestrator.errors import DensitylabError
+from orchestrator.spec import Workload
+
+log = logging.getLogger(__name__)
+
+PLAYBOOKS = Path(__file__).resolve().parent.parent / "playbooks"
+DONE_PREFIX = "DLFILL DONE "
+# ansible-playbook must be the venv's (it imports libvirt for the connection plugin).
+VENV_BIN = str(Path(sys.executable).parent)
+
+EventCallback = Callable[[str, str], None]  # (host, event name)
+
+
+class PlayError(DensitylabError):
+    """A play did not end successfully on every host."""
+
+    def __init__(self, play: str, status: str, rc: int | None, failures: Mapping[str, str]):
+        self.play = play
+        self.status = status
+        self.rc = rc
+        self.failures = dict(failures)
+        detail = "; ".join(f"{h}: {m}" for h, m in sorted(failures.items())) or "no host detail"
+        super().__init__(f"play {play} {status} (rc {rc}): {detail}")
+
+
+@dataclass(frozen=True)
+class FillResult:
+    """What one guest's dlfill reported when its fill was done."""
+
+    guest: str
+    fill_s: float
+    dup_pages: int
+    zero_pages: int
+    unique_pages: int
+    volatile_pages: int
+    vmas: int
+
+
+def inventory(guests: Sequence[str], uri: str) -> dict[str, Any]:
+    """An inventory reaching each guest through its guest agent (no network, no Python)."""
+    return {
+        "all": {
+            "hosts": {g: {"instance": i} for i, g in enumerate(guests)},
+            "vars": {
+                "ansible_connection": "community.libvirt.libvirt_qemu",
+                "ansible_libvirt_uri": uri,
+            },
+        }
+    }
+
+
+def workload_vars(w: Workload, seed: int, fill_timeout_s: float) -> dict[str, Any]:
+    return {
+        "mib": w.mib,
+        "dup": w.dup,
+        "zero": w.zero,
+        "unique": w.unique,
+        "volatile": w.volatile,
+        "volatile_rate_pps": w.volatile_rate_pps,
+        "fragment_vmas": w.fragment_vmas,
+        "seed": seed,
+        "fill_timeout_s": int(fill_timeout_s),
+    }
+
+
+def run_play(
+    play: str,
+    guests: Sequence[str],
+    data_dir: Path,
+    *,
+    uri: str,
+    extravars: Mapping[str, Any],
+    timeout_s: float,
+    on_event: EventCallback | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> list[dict[str, Any]]:
+    """Run playbooks/<play>.yml against guests; return the job events.
+
+    `cancel` is polled about every 0.5 s; returning True stops the play (ansible-runner
+    kills its process group) and the play ends with status `canceled`. Raises PlayError
+    with each failed host's message when the play is not successful.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "inventory").mkdir(exist_ok=True)
+    (data_dir / "inventory" / "hosts.yml").write_text(yaml.safe_dump(inventory(guests, uri)))
+    events: list[dict[str, Any]] = []
+
+    def handler(event: dict[str, Any]) -> bool:
+        events.append(event)
+        host = event.get("event_data", {}).get("host")
+        if on_event is not None and host:
+            on_event(host, event.get("event", ""))
+        return True
+
+    r = ansible_runner.run(
+        private_data_dir=str(data_dir),
+        playbook=str(PLAYBOOKS / f"{play}.yml"),
+        extravars=dict(extravars),
+        forks=max(1, len(guests)),
+        quiet=True,
+        timeout=int(timeout_s),
+        event_handler=handler,
+        # Always pass a cancel callback: without one, ansible-runner installs its own
+        # SIGINT/SIGTERM handlers for good and ours would never run again.
+        cancel_callback=cancel or (lambda: False),
+        settings={"pexpect_timeout": 0.5},
+        envvars={
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "ANSIBLE_HOST_KEY_CHECKING": "False",
+            "ANSIBLE_NOCOLOR": "1",
+        },
+    )
+    if r.status != "successful":
+        raise PlayError(play, r.status, r.rc, host_failures(events))
+    return events
+
+
+def host_failures(events: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """The last failure message of each host that failed or was unreachable."""
+    out: dict[str, str] = {}
+    for ev in events:
+        if ev.get("event") in ("runner_on_failed", "runner_on_unreachable"):
+            data = ev.get("event_data", {})
+            res = data.get("res", {})
+            msg = (res.get("stdout") or res.get("msg") or res.get("stderr") or "").strip()
+            out[data.get("host", "?")] = msg.splitlines()[-1] if msg else ev["event"]
+    return out
+
+
+def fill_results(events: Sequence[Mapping[str, Any]]) -> list[FillResult]:
+    """Parse each guest's DLFILL DONE line from the status play's ok events."""
+    out = []
+    for ev in events:
+        if ev.get("event") != "runner_on_ok":
+            continue
+        data = ev.get("event_data", {})
+        for line in str(data.get("res", {}).get("stdout", "")).splitlines():
+            if line.startswith(DONE_PREFIX):
+                d = json.loads(line[len(DONE_PREFIX) :])
+                out.append(
+                    FillResult(
+                        guest=data["host"],
+                        fill_s=float(d["fill_s"]),
+                        dup_pages=d["dup_pages"],
+                        zero_pages=d["zero_pages"],
+                        unique_pages=d["unique_pages"],
+                        volatile_pages=d["volatile_pages"],
+                        vmas=d["vmas"],
+                    )
+                )
+    return out
+
+
+class WorkloadDriver:
+    """Start, wait for and stop the fill workload on a set of guests."""
+
+    def __init__(
+        self,
+        guests: Sequence[str],
+        artifacts: Path,
+        uri: str,
+        on_event: EventCallback | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ):
+        self.guests = list(guests)
+        self.artifacts = artifacts
+        self.uri = uri
+        self.on_event = on_event
+        self.cancel = cancel
+        self.started = False
+
+    def _play(
+        self, play: str, extravars: Mapping[str, Any], timeout_s: float, cancellable: bool = True
+    ) -> list[dict[str, Any]]:
+        return run_play(
+            play,
+            self.guests,
+            self.artifacts / play,
+            uri=self.uri,
+            extravars=extravars,
+            timeout_s=timeout_s,
+            on_event=self.on_event,
+            cancel=self.cancel if cancellable else None,
+        )
+
+    def start(self, w: Workload, seed: int, fill_timeout_s: float) -> None:
+        self.started = True  # set first: a half-started fleet still needs its stop play
+        self._play("workload-start", workload_vars(w, seed, fill_timeout_s), timeout_s=120)
+
+    def wait_filled(self, w: Workload, seed: int, fill_timeout_s: float) -> list[FillResult]:
+        events = self._play(
+            "workload-status", workload_vars(w, seed, fill_timeout_s), timeout_s=fill_timeout_s + 60
+        )
+        results = fill_results(events)
+        missing = sorted(set(self.guests) - {r.guest for r in results})
+        if missing:
+            raise PlayError(
+                "workload-status", "incomplete", 0, {g: "no DLFILL DONE line" for g in missing}
+            )
+        return results
+
+    def stop(self) -> None:
+        if self.started:
+            # Not cancellable: it runs during teardown, after an interrupt too.
+            self._play("workload-stop", {}, timeout_s=120, cancellable=False)
+            self.started = False
