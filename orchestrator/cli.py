@@ -30,7 +30,7 @@ out = Console()
 def fail(e: BaseException) -> None:
     """One line on stderr and the matching exit code."""
     code = 2 if isinstance(e, UsageError) else 130 if isinstance(e, Interrupted) else 1
-    console.print(f"densitylab: {e}", markup=False, highlight=False)
+    print(f"densitylab: {e}", file=sys.stderr)  # one line, never wrapped
     raise typer.Exit(code)
 
 
@@ -108,7 +108,7 @@ def run(
     if not outcome.ok:
         for r in outcome.results:
             if r.status != "successful":
-                console.print(f"densitylab: {r.trial_id} {r.status}: {r.reason}", markup=False)
+                print(f"densitylab: {r.trial_id} {r.status}: {r.reason}", file=sys.stderr)
         raise typer.Exit(1)
 
 
@@ -128,7 +128,7 @@ def clean(
     if not removed:
         out.print("nothing to clean")
     for e in errors:
-        console.print(f"densitylab: clean: {e}", markup=False)
+        print(f"densitylab: clean: {e}", file=sys.stderr)
     raise typer.Exit(1 if errors else 0)
 
 

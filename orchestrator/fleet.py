@@ -291,6 +291,8 @@ class Fleet:
         errors = remove_domain(self.conn, guest.name)
         if guest.spec.overlay is not None:
             errors += remove_path(guest.spec.overlay)
+            with contextlib.suppress(OSError):  # the run's folder, once its last overlay is gone
+                guest.spec.overlay.parent.rmdir()
         return errors
 
 

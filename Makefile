@@ -1,0 +1,76 @@
+# densitylab: every target installs what it needs first. Run as root on Debian 12.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DL := $(VENV)/bin/densitylab
+export MPLBACKEND := Agg
+
+APT_CORE := qemu-system-x86 qemu-utils qemu-guest-agent libvirt-daemon-system \
+	libvirt-clients libvirt-dev pkg-config gcc libc6-dev make busybox-static cpio kmod \
+	numactl bpftrace zstd xz-utils
+APT_TEST := chromium
+VENV_STAMP := $(VENV)/.installed-$(shell sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: setup setup-test apt-core apt-test images lab-start lab-stop doctor demo test \
+	lint unit system clean-host report compare bench
+
+setup: apt-core $(VENV_STAMP)
+
+setup-test: setup apt-test
+
+# Idempotent: apt runs only when a package is missing.
+apt-core:
+	@scripts/apt-ensure $(APT_CORE)
+
+apt-test:
+	@scripts/apt-ensure $(APT_TEST)
+
+$(VENV_STAMP): requirements.lock pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	rm -f $(VENV)/.installed-* && touch $@
+
+images: setup
+	$(PY) -m orchestrator.images
+
+lab-start: setup
+	@scripts/labd start
+
+lab-stop:
+	@scripts/labd stop
+
+doctor: setup lab-start
+	$(DL) doctor
+
+# The demo: 4 real guests on this machine; prints the summary. Stops the lab daemons
+# afterwards if it was the one that started them.
+demo: setup images
+	@started=$$(scripts/labd start | grep -c '^labd: running' || true); \
+	$(DL) doctor --no-bpf; $(DL) run experiments/smoke.yaml; rc=$$?; \
+	[ "$$started" = 1 ] && scripts/labd stop >/dev/null; exit $$rc
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy orchestrator
+
+unit: setup
+	$(VENV)/bin/pytest -m "not system" -q
+
+# Everything: lint, type checks, unit and system tests (real libvirtd, QEMU, KSM).
+test: setup-test images lint
+	$(VENV)/bin/pytest -q --durations=15
+
+clean-host: setup
+	$(DL) clean
+
+report: setup
+	@test -n "$(RUN)" || { echo "usage: make report RUN=results/<run-id> [RUN2=...]"; exit 2; }
+	$(DL) report $(RUN) $(RUN2)
+
+bench: setup images
+	@started=$$(scripts/labd start | grep -c '^labd: running' || true); \
+	$(PY) bench/fleet_start.py; rc=$$?; \
+	[ "$$started" = 1 ] && scripts/labd stop >/dev/null; exit $$rc

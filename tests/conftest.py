@@ -1,0 +1,67 @@
+"""Shared fixtures. System tests use the real lab daemons, real guests and real KSM."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def needs_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root (libvirt system instance, KSM knobs)")
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[None]:
+    """The lab daemons for the whole session; stopped at the end only if we started them."""
+    needs_root()
+    labd = REPO / "scripts" / "labd"
+    was_running = subprocess.run([labd, "status"], capture_output=True).returncode == 0
+    cp = subprocess.run([labd, "start"], capture_output=True, text=True, timeout=120)
+    if cp.returncode != 0:
+        pytest.fail(f"scripts/labd start failed: {cp.stderr.strip()}")
+    yield
+    if not was_running:
+        subprocess.run([labd, "stop"], capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def tiny_image(lab: None):
+    from orchestrator import images
+
+    try:
+        return images.find_tiny_image()
+    except Exception as e:  # the image is built by `make images`, which `make test` runs
+        pytest.skip(f"tiny image missing: {e}")
+
+
+def ksm_knobs() -> dict[str, str]:
+    from orchestrator import hostagent
+
+    return hostagent.read_ksm_knobs()
+
+
+@pytest.fixture
+def host_untouched(lab: None) -> Iterator[dict[str, str]]:
+    """Asserts after the test that no domain, overlay, sampler or KSM change is left."""
+    from orchestrator import fleet, hostagent
+
+    before = ksm_knobs()
+    yield before
+    conn = fleet.connect()
+    try:
+        assert fleet.tagged_domains(conn) == [], "densitylab domains left behind"
+    finally:
+        conn.close()
+    assert ksm_knobs() == before, "KSM knobs not restored"
+    assert hostagent.find_samplers() == [], "sampler processes left running"
+    assert not list(hostagent.STATE_DIR.glob("ksm-*.json")), "saved KSM state left behind"
+    overlays = list(fleet.OVERLAY_ROOT.iterdir()) if fleet.OVERLAY_ROOT.exists() else []
+    assert overlays == [], "overlays left behind"
