@@ -25,10 +25,10 @@ def clean(run_ids: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
         errors.append(str(e))
     else:
         try:
-            r, e = fleet.clean_domains(conn, run_ids)
-            removed += r
-            errors += e
+            gone, failed = fleet.clean_domains(conn, run_ids)
+            removed += gone
+            errors += failed
         finally:
             conn.close()
-    r, e = hostagent.clean_host_state(run_ids)
-    return removed + r, errors + e
+    gone, failed = hostagent.clean_host_state(run_ids)
+    return removed + gone, errors + failed

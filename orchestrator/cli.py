@@ -24,7 +24,8 @@ app = typer.Typer(
     help="VM-density experiments: fleets of QEMU guests, KSM, kernel A/B.",
 )
 console = Console(stderr=True)
-out = Console()
+# Off a terminal rich would wrap tables at 80 columns; logs and CI read them whole.
+out = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def fail(e: BaseException) -> None:
@@ -127,8 +128,8 @@ def clean(
         out.print(f"removed {r}", markup=False)
     if not removed:
         out.print("nothing to clean")
-    for e in errors:
-        print(f"densitylab: clean: {e}", file=sys.stderr)
+    for err in errors:
+        print(f"densitylab: clean: {err}", file=sys.stderr)
     raise typer.Exit(1 if errors else 0)
 
 
@@ -163,19 +164,20 @@ def report(
         paths = rep.write_report(runs, target, host_ram_gib=host_ram_gib)
     except DensitylabError as e:
         fail(e)
-    out.print(f"report: {paths.index}")
+    out.print(f"report: {paths.index_html}")
+    out.print(f"summary: {paths.summary_md}")
 
 
 @app.command()
 def compare(run_a: Path, run_b: Path) -> None:
     """Compare two runs of the same spec."""
-    from orchestrator import report as rep
+    from orchestrator import analysis
 
     try:
-        result = rep.compare_runs(run_a, run_b)
+        result = analysis.compare_runs(run_a, run_b)
     except DensitylabError as e:
         fail(e)
-    out.print(rep.render_comparison(result), markup=False)
+    out.print(analysis.render_comparison(result, fmt="text"), markup=False, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -60,7 +60,16 @@ KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 # Loaded by the init in this order; their modules.dep dependencies come along. The
 # compressors are soft dependencies of zram (it asks for them by crypto alias at run
 # time), so modules.dep alone would not bring them in.
-GUEST_MODULES = ("virtio_pci", "virtio_console", "virtio_blk", "zram", "lzo_rle", "lzo", "lz4", "zstd")
+GUEST_MODULES = (
+    "virtio_pci",
+    "virtio_console",
+    "virtio_blk",
+    "zram",
+    "lzo_rle",
+    "lzo",
+    "lz4",
+    "zstd",
+)
 BUSYBOX = Path("/bin/busybox")
 QEMU_GA = Path("/usr/sbin/qemu-ga")
 # Host packages whose files (busybox, qemu-ga, libs) or output (static dlfill, depmod)

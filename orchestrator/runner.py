@@ -7,6 +7,7 @@ workload, the sampler), so teardown runs LIFO on success, on error and on Ctrl-C
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -69,6 +70,9 @@ class TrialResult:
     baseline_settled: bool | None = None
     baseline_saving_mib: float = 0.0
     predicted_saving_mib: float | None = None
+    total_saving_mib: float | None = None
+    residual_saving_mib: float | None = None
+    attributed: bool = False
     measured_saving_mib: float | None = None
     general_profit_mib: float | None = None
     pages_sharing: int | None = None
@@ -112,19 +116,26 @@ class TrialState:
 # ---------------------------------------------------------------- predictions
 
 
-def predicted_saving_pages(fills: list[FillResult], use_zero_pages: bool) -> int:
+def merged_saving(copies: int, max_page_sharing: int) -> int:
+    """Pages saved when `copies` identical pages merge: KSM keeps one page per
+    max_page_sharing sharers (a chain of duplicates beyond that)."""
+    return copies - math.ceil(copies / max_page_sharing) if copies > 1 else 0
+
+
+def predicted_saving_pages(
+    fills: list[FillResult], use_zero_pages: bool, max_page_sharing: int = 256
+) -> int:
     """Pages KSM should save for this pattern across the fleet.
 
     Duplicate page i is identical in every guest and distinct from the guest's other
-    pages, so N guests share it N-1 times. Zero pages all merge into one page (or, with
+    pages, so each index merges its N copies. Zero pages all merge together (or, with
     use_zero_pages, each maps the zero page). Unique and volatile pages never merge.
     """
-    n = len(fills)
-    if n == 0:
+    if not fills:
         return 0
-    dup = min(f.dup_pages for f in fills) * (n - 1)
+    dup = min(f.dup_pages for f in fills) * merged_saving(len(fills), max_page_sharing)
     zero = sum(f.zero_pages for f in fills)
-    return dup + (zero if use_zero_pages else max(0, zero - 1))
+    return dup + (zero if use_zero_pages else merged_saving(zero, max_page_sharing))
 
 
 # ---------------------------------------------------------------- waits
@@ -139,30 +150,36 @@ def wait_settled(
 ) -> SettleResult:
     """Wait until KSM sharing moves less than settle_pct over settle_scans full scans.
 
-    Only full scans completed inside this wait count, so a settle always reflects
-    memory as it is now. Returns whether it settled or the timeout ended it.
+    Compares the newest sample with the newest one taken at least settle_scans full
+    scans earlier, both inside this wait, so a settle always reflects memory as it is
+    now, however many scans fit between two samples. Returns whether it settled or the
+    timeout ended it.
     """
     m = spec.phases.merge
     start = time.monotonic()
-    first = None
-    by_scan: dict[int, int] = {}
+    seen: list[tuple[int, int]] = []  # (full_scans, sharing pages) of samples in this wait
+    last: dict[str, Any] = {}
+    n_read = len(sampler.poll())
     while True:
         guard.check()
-        s = sampler.latest()
-        if s is not None:
+        fresh = sampler.poll()[n_read:]
+        n_read += len(fresh)
+        for s in fresh:
+            last = s
             on_sample(s)
-            scans = int(s["ksm"].get("full_scans", 0))
-            first = scans if first is None else first
-            by_scan[scans] = sharing_pages(s)
-            back = scans - m.settle_scans
-            if back > first and back in by_scan:
-                now, then = by_scan[scans], by_scan[back]
-                if abs(now - then) <= m.settle_pct / 100 * max(now, 1):
-                    return SettleResult(True, time.monotonic() - start, s)
+            seen.append((int(s["ksm"].get("full_scans", 0)), sharing_pages(s)))
+        if seen and settled(seen, m.settle_scans, m.settle_pct):
+            return SettleResult(True, time.monotonic() - start, last)
         if time.monotonic() - start > timeout_s:
-            last = sampler.latest() or {}
             return SettleResult(False, time.monotonic() - start, last)
         time.sleep(min(0.25, spec.sampling.interval_s / 2))
+
+
+def settled(seen: list[tuple[int, int]], scans: int, pct: float) -> bool:
+    """True when sharing now differs by <= pct% from the newest sample >= scans back."""
+    now_scans, now_pages = seen[-1]
+    earlier = [pages for n, pages in seen if n <= now_scans - scans]
+    return bool(earlier) and abs(now_pages - earlier[-1]) <= pct / 100 * max(now_pages, 1)
 
 
 def hold(sampler: Sampler, guard: InterruptGuard, seconds: float) -> None:
@@ -293,7 +310,7 @@ def merge_phases(
         res.baseline_saving_mib = baseline_pages / PAGES_PER_MIB
         st.event("baseline", "settled" if b.settled else "timeout", f"{b.seconds:.1f}s")
     phase("fill")
-    st.fills = fill_guests(ctx, trial, st, stack, fl)
+    driver, st.fills = fill_guests(ctx, trial, st, stack, fl)
     use_zero = (
         str(spec.ksm.get("use_zero_pages", hostagent.read_ksm_knobs().get("use_zero_pages", "0")))
         == "1"
@@ -305,16 +322,46 @@ def merge_phases(
     st.event("merge", "settled" if m.settled else "timeout", f"{m.seconds:.1f}s")
     if m.sample:
         k = m.sample["ksm"]
-        res.measured_saving_mib = (sharing_pages(m.sample) - baseline_pages) / PAGES_PER_MIB
+        res.total_saving_mib = sharing_pages(m.sample) / PAGES_PER_MIB
         res.general_profit_mib = int(k.get("general_profit", 0)) / MIB
         res.pages_sharing, res.pages_shared = k.get("pages_sharing"), k.get("pages_shared")
     phase("hold")
     hold(sampler, ctx.guard, spec.phases.hold.duration_s)
+    if spec.phases.attribute.enabled and res.total_saving_mib is not None:
+        attribute_saving(ctx, st, res, driver, phase, on_sample)
+    elif res.total_saving_mib is not None:
+        # Without the scramble, the best estimate subtracts the idle fleet's sharing.
+        res.measured_saving_mib = res.total_saving_mib - res.baseline_saving_mib
+
+
+def attribute_saving(
+    ctx: RunContext,
+    st: TrialState,
+    res: TrialResult,
+    driver: WorkloadDriver,
+    phase: Callable[[str], None],
+    on_sample: Callable[[dict[str, Any]], None],
+) -> None:
+    """Scramble the workload's pages and let KSM settle: the saving that disappears is
+    the workload's; what stays (boot leftovers, page cache) is the residual."""
+    assert st.sampler is not None
+    phase("attribute")
+    with ctx.guard.deferred():
+        driver.scramble()
+    ctx.guard.check()
+    a = wait_settled(
+        st.sampler, ctx.guard, ctx.spec, ctx.spec.phases.attribute.timeout_s, on_sample
+    )
+    st.event("attribute", "settled" if a.settled else "timeout", f"{a.seconds:.1f}s")
+    if a.sample and res.total_saving_mib is not None:
+        res.residual_saving_mib = sharing_pages(a.sample) / PAGES_PER_MIB
+        res.measured_saving_mib = res.total_saving_mib - res.residual_saving_mib
+        res.attributed = a.settled
 
 
 def fill_guests(
     ctx: RunContext, trial: plan.Trial, st: TrialState, stack: ExitStack, fl: fleet.Fleet
-) -> list[FillResult]:
+) -> tuple[WorkloadDriver, list[FillResult]]:
     """Start the workload everywhere and wait for it, stopping early if the host runs short."""
     spec = ctx.spec
     assert st.sampler is not None
@@ -351,7 +398,7 @@ def fill_guests(
         raise
     for r in results:
         st.event("fill", "fill-done", f"{r.guest} {r.fill_s:.2f}s")
-    return results
+    return driver, results
 
 
 def trial_tables(st: TrialState, res: TrialResult) -> dict[str, pd.DataFrame]:
@@ -519,7 +566,10 @@ class RunOutcome:
         return all(r.status == "successful" for r in self.results)
 
 
-def prepare(spec_path: Path, results_dir: Path, resume: Path | None):
+Prepared = tuple[Spec, dict[str, Any], str, images.TinyImage, dict[str, Any], str, store.RunStore]
+
+
+def prepare(spec_path: Path, results_dir: Path, resume: Path | None) -> Prepared:
     """Validate everything that can be checked before the host is touched."""
     from orchestrator import doctor  # imports libvirt; kept out of `plan`'s path
 

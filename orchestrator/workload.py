@@ -220,6 +220,10 @@ class WorkloadDriver:
             )
         return results
 
+    def scramble(self, timeout_s: float = 180) -> None:
+        """Make every workload page unique to its guest (breaks the workload's sharing)."""
+        self._play("workload-scramble", {}, timeout_s=timeout_s)
+
     def stop(self) -> None:
         if self.started:
             # Not cancellable: it runs during teardown, after an interrupt too.

@@ -18,7 +18,13 @@
  * becomes N VMAs. They are split from one faulted VMA, so they share one anon_vma:
  * the shape that makes rmap_walk_ksm expensive.
  *
- * Output: one line "DLFILL DONE {json}" on stdout (and --console PATH) when ready.
+ * While holding, SIGUSR1 scrambles the region: every page is rewritten with content
+ * unique to this instance, which breaks every KSM sharing of the region (copy on
+ * write). The saving that disappears is the saving the workload's pages were giving,
+ * which is how densitylab tells it apart from sharing elsewhere in a guest.
+ *
+ * Output: one line "DLFILL DONE {json}" on stdout (and --console PATH) when ready, and
+ * "DLFILL SCRAMBLED {json}" after each scramble.
  * Exit status: 0 ok, 1 runtime failure, 2 bad arguments; errors are one "dlfill: " line.
  */
 #define _GNU_SOURCE
@@ -42,7 +48,7 @@
 #define FRACTION_TOLERANCE 1e-6
 
 /* Kind tags go into word 0 so pages of different kinds can never be equal. */
-enum page_kind { KIND_DUP = 1, KIND_UNIQUE = 3, KIND_VOLATILE = 4 };
+enum page_kind { KIND_DUP = 1, KIND_UNIQUE = 3, KIND_VOLATILE = 4, KIND_SCRAMBLED = 5 };
 #define KIND_MAGIC 0x646c66696c6c0000ull /* "dlfill\0\0" */
 
 struct options {
@@ -63,6 +69,7 @@ struct layout {
 };
 
 static volatile sig_atomic_t stop_requested;
+static volatile sig_atomic_t scramble_requested;
 
 __attribute__((noreturn, format(printf, 2, 3)))
 static void die(int status, const char *fmt, ...)
@@ -304,8 +311,10 @@ static uint64_t count_vmas(uintptr_t start, uintptr_t end)
 
 static void on_signal(int sig)
 {
-	(void)sig;
-	stop_requested = 1;
+	if (sig == SIGUSR1)
+		scramble_requested = 1;
+	else
+		stop_requested = 1;
 }
 
 static void install_handlers(void)
@@ -317,26 +326,66 @@ static void install_handlers(void)
 	/* No SA_RESTART: a signal must cut the sleep short so we exit promptly. */
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGINT, &sa, NULL);
+	sigaction(SIGUSR1, &sa, NULL);
+}
+
+/* Make every page of the region unique to this instance (see the header comment).
+ * Fragmented pages are read-only, so the region is made writable first: the VMAs merge
+ * back into one, which is fine at the end of a trial, where scrambling happens. */
+static void scramble_region(uint8_t *region, const struct layout *l, const struct options *o,
+			    FILE *console)
+{
+	static uint64_t generation;
+	double t0 = now_s();
+	size_t bytes = (size_t)l->pages * PAGE_BYTES;
+	if (mprotect(region, bytes, PROT_READ | PROT_WRITE) != 0)
+		die(1, "mprotect before scrambling failed: %s", strerror(errno));
+	generation++;
+	for (uint64_t i = 0; i < l->pages; i++)
+		fill_page((uint64_t *)(region + i * PAGE_BYTES), o->seed, KIND_SCRAMBLED, i,
+			  o->instance, generation);
+	char line[160];
+	snprintf(line, sizeof(line),
+		 "DLFILL SCRAMBLED {\"pages\":%" PRIu64 ",\"generation\":%" PRIu64
+		 ",\"scramble_s\":%.6f}\n", l->pages, generation, now_s() - t0);
+	fputs(line, stdout);
+	fflush(stdout);
+	if (console) {
+		fputs(line, console);
+		fflush(console);
+	}
 }
 
 /* Rewrite volatile pages round robin at rate pages/s until a signal; each full pass
  * bumps the generation so a page never returns to content KSM has seen before. */
-static void hold_region(uint8_t *region, const struct layout *l, const struct options *o)
+static void hold_region(uint8_t *region, const struct layout *l, const struct options *o,
+			FILE *console)
 {
 	sigset_t block, old;
 	sigemptyset(&block);
 	sigaddset(&block, SIGTERM);
 	sigaddset(&block, SIGINT);
+	sigaddset(&block, SIGUSR1);
 	if (o->volatile_rate <= 0 || l->volatile_pages == 0) {
 		sigprocmask(SIG_BLOCK, &block, &old);
-		while (!stop_requested)
+		while (!stop_requested) {
+			if (scramble_requested) {
+				scramble_requested = 0;
+				scramble_region(region, l, o, console);
+				continue;
+			}
 			sigsuspend(&old); /* no lost wake-up between the check and the wait */
+		}
 		return;
 	}
 	const double tick_s = 0.01;
 	uint64_t written = 0, next = 0, generation = 1;
 	double t0 = now_s();
 	while (!stop_requested) {
+		if (scramble_requested) {
+			scramble_requested = 0;
+			scramble_region(region, l, o, console);
+		}
 		uint64_t due = (uint64_t)((now_s() - t0) * o->volatile_rate);
 		for (; written < due && !stop_requested; written++) {
 			fill_page((uint64_t *)(region + (l->volatile_start + next) * PAGE_BYTES),
@@ -406,6 +455,6 @@ int main(int argc, char **argv)
 		vmas = o.fragment > 1 ? o.fragment : 1;
 	emit_done(&l, &o, vmas, fill_s, start, console);
 	if (o.hold)
-		hold_region(region, &l, &o);
+		hold_region(region, &l, &o, console);
 	return 0;
 }

@@ -15,8 +15,12 @@ pytestmark = pytest.mark.system
 
 @pytest.fixture(scope="module")
 def report(lab: None) -> dict:
-    cp = subprocess.run([sys.executable, "-m", "orchestrator.cli", "doctor", "--json"],
-                        capture_output=True, text=True, timeout=120)
+    cp = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cp.returncode in (0, 1), cp.stderr
     data = json.loads(cp.stdout)
     assert (cp.returncode == 0) == data["ok"]
@@ -36,14 +40,19 @@ def test_accelerator_matches_dev_kvm_and_pvm(report: dict) -> None:
 def test_ksm_writable_matches_sysfs(report: dict) -> None:
     ksm = report["facts"]["ksm"]
     assert ksm["value"] == os.access("/sys/kernel/mm/ksm/run", os.W_OK)
-    assert ksm["knobs"]["pages_to_scan"] == Path(
-        "/sys/kernel/mm/ksm/pages_to_scan").read_text().strip()
+    assert (
+        ksm["knobs"]["pages_to_scan"]
+        == Path("/sys/kernel/mm/ksm/pages_to_scan").read_text().strip()
+    )
 
 
 def test_cgroup_memory_controller_location(report: dict) -> None:
     cg = report["facts"]["cgroup"]
-    v2 = [ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines()
-          if ln.split()[2] == "cgroup2"]
+    v2 = [
+        ln.split()[1]
+        for ln in Path("/proc/self/mounts").read_text().splitlines()
+        if ln.split()[2] == "cgroup2"
+    ]
     v2_memory = any("memory" in Path(m, "cgroup.controllers").read_text().split() for m in v2)
     if v2_memory:
         assert cg["value"] == "v2"
@@ -53,8 +62,9 @@ def test_cgroup_memory_controller_location(report: dict) -> None:
 
 def test_swap_methods_match_zram_devices(report: dict) -> None:
     swap = report["facts"]["swap"]
-    free_zram = [p for p in Path("/sys/block").glob("zram*")
-                 if (p / "disksize").read_text().strip() == "0"]
+    free_zram = [
+        p for p in Path("/sys/block").glob("zram*") if (p / "disksize").read_text().strip() == "0"
+    ]
     assert ("zram" in swap["value"]) == bool(free_zram)
 
 
@@ -65,16 +75,18 @@ def test_numa_nodes_match_sysfs(report: dict) -> None:
 
 def test_tracing_methods_match_tracefs(report: dict) -> None:
     methods = report["facts"]["tracing"]["value"]
-    assert ("kprobe" in methods) == ("kprobe_events absent" not in
-                                     report["facts"]["tracing"]["how"])
+    assert ("kprobe" in methods) == (
+        "kprobe_events absent" not in report["facts"]["tracing"]["how"]
+    )
     assert "tracepoint-proxy" in methods  # every kernel we target has migrate tracepoints
 
 
 def test_libvirt_versions(report: dict) -> None:
     lv = report["facts"]["libvirt"]
     assert lv["value"] is not None, lv["how"]
-    virsh = subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True,
-                           text=True, timeout=30).stdout
+    virsh = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "version"], capture_output=True, text=True, timeout=30
+    ).stdout
     assert f"libvirt {lv['libvirt']}" in virsh
     assert lv["qemu"].rsplit(".", 1)[0] in virsh
 

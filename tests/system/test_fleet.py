@@ -14,9 +14,14 @@ pytestmark = pytest.mark.system
 
 
 def guest(name: str, image, tmp_path: Path, **kw) -> fleet.GuestSpec:
-    return fleet.GuestSpec(name=name, memory_mib=kw.pop("memory_mib", 192), vcpus=1,
-                           image=kw.pop("img", fleet.GuestImage(image.kernel, image.initrd)),
-                           console_log=tmp_path / f"{name}.log", **kw)
+    return fleet.GuestSpec(
+        name=name,
+        memory_mib=kw.pop("memory_mib", 192),
+        vcpus=1,
+        image=kw.pop("img", fleet.GuestImage(image.kernel, image.initrd)),
+        console_log=tmp_path / f"{name}.log",
+        **kw,
+    )
 
 
 def test_boot_ready_exec_and_teardown(tiny_image, tmp_path: Path, host_untouched) -> None:
@@ -30,7 +35,8 @@ def test_boot_ready_exec_and_teardown(tiny_image, tmp_path: Path, host_untouched
         g = fl.guests[0]
         assert g.pid and Path(f"/proc/{g.pid}").exists()
         assert fleet.tagged_domains(conn, "pytest-fleet-0001") == [
-            ("dl-pytest-fleet-g0", "pytest-fleet-0001")]
+            ("dl-pytest-fleet-g0", "pytest-fleet-0001")
+        ]
         r = fl.guest_exec(g.name, ["/bin/sh", "-c", "echo hello; echo oops >&2; exit 3"])
         assert (r.rc, r.stdout, r.stderr) == (3, "hello\n", "oops\n")
         assert "DENSITYLAB: ready" in (tmp_path / "dl-pytest-fleet-g0.log").read_text()
@@ -57,15 +63,16 @@ def test_overlay_is_made_and_removed(tiny_image, tmp_path: Path, host_untouched)
     conn.close()
 
 
-def test_guest_that_cannot_boot_fails_clearly(tiny_image, tmp_path: Path,
-                                              host_untouched) -> None:
+def test_guest_that_cannot_boot_fails_clearly(tiny_image, tmp_path: Path, host_untouched) -> None:
     # Failure injection: a truncated initramfs makes the guest kernel panic at boot.
     broken = tmp_path / "broken-initrd.img"
     broken.write_bytes(tiny_image.initrd.read_bytes()[:4096])
     img = fleet.GuestImage(tiny_image.kernel, broken)
     conn = fleet.connect()
-    with pytest.raises(GuestError, match="dl-pytest-fleet-bad"), \
-            fleet.Fleet(conn, "pytest-fleet-0003", "t0", "qemu") as fl:
+    with (
+        pytest.raises(GuestError, match="dl-pytest-fleet-bad"),
+        fleet.Fleet(conn, "pytest-fleet-0003", "t0", "qemu") as fl,
+    ):
         fl.define([guest("dl-pytest-fleet-bad", tiny_image, tmp_path, img=img)])
         fl.start_all()
         fl.wait_ready(timeout_s=60)

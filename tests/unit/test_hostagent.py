@@ -32,8 +32,7 @@ def test_process_ksm_from_recorded_qemu(tmp_path: Path) -> None:
     assert stats["ksm_process_profit"] == -800000
     # QEMU's guest RAM and ROM blocks are the mergeable mappings of the recorded process.
     recorded = (DATA / "qemu" / "smaps").read_text()
-    expected = sum(1 for ln in recorded.splitlines()
-                   if ln.startswith("VmFlags:") and " mg" in ln)
+    expected = sum(1 for ln in recorded.splitlines() if ln.startswith("VmFlags:") and " mg" in ln)
     assert stats["ram_vmas"] == expected > 0
 
 
@@ -110,8 +109,9 @@ def test_sampler_writes_json_lines_and_stops_on_sigterm(tmp_path: Path) -> None:
     import time
 
     out = tmp_path / "s.jsonl"
-    p = subprocess.Popen([sys.executable, h.__file__, "sample", "--interval-s", "0.1",
-                          "--out", str(out)])
+    p = subprocess.Popen(
+        [sys.executable, h.__file__, "sample", "--interval-s", "0.1", "--out", str(out)]
+    )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 3):
         time.sleep(0.05)
@@ -131,7 +131,19 @@ def test_sampler_stops_when_its_parent_is_gone(tmp_path: Path) -> None:
     out = tmp_path / "s.jsonl"
     dead = subprocess.Popen(["true"])
     dead.wait()
-    p = subprocess.run([sys.executable, h.__file__, "sample", "--interval-s", "0.05",
-                        "--out", str(out), "--parent-pid", str(dead.pid)], timeout=20)
+    p = subprocess.run(
+        [
+            sys.executable,
+            h.__file__,
+            "sample",
+            "--interval-s",
+            "0.05",
+            "--out",
+            str(out),
+            "--parent-pid",
+            str(dead.pid),
+        ],
+        timeout=20,
+    )
     assert p.returncode == 0
     assert out.read_text().count("\n") == 1

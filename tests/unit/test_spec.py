@@ -21,21 +21,27 @@ def test_shipped_specs_load(path: Path) -> None:
     assert len(sha) == 64
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("name: a\nbogus: 1", "x.yaml: bogus: unknown key"),
-    ("name: a\nfleet: {memory_mib: 4G}", "x.yaml: fleet.memory_mib: "),
-    ("name: a\nworkload: {mib: -1}", "x.yaml: workload.mib: Input should be greater than 0"),
-    ("name: a\nworkload: {dup: 0.5}", "x.yaml: workload: dup + zero + unique + volatile must"),
-    ("name: \"a'b\"", "x.yaml: name: use letters"),
-    ("name: a/b", "x.yaml: name: use letters"),
-    ("name: \"<x>\"", "x.yaml: name: use letters"),
-    ("name: a\nksm: {frobnicate: 1}", "x.yaml: ksm: unknown KSM knob frobnicate"),
-    ("name: a\nfleet: {count: [1, 0]}", "x.yaml: fleet.count.1: Input should be greater than 0"),
-    ("name: a\nfleet: {accel: xen}", "x.yaml: fleet.accel: "),
-    ("fleet: {count: 1}", "x.yaml: name: Field required"),
-    ("[1, 2]", "x.yaml: expected a mapping"),
-    ("name: a\n  b: : c", "x.yaml: line"),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name: a\nbogus: 1", "x.yaml: bogus: unknown key"),
+        ("name: a\nfleet: {memory_mib: 4G}", "x.yaml: fleet.memory_mib: "),
+        ("name: a\nworkload: {mib: -1}", "x.yaml: workload.mib: Input should be greater than 0"),
+        ("name: a\nworkload: {dup: 0.5}", "x.yaml: workload: dup + zero + unique + volatile must"),
+        ('name: "a\'b"', "x.yaml: name: use letters"),
+        ("name: a/b", "x.yaml: name: use letters"),
+        ('name: "<x>"', "x.yaml: name: use letters"),
+        ("name: a\nksm: {frobnicate: 1}", "x.yaml: ksm: unknown KSM knob frobnicate"),
+        (
+            "name: a\nfleet: {count: [1, 0]}",
+            "x.yaml: fleet.count.1: Input should be greater than 0",
+        ),
+        ("name: a\nfleet: {accel: xen}", "x.yaml: fleet.accel: "),
+        ("fleet: {count: 1}", "x.yaml: name: Field required"),
+        ("[1, 2]", "x.yaml: expected a mapping"),
+        ("name: a\n  b: : c", "x.yaml: line"),
+    ],
+)
 def test_bad_specs_name_the_field(text: str, expected: str) -> None:
     with pytest.raises(UsageError) as e:
         load_spec_text(text, "x.yaml")
@@ -61,14 +67,19 @@ def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: a\nworkload: {mib: -5}\n")
     for cmd in (["plan", str(bad)], ["run", str(bad), "--results", str(tmp_path / "r")]):
-        cp = subprocess.run([sys.executable, "-m", "orchestrator.cli", *cmd],
-                            capture_output=True, text=True, timeout=60)
+        cp = subprocess.run(
+            [sys.executable, "-m", "orchestrator.cli", *cmd],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert cp.returncode == 2, cp.stderr
         assert cp.stderr.strip().splitlines() == [
-            f"densitylab: {bad}: workload.mib: Input should be greater than 0, got -5"]
+            f"densitylab: {bad}: workload.mib: Input should be greater than 0, got -5"
+        ]
     assert not (tmp_path / "r").exists(), "a refused spec must leave nothing behind"
 
 
 def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="nope.yaml: cannot read"):
+    with pytest.raises(UsageError, match=r"nope\.yaml: cannot read"):
         load_spec(tmp_path / "nope.yaml")

@@ -1,0 +1,737 @@
+"""Reports from run directories: index.html with PNG figures beside it, summary.md and
+every table as CSV. The only module that imports seaborn and matplotlib.
+
+A report is a pure function of its run directories (fixed seed, no timestamps, PNGs
+without a software stamp): it never touches the host, and the same runs give the same
+files. Large tables are never drawn point by point: the analysis hands over binned time
+series, ECDF points and VMA bins of bounded size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import matplotlib as mpl
+import pandas as pd
+import seaborn as sns
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from orchestrator import analysis as an
+from orchestrator.capacity import MODEL_NOTES, CapacityResult
+from orchestrator.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).parent / "templates"
+FIG_DPI = 100
+KEY_COUNTERS = (  # shown in the per-phase table; the CSV has every counter
+    "pswpout",
+    "pswpin",
+    "ksm_swpin_copy",
+    "cow_ksm",
+    "pgmigrate_success",
+    "compact_migrate_scanned",
+    "full_scans",
+    "pages_sharing",
+    "general_profit_bytes",
+    "ksmd_cpu_s",
+)
+HEADLINE_METRICS = (
+    "saved_profit_mib",
+    "saved_per_guest_mib",
+    "settle_s",
+    "merge_rate_90_pages_per_s",
+    "ksmd_cpu_s",
+    "ksmd_cpu_s_per_gib",
+)
+MISSING = "not recorded in this run"
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """What write_report wrote: the page, the markdown summary, figures and CSV tables."""
+
+    out_dir: Path
+    index_html: Path
+    summary_md: Path
+    figures: dict[str, Path] = field(default_factory=dict)
+    tables: dict[str, Path] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- style
+
+
+@contextmanager
+def figure_style() -> Iterator[None]:
+    """One look for every figure, without touching matplotlib's global state."""
+    with (
+        sns.axes_style("whitegrid"),
+        sns.plotting_context("notebook", font_scale=0.85),
+        mpl.rc_context(
+            {
+                "axes.titleweight": "bold",
+                "figure.titlesize": 13,
+                "figure.titleweight": "bold",
+                "legend.fontsize": 8,
+                "legend.title_fontsize": 9,
+                "axes.titlesize": 10.5,
+            }
+        ),
+    ):
+        yield
+
+
+def kernel_palette(kernels: Sequence[str]) -> dict[str, Any]:
+    """Kernel -> colour, the same in every figure (reference kernel first)."""
+    return dict(zip(kernels, sns.color_palette("colorblind", max(len(kernels), 1)), strict=False))
+
+
+def _new_figure(
+    ncols: int = 1, nrows: int = 1, height: float = 4.4, **kw: Any
+) -> tuple[Figure, Any]:
+    fig = Figure(figsize=(max(7.5, 4.6 * ncols), height * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
+    return fig, axes.ravel()
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def fig_ksm_timeline(timeline: pd.DataFrame, palette: dict[str, Any]) -> Figure:
+    """KSM savings (MiB) over time (s) per kernel and fleet size: median over trials, band
+    from min to max."""
+    d = timeline.assign(fleet=timeline["fleet_size"].astype(int).astype(str) + " guests")
+    panels = [
+        (c, t)
+        for c, t in (
+            ("profit_mib", "general_profit (net of KSM metadata)"),
+            ("sharing_mib", "pages_sharing x page size"),
+        )
+        if c in d
+    ]
+    fig, axes = _new_figure(1, len(panels), height=3.4, sharex=True)
+    for i, (ax, (col, title)) in enumerate(zip(axes, panels, strict=True)):
+        sns.lineplot(
+            data=d,
+            x="t_s",
+            y=col,
+            hue="kernel",
+            style="fleet",
+            palette=palette,
+            estimator="median",
+            errorbar=("pi", 100),
+            ax=ax,
+            legend=i == 0,
+        )
+        ax.set(title=title, xlabel="time since trial start (s)", ylabel="saved (MiB)")
+    axes[0].legend(title="kernel / fleet", loc="upper left")
+    fig.suptitle("KSM savings over time")
+    return fig
+
+
+def _points_by_fleet(
+    ax: Axes, d: pd.DataFrame, y: str, palette: dict[str, Any], legend: bool
+) -> None:
+    """Each trial as a dot, the median per kernel as a bar outline, side by side by fleet."""
+    d = d.assign(fleet=d["fleet_size"].astype(int).astype(str))
+    order = sorted(d["fleet"].unique(), key=int)
+    hue_order = [k for k in palette if k in set(d["kernel"])]
+    sns.barplot(
+        data=d,
+        x="fleet",
+        y=y,
+        hue="kernel",
+        estimator="median",
+        errorbar=None,
+        order=order,
+        hue_order=hue_order,
+        palette=palette,
+        fill=False,
+        ax=ax,
+        legend=legend,
+    )
+    # A swarm, not a strip: jitter would draw random numbers and the same runs would not
+    # give the same PNG.
+    sns.swarmplot(
+        data=d,
+        x="fleet",
+        y=y,
+        hue="kernel",
+        order=order,
+        hue_order=hue_order,
+        palette=palette,
+        dodge=True,
+        size=5,
+        ax=ax,
+        legend=False,
+    )
+    if legend:
+        ax.legend(title="kernel (bar: median, dots: trials)", loc="best")
+
+
+def fig_merge_rate(trials: pd.DataFrame, palette: dict[str, Any]) -> Figure:
+    """Merge rate (pages/s) to 50% and 90% of the final pages_sharing, per trial."""
+    ok = an.successful(trials)
+    fig, axes = _new_figure(2)
+    for i, (ax, pct) in enumerate(zip(axes, (50, 90), strict=True)):
+        col = f"merge_rate_{pct}_pages_per_s"
+        _points_by_fleet(ax, ok.dropna(subset=[col]), col, palette, legend=i == 0)
+        ax.set(
+            title=f"to {pct}% of final pages_sharing",
+            xlabel="fleet size (guests)",
+            ylabel="merge rate (pages/s)",
+        )
+    fig.suptitle("KSM merge rate")
+    return fig
+
+
+def fig_ksmd_cpu(trials: pd.DataFrame, palette: dict[str, Any]) -> Figure:
+    """ksmd CPU time per trial (s) and per GiB saved (s/GiB)."""
+    ok = an.successful(trials)
+    fig, axes = _new_figure(2)
+    panels = (
+        ("ksmd_cpu_s", "ksmd CPU (s)", "per trial"),
+        ("ksmd_cpu_s_per_gib", "ksmd CPU per GiB saved (s/GiB)", "per GiB saved"),
+    )
+    for i, (ax, (col, ylabel, title)) in enumerate(zip(axes, panels, strict=True)):
+        _points_by_fleet(ax, ok.dropna(subset=[col]), col, palette, legend=i == 0)
+        ax.set(title=title, xlabel="fleet size (guests)", ylabel=ylabel)
+    fig.suptitle("ksmd CPU cost")
+    return fig
+
+
+def fig_latency_ecdf(ecdf: pd.DataFrame, palette: dict[str, Any]) -> Figure:
+    """ECDF of rmap_walk_ksm walk times (µs, log x) per trigger, kernel and method."""
+    triggers = list(dict.fromkeys(ecdf["trigger"]))
+    fig, axes = _new_figure(len(triggers), sharey=True)
+    for i, (ax, trigger) in enumerate(zip(axes, triggers, strict=True)):
+        d = ecdf[ecdf["trigger"] == trigger].rename(columns={"method_label": "timing method"})
+        sns.lineplot(
+            data=d,
+            x="duration_us",
+            y="fraction",
+            hue="kernel",
+            style="timing method",
+            palette=palette,
+            estimator=None,
+            drawstyle="steps-post",
+            ax=ax,
+            legend=i == 0,
+        )
+        ax.set_xscale("log")
+        ax.set(
+            title=f"trigger: {trigger}",
+            xlabel="walk duration (µs, log scale)",
+            ylabel="fraction of walks ≤ duration (0-1)",
+            ylim=(0, 1.01),
+        )
+    axes[0].legend(title="kernel / timing method", loc="lower right")
+    fig.suptitle("rmap_walk_ksm walk time, ECDF")
+    return fig
+
+
+def fig_latency_vmas(by_vmas: pd.DataFrame, palette: dict[str, Any]) -> Figure:
+    """Median and p99 walk time (µs) against VMAs over the mergeable range, log-log, one
+    panel per timing method; binned by powers of two."""
+    methods = list(dict.fromkeys(by_vmas["method_label"]))
+    fig, axes = _new_figure(len(methods), sharey=True)
+    for i, (ax, method) in enumerate(zip(axes, methods, strict=True)):
+        d = by_vmas[by_vmas["method_label"] == method]
+        sns.lineplot(
+            data=d,
+            x="vmas",
+            y="duration_us",
+            hue="kernel",
+            style="statistic",
+            markers=True,
+            palette=palette,
+            estimator=None,
+            ax=ax,
+            legend=i == 0,
+        )
+        ax.set(
+            xscale="log",
+            yscale="log",
+            title=f"timed by: {method}",
+            xlabel="VMAs over the mergeable range (count, log scale)",
+            ylabel="walk duration (µs, log scale)",
+        )
+    axes[0].legend(title="kernel / statistic", loc="upper left")
+    fig.suptitle("rmap_walk_ksm walk time against VMA count")
+    return fig
+
+
+def fig_density(cap: CapacityResult, palette: dict[str, Any]) -> Figure:
+    """Host RAM used (GiB) against guests, without KSM and with it (median and 95% band)."""
+    fig, axes = _new_figure(1, height=4.8)
+    ax = axes[0]
+    curve = cap.curve
+    for g, grp in curve.groupby("guest_memory_mib"):
+        first = grp[grp["kernel"] == grp["kernel"].iloc[0]]
+        ax.plot(
+            first["guests"],
+            first["used_gib_without_ksm"],
+            color="0.2",
+            ls="--",
+            label=f"without KSM ({g:g} MiB guests)",
+        )
+    for (kernel, g), grp in curve.groupby(["kernel", "guest_memory_mib"], sort=False):
+        color = palette.get(str(kernel), "C0")
+        ax.plot(
+            grp["guests"],
+            grp["used_gib_with_ksm"],
+            color=color,
+            label=f"with KSM, kernel {kernel} ({g:g} MiB guests)",
+        )
+        ax.fill_between(
+            grp["guests"],
+            grp["used_gib_with_ksm_lo"],
+            grp["used_gib_with_ksm_hi"],
+            color=color,
+            alpha=0.25,
+            lw=0,
+            label=f"95% interval, kernel {kernel}",
+        )
+    if cap.host_ram_gib is not None:
+        ax.axhline(
+            cap.host_ram_gib, color="0.5", lw=1, label=f"host RAM ({cap.host_ram_gib:g} GiB)"
+        )
+        ax.axhline(
+            cap.host_ram_gib - cap.reserve_gib,
+            color="0.5",
+            lw=1,
+            ls=":",
+            label=f"host RAM - reserve ({cap.reserve_gib:g} GiB)",
+        )
+    ax.set(
+        xlabel="guests on the host (count)",
+        ylabel="host RAM used (GiB)",
+        title="measured savings projected to a full host",
+        xlim=(0, None),
+        ylim=(0, None),
+    )
+    ax.legend(loc="upper left")
+    fig.suptitle("Density: guests against host RAM")
+    return fig
+
+
+def build_figures(a: an.Analysis) -> dict[str, Figure]:
+    """Every figure the data allows, by file stem. A figure whose data was not recorded is
+    absent (the page says so)."""
+    palette = kernel_palette(a.kernels)
+    builders: list[tuple[str, Callable[[], Figure], bool]] = [
+        (
+            "ksm_timeline",
+            lambda: fig_ksm_timeline(a.timeline, palette),
+            a.timeline is not None and not a.timeline.empty,
+        ),
+        (
+            "merge_rate",
+            lambda: fig_merge_rate(a.trials, palette),
+            a.trials["merge_rate_90_pages_per_s"].notna().any(),
+        ),
+        ("ksmd_cpu", lambda: fig_ksmd_cpu(a.trials, palette), a.trials["ksmd_cpu_s"].notna().any()),
+    ]
+    if a.latency is not None:
+        lat = a.latency
+        builders.append(("latency_ecdf", lambda: fig_latency_ecdf(lat.ecdf, palette), True))
+        builders.append(
+            (
+                "latency_vmas",
+                lambda: fig_latency_vmas(lat.by_vmas, palette),
+                lat.by_vmas is not None and not lat.by_vmas.empty,
+            )
+        )
+    if a.capacity is not None:
+        builders.append(("density", lambda: fig_density(a.capacity, palette), True))
+    with figure_style():
+        return {name: build() for name, build, ok in builders if ok}
+
+
+# --------------------------------------------------------------------------- display tables
+
+
+@dataclass(frozen=True)
+class TableView:
+    """A formatted table for the templates: header, rows of strings, and its CSV file."""
+
+    columns: list[str]
+    rows: list[list[str]]
+    csv: str | None = None
+
+    @property
+    def markdown(self) -> str:
+        return an.markdown_table(pd.DataFrame(self.rows, columns=self.columns))
+
+
+def view(df: pd.DataFrame, csv: str | None = None) -> TableView:
+    """Format every cell of df (see analysis.fmt_value) for the templates."""
+    rows = [[an.fmt_value(v, str(c)) for c, v in r.items()] for _, r in df.iterrows()]
+    return TableView([str(c) for c in df.columns], rows, csv)
+
+
+def runs_display(manifests: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per run: what ran, where, with which software, and how its trials ended."""
+    rows = []
+    for m in manifests:
+        host = m.get("host") or {}
+        statuses = pd.Series([t.get("status") for t in m.get("trials") or []]).value_counts()
+        rows.append(
+            {
+                "run": m.get("run_id"),
+                "spec": m.get("spec_name"),
+                "spec sha256": str(m.get("spec_sha256") or "")[:12],
+                "densitylab": m.get("densitylab_version"),
+                "git commit": m.get("git_commit"),
+                "host kernel": m.get("kernel_release") or host.get("kernel_release"),
+                "accel": host.get("accel"),
+                "QEMU": m.get("qemu_version"),
+                "libvirt": m.get("libvirt_version"),
+                "seed": m.get("seed"),
+                "started": m.get("started_at"),
+                "ended": m.get("ended_at"),
+                "trials": ", ".join(f"{n} {s}" for s, n in statuses.items()) or "none",
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def kernels_display(manifests: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """The kernels under test as the manifests describe them (empty if none listed)."""
+    rows = [
+        {
+            "kernel": k.get("name"),
+            "release": k.get("release"),
+            "origin": k.get("origin"),
+            "config sha256": str(k.get("config_sha256") or "")[:12] or None,
+        }
+        for m in manifests
+        for k in m.get("kernels") or []
+    ]
+    return pd.DataFrame(rows).drop_duplicates() if rows else pd.DataFrame()
+
+
+def status_display(tm: pd.DataFrame) -> pd.DataFrame:
+    """Trials per kernel and fleet size, by status."""
+    counts = tm.groupby(["kernel", "fleet_size", "status"]).size().unstack(fill_value=0)
+    return counts.reset_index().rename(columns={"fleet_size": "fleet size (guests)"})
+
+
+def failed_display(tm: pd.DataFrame) -> pd.DataFrame:
+    """The trials that did not succeed, with the reason the runner recorded."""
+    bad = tm[tm["status"] != "successful"]
+    return bad[["trial_id", "kernel", "fleet_size", "repeat", "status", "reason"]].rename(
+        columns={"trial_id": "trial", "fleet_size": "fleet size (guests)"}
+    )
+
+
+def repeats_display(rep: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """Across repeats: mean with its t interval and CV (%), metric labels with units."""
+    if metrics is not None:
+        rep = rep[rep["metric"].isin(metrics)]
+    return pd.DataFrame(
+        {
+            "metric": rep["metric"].map(an.TRIAL_METRICS),
+            "kernel": rep["kernel"],
+            "fleet size (guests)": rep["fleet_size"],
+            "n": rep["n"],
+            "mean [95% CI]": [
+                an.fmt_interval(*r) for r in rep[["mean", "ci_lo", "ci_hi"]].itertuples(index=False)
+            ],
+            "CV (%)": (rep["cv"] * 100).map(an.fmt_value),
+        }
+    )
+
+
+def comparisons_display(cmp: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
+    """Kernel comparisons of per-trial metrics in words and intervals (a / reference b)."""
+    if cmp.empty:
+        return cmp
+    if metrics is not None:
+        cmp = cmp[cmp["metric"].isin(metrics)]
+    keys = pd.DataFrame(
+        {
+            "metric": cmp["metric"].map(an.TRIAL_METRICS),
+            "fleet size (guests)": cmp["fleet_size"],
+            "a vs b (reference)": cmp["kernel_a"] + " vs " + cmp["kernel_b"],
+        }
+    )
+    return pd.concat([keys, an.comparison_display(cmp)], axis=1)
+
+
+def _latency_cell(row: pd.Series) -> str:
+    text = an.fmt_interval(row["value_us"], row["lo_us"], row["hi_us"])
+    return f"≥ {text}" if row["lower_bound"] else text
+
+
+def latency_display(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per kernel, trigger and method; values in µs, '≥' for lower-bound methods."""
+    s = summary.assign(cell=summary.apply(_latency_cell, axis=1))
+    keys = ["kernel", "trigger", "method", "method_label", "n"]
+    wide = s.pivot_table(
+        index=keys, columns="statistic", values="cell", aggfunc="first", sort=False
+    )
+    wide = wide[[c for c in [*an.LATENCY_QUANTILES, "max"] if c in wide.columns]]
+    notes = s[s["note"].str.startswith("only")].groupby(keys, sort=False)["note"].agg("; ".join)
+    wide = wide.join(notes.rename("notes")).reset_index()
+    wide["method"] = wide["method"] + " (" + wide.pop("method_label") + ")"
+    return wide.rename(
+        columns={c: f"{c} (µs) [95% CI]" for c in an.LATENCY_QUANTILES} | {"max": "max (µs)"}
+    ).fillna("")
+
+
+def latency_cmp_display(cmp: pd.DataFrame) -> pd.DataFrame:
+    """Latency comparisons per trigger and timing method (a / reference b)."""
+    if cmp.empty:
+        return cmp
+    keys = pd.DataFrame(
+        {
+            "trigger": cmp["trigger"],
+            "method": cmp["method_label"],
+            "a vs b (reference)": cmp["kernel_a"] + " vs " + cmp["kernel_b"],
+        }
+    )
+    return pd.concat([keys, an.comparison_display(cmp)], axis=1)
+
+
+def phase_display(ps: pd.DataFrame) -> pd.DataFrame:
+    """Median per-trial delta by phase (columns) for the key counters."""
+    d = ps[ps["counter"].isin(KEY_COUNTERS)]
+    if d.empty:
+        return d
+    wide = d.pivot_table(
+        index=["counter", "kernel", "fleet_size"], columns="phase", values="median", sort=False
+    )
+    wide = wide[[p for p in an.PHASES if p in wide.columns]].reset_index()
+    return wide.rename(columns={"fleet_size": "fleet size (guests)"})
+
+
+def capacity_display(cap: CapacityResult) -> pd.DataFrame:
+    """Guests per host with and without KSM, and the saving they rest on, with intervals."""
+    t = cap.table
+    out = pd.DataFrame(
+        {
+            "kernel": t["kernel"],
+            "guest size (MiB)": t["guest_memory_mib"],
+            "fleet sizes measured": t["fleet_sizes"],
+            "trials": t["trials"],
+            "saving per added guest (MiB) [95% CI]": [
+                an.fmt_interval(*r)
+                for r in t[
+                    [
+                        "saving_per_added_guest_mib",
+                        "saving_per_added_guest_mib_lo",
+                        "saving_per_added_guest_mib_hi",
+                    ]
+                ].itertuples(index=False)
+            ],
+        }
+    )
+    if "guests_without_ksm" in t:
+        out["guests/host without KSM"] = t["guests_without_ksm"]
+        out["guests/host with KSM [95% CI]"] = [
+            an.fmt_interval(*r)
+            for r in t[["guests_with_ksm", "guests_with_ksm_lo", "guests_with_ksm_hi"]].itertuples(
+                index=False
+            )
+        ]
+    out["note"] = t["note"]
+    return out
+
+
+# --------------------------------------------------------------------------- writing
+
+FIG_CAPTIONS = {
+    "ksm_timeline": "KSM savings over time per kernel and fleet size: median over trials, "
+    "band from the smallest to the largest trial.",
+    "merge_rate": "Merge rate: pages merged per second from merge start until pages_sharing "
+    "first reached 50% and 90% of its final value.",
+    "ksmd_cpu": "CPU time consumed by ksmd per trial and per GiB saved.",
+    "latency_ecdf": "Distribution of rmap_walk_ksm walk times (ECDF, log x) per trigger; "
+    "'lower-bound proxy' lines under-read the walk.",
+    "latency_vmas": "Median and p99 walk time against the VMAs over the mergeable range "
+    "(bins of powers of two, at least 20 walks each).",
+    "density": "Host RAM used by N guests without KSM and with the measured savings "
+    "(95% bootstrap band); see the capacity model below.",
+}
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same directory, then rename over path."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    df.to_csv(path, index=False)
+
+
+def _write_text(text: str, path: Path) -> None:
+    path.write_text(text, encoding="utf-8")
+
+
+def _save_figure(fig: Figure, path: Path) -> dict[str, Any]:
+    # No "Software" stamp: the same runs give byte-identical PNGs.
+    _write_atomic(
+        path, lambda p: fig.savefig(p, format="png", dpi=FIG_DPI, metadata={"Software": None})
+    )
+    width, height = (fig.get_size_inches() * FIG_DPI).round().astype(int)
+    return {
+        "src": path.name,
+        "width": int(width),
+        "height": int(height),
+        "title": fig.get_suptitle(),
+        "caption": FIG_CAPTIONS.get(path.stem, ""),
+    }
+
+
+def _csv_tables(a: an.Analysis) -> dict[str, pd.DataFrame]:
+    tables: dict[str, pd.DataFrame | None] = {
+        "trials": a.trials,
+        "repeats": a.repeats,
+        "kernel_comparisons": a.comparisons,
+        "phase_deltas": a.phase_deltas,
+        "phase_summary": a.phase_summary,
+        "guests": a.guests,
+        "ksm_timeline": a.timeline,
+    }
+    if a.latency is not None:
+        tables |= {
+            "latency_summary": a.latency.summary,
+            "latency_comparisons": a.latency.comparisons,
+            "latency_trial_comparisons": a.latency.trial_comparisons,
+            "latency_ecdf": a.latency.ecdf,
+            "latency_by_vmas": a.latency.by_vmas,
+        }
+    if a.capacity is not None:
+        tables |= {"capacity": a.capacity.table, "density_curve": a.capacity.curve}
+    return {k: v for k, v in tables.items() if v is not None}
+
+
+def _opt(df: pd.DataFrame | None, csv: str | None = None) -> TableView | None:
+    return None if df is None or df.empty else view(df, csv)
+
+
+def _latency_context(a: an.Analysis) -> dict[str, Any] | None:
+    lat = a.latency
+    if lat is None:
+        return None
+    return {
+        "n": f"{lat.n_samples:,}",
+        "has_proxy": bool(lat.summary["lower_bound"].any()),
+        "summary": view(latency_display(lat.summary), "latency_summary.csv"),
+        "comparisons": _opt(latency_cmp_display(lat.comparisons), "latency_comparisons.csv"),
+        "trial_comparisons": _opt(
+            latency_cmp_display(lat.trial_comparisons), "latency_trial_comparisons.csv"
+        ),
+    }
+
+
+def _capacity_context(a: an.Analysis) -> dict[str, Any] | None:
+    cap = a.capacity
+    if cap is None:
+        return None
+    return {
+        "table": view(capacity_display(cap), "capacity.csv"),
+        "notes": cap.notes,
+        "host_ram_gib": cap.host_ram_gib,
+        "reserve_gib": cap.reserve_gib,
+    }
+
+
+def _context(
+    a: an.Analysis, figures: dict[str, dict[str, Any]], tables: dict[str, Path]
+) -> dict[str, Any]:
+    multi = len(a.manifests) > 1
+    run_ids = [str(m.get("run_id")) for m in a.manifests]
+    ps = a.phase_summary
+    return {
+        "title": f"densitylab report: {', '.join(run_ids)}",
+        "run_ids": run_ids,
+        "spec_names": sorted({str(m.get("spec_name")) for m in a.manifests}),
+        "missing": "not recorded in these runs" if multi else MISSING,
+        "runs": view(runs_display(a.manifests)),
+        "kernels": _opt(kernels_display(a.manifests)),
+        "reference": a.kernels[0] if a.kernels else None,
+        "warnings": a.warnings,
+        "status": view(status_display(a.trials)),
+        "failed": _opt(failed_display(a.trials)),
+        "trials": view(
+            a.trials[["trial_id", "kernel", "fleet_size", "repeat", "status", *an.TRIAL_METRICS]],
+            "trials.csv",
+        ),
+        "ksm_recorded": a.timeline is not None,
+        "figures": figures,
+        "repeats": _opt(repeats_display(a.repeats), "repeats.csv"),
+        "headline_repeats": _opt(repeats_display(a.repeats, HEADLINE_METRICS)),
+        "comparisons": _opt(comparisons_display(a.comparisons), "kernel_comparisons.csv"),
+        "headline_comparisons": _opt(comparisons_display(a.comparisons, HEADLINE_METRICS)),
+        "phases": None if ps is None else _opt(phase_display(ps), "phase_summary.csv"),
+        "guests": _opt(a.guests, "guests.csv"),
+        "latency": _latency_context(a),
+        "capacity": _capacity_context(a),
+        "methods": an.METHOD_NOTES,
+        "model_notes": MODEL_NOTES,
+        "csv_files": sorted(p.name for p in tables.values()),
+    }
+
+
+def _environment() -> Environment:
+    return Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        undefined=StrictUndefined,
+        autoescape=lambda name: bool(name and name.endswith(".html.j2")),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def write_report(
+    run_dirs: Sequence[Path],
+    out_dir: Path,
+    *,
+    host_ram_gib: float | None = None,
+    reserve_gib: float = 2.0,
+) -> ReportPaths:
+    """Analyse the run directories together and write out_dir/index.html, its figures
+    (PNG), out_dir/summary.md and every table as CSV. host_ram_gib None: taken from the
+    manifests' host facts when present; reserve_gib is kept free on the host (GiB).
+
+    Raises UsageError when no run is given or a directory is not a readable run.
+    """
+    if not run_dirs:
+        raise UsageError("no run directories given to the report")
+    runs = [an.load_run(Path(d)) for d in run_dirs]
+    a = an.analyze(runs, host_ram_gib=host_ram_gib, reserve_gib=reserve_gib)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables: dict[str, Path] = {}
+    for name, df in _csv_tables(a).items():
+        tables[name] = out_dir / f"{name}.csv"
+        _write_atomic(tables[name], partial(_write_csv, df))
+    figures, fig_paths = {}, {}
+    for name, fig in build_figures(a).items():
+        fig_paths[name] = out_dir / f"{name}.png"
+        figures[name] = _save_figure(fig, fig_paths[name])
+    ctx = _context(a, figures, tables)
+    env = _environment()
+    index, summary = out_dir / "index.html", out_dir / "summary.md"
+    for path, template in ((index, "report.html.j2"), (summary, "summary.md.j2")):
+        text = env.get_template(template).render(**ctx)
+        _write_atomic(path, partial(_write_text, text))
+    log.info("report for %s written to %s", ", ".join(ctx["run_ids"]), out_dir)
+    return ReportPaths(out_dir, index, summary, fig_paths, tables)

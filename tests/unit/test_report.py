@@ -1,0 +1,167 @@
+"""The report: every figure labelled, files written, missing data said plainly, the same
+runs giving the same bytes, and seaborn/matplotlib kept inside the report module."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from orchestrator import analysis as an
+from orchestrator import report
+from orchestrator.errors import UsageError
+from tests.synthetic import make_run
+
+ORCHESTRATOR = Path(report.__file__).parent
+UNIT = re.compile(r"\([^)]+\)")  # "walk duration (µs, log scale)"
+ALL_FIGURES = {"ksm_timeline", "merge_rate", "ksmd_cpu", "latency_ecdf", "latency_vmas", "density"}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_run(tmp_path_factory.mktemp("runs"))
+
+
+@pytest.fixture(scope="module")
+def analysis(run_dir: Path) -> an.Analysis:
+    return an.analyze(an.load_run(run_dir), n_boot=500)
+
+
+def test_every_figure_has_title_units_and_legend(analysis: an.Analysis) -> None:
+    figures = report.build_figures(analysis)
+    assert set(figures) == ALL_FIGURES
+    for name, fig in figures.items():
+        assert fig.get_suptitle().strip(), f"{name}: no title"
+        axes = [ax for ax in fig.axes if ax.get_visible()]
+        assert axes, f"{name}: no axes"
+        for ax in axes:
+            assert ax.get_title().strip(), f"{name}: a panel without a title"
+            for label in (ax.get_xlabel(), ax.get_ylabel()):
+                assert UNIT.search(label), f"{name}: axis label {label!r} has no (unit)"
+        legends = [ax.get_legend() for ax in axes if ax.get_legend() is not None]
+        legends += list(fig.legends)
+        assert any(lg.get_texts() for lg in legends), f"{name}: no legend"
+
+
+def test_write_report_writes_page_figures_tables_and_summary(run_dir: Path, tmp_path: Path):
+    paths = report.write_report([run_dir], tmp_path / "out", host_ram_gib=64, reserve_gib=4)
+    html = paths.index_html.read_text()
+    assert set(paths.figures) == ALL_FIGURES
+    for fig in paths.figures.values():
+        assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f'src="{fig.name}"' in html
+    for name, csv in paths.tables.items():
+        assert f'href="{csv.name}"' in html, name
+        assert not pd.read_csv(csv).empty, name
+    assert "lower-bound proxy" in html and "≥ " in html  # proxies labelled beside the values
+    assert "Host RAM: 64 GiB; reserve: 4 GiB" in html
+    md = paths.summary_md.read_text()
+    for heading in (
+        "## Runs",
+        "## A/B hygiene warnings",
+        "## rmap_walk_ksm latency",
+        "## Capacity",
+        "## Methods",
+    ):
+        assert heading in md
+    assert "lower-bound proxy" in md and "not recorded in this run" not in md
+
+
+def test_missing_tables_are_said_not_recorded(tmp_path: Path) -> None:
+    run = make_run(tmp_path, tables=frozenset({"trials"}))
+    paths = report.write_report([run], tmp_path / "out")
+    html = paths.index_html.read_text()
+    for what in (
+        "KSM samples (ksm_samples.parquet)",
+        "Walk latency (latency.parquet)",
+        "Guest timings (guests.parquet)",
+        "vmstat and KSM samples, or phase deltas",
+    ):
+        assert f"{what}: not recorded in this run." in html
+    assert "latency_ecdf" not in paths.figures and "ksm_timeline" not in paths.figures
+    assert (
+        "Walk latency (latency.parquet): not recorded in this run." in paths.summary_md.read_text()
+    )
+
+
+def test_odd_runs_still_give_a_report(tmp_path: Path) -> None:
+    """Every trial failed; or a run stripped of optional columns and manifest facts."""
+    failed = make_run(
+        tmp_path, run_id="failed", kernels=("6.12",), fleet_sizes=(4,), failed_trials=3
+    )
+    paths = report.write_report([failed], tmp_path / "failed-report")
+    assert paths.figures == {}
+    assert "No successful trial recorded these metrics." in paths.index_html.read_text()
+
+    run = make_run(tmp_path, run_id="stripped")
+    for table, drop in (
+        ("latency", ["vmas", "lower_bound"]),
+        ("trials", ["guest_memory_mib", "general_profit_mib", "ksmd_cpu_s"]),
+        ("ksm_samples", ["general_profit_bytes", "ksmd_cpu_s", "ts_ns"]),
+    ):
+        path = run / f"{table}.parquet"
+        pd.read_parquet(path).drop(columns=drop).to_parquet(path)
+    manifest = json.loads((run / "manifest.json").read_text())
+    del manifest["kernels"], manifest["host"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    paths = report.write_report([run], tmp_path / "stripped-report")
+    assert set(paths.figures) == {"ksm_timeline", "merge_rate", "latency_ecdf"}
+    html = paths.index_html.read_text()
+    assert "lower-bound proxy" in html  # derived from the method when the column is absent
+
+
+def test_report_is_a_pure_function_of_the_runs(run_dir: Path, tmp_path: Path) -> None:
+    first = report.write_report([run_dir], tmp_path / "one")
+    second = report.write_report([run_dir], tmp_path / "two")
+    for a in [first.index_html, first.summary_md, *first.figures.values(), *first.tables.values()]:
+        b = second.out_dir / a.name
+        assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def test_two_runs_in_one_report(tmp_path: Path) -> None:
+    a = make_run(tmp_path, run_id="a", kernels=("6.12",))
+    b = make_run(tmp_path, run_id="b", kernels=("7.3",), seed=1)
+    paths = report.write_report([a, b], tmp_path / "out")
+    html = paths.index_html.read_text()
+    assert "densitylab report: a, b" in html and "7.3 vs 6.12" in html
+    assert "not recorded in these runs" not in html
+
+
+def test_bad_input_is_a_usage_error_naming_the_file(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"manifest\.json"):
+        report.write_report([tmp_path], tmp_path / "out")
+    with pytest.raises(UsageError, match="no run directories"):
+        report.write_report([], tmp_path / "out")
+
+
+def test_manifest_text_is_escaped(tmp_path: Path) -> None:
+    run = make_run(tmp_path, warnings=("<script>alert(1)</script>",))
+    html = report.write_report([run], tmp_path / "out").index_html.read_text()
+    assert "<script>alert" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["warnings"] == ["<script>alert(1)</script>"]
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_only_the_report_module_imports_plotting_libraries() -> None:
+    offenders = {
+        p.name
+        for p in ORCHESTRATOR.glob("*.py")
+        if p.name != "report.py" and _imports(p) & {"seaborn", "matplotlib"}
+    }
+    assert not offenders
+    assert {"seaborn", "matplotlib"} <= _imports(ORCHESTRATOR / "report.py")
