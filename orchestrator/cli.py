@@ -94,7 +94,7 @@ def run(
 ) -> None:
     """Run an experiment: fleet, workload, KSM, samples, run store; prints a summary."""
     from orchestrator import runner
-    from orchestrator.progress import RichProgress, summary_table
+    from orchestrator.progress import RichProgress, latency_summary, summary_table
 
     progress = RichProgress(console)
     try:
@@ -103,6 +103,12 @@ def run(
     except DensitylabError as e:
         fail(e)
     out.print(summary_table(outcome.results))
+    lat = latency_summary(outcome.store.root)
+    if lat is not None:
+        out.print(lat)
+    for r in outcome.results:
+        if r.latency_notes:
+            out.print(f"{r.trial_id}: latency {r.latency_notes}", markup=False, highlight=False)
     for tid in outcome.skipped:
         out.print(f"skipped {tid}: finished in the resumed run")
     out.print(f"run directory: {outcome.store.root}")

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -336,6 +337,470 @@ def tracefs(state_dir: Path = STATE_DIR) -> Any:
             mnt.rmdir()
 
 
+# ---------------------------------------------------------------- latency collectors
+
+TRACE_INSTANCE_PREFIX = "densitylab-"
+KPROBE_GROUP_PREFIX = "densitylab_"
+# `comm-pid [cpu] flags ts: event: fields`; the flags column is absent with irq-info off.
+TRACE_LINE_RE = re.compile(
+    r"^\s*(?P<comm>.+?)-(?P<pid>\d+)\s+\[(?P<cpu>\d+)\]\s+(?:\S+\s+)?"
+    r"(?P<ts>\d+\.\d+):\s+(?P<event>\w+):\s*(?P<rest>.*)$"
+)
+FIELD_RE = re.compile(r"(\w+)=(\S+?),?(?=\s|$)")
+
+
+def parse_trace_line(line: str) -> dict[str, Any] | None:
+    """One tracefs text line -> {comm, pid, cpu, ts_ns, event, fields, rest}; None if not one."""
+    m = TRACE_LINE_RE.match(line)
+    if m is None:
+        return None
+    sec, _, frac = m.group("ts").partition(".")
+    ts_ns = int(sec) * 1_000_000_000 + int(frac.ljust(9, "0")[:9])
+    rest = m.group("rest")
+    return {
+        "comm": m.group("comm").strip(),
+        "pid": int(m.group("pid")),
+        "cpu": int(m.group("cpu")),
+        "ts_ns": ts_ns,
+        "event": m.group("event"),
+        "fields": dict(FIELD_RE.findall(rest)),
+        "rest": rest,
+    }
+
+
+class ProxyGrouper:
+    """rmap-walk spans from consecutive `migrate:set_migration_pte` events.
+
+    Migrating a page walks its reverse map and installs one migration entry per mapping;
+    every PTE of one walk gets the same entry value. The span from the first to the
+    last event of one entry is a lower bound of that walk's time (the walk began before
+    the first PTE and ends after the last). Pages mapped once give no span: skipped.
+    """
+
+    def __init__(self) -> None:
+        self.open: dict[int, dict[str, Any]] = {}  # per CPU: the group being collected
+
+    def feed(self, ev: dict[str, Any]) -> dict[str, Any] | None:
+        if ev["event"] != "set_migration_pte":
+            return None
+        pte = ev["fields"].get("pte")
+        cur = self.open.get(ev["cpu"])
+        if cur is not None and cur["pte"] == pte and cur["pid"] == ev["pid"]:
+            cur["last_ns"] = ev["ts_ns"]
+            cur["mappings"] += 1
+            return None
+        self.open[ev["cpu"]] = {
+            "pte": pte,
+            "pid": ev["pid"],
+            "comm": ev["comm"],
+            "first_ns": ev["ts_ns"],
+            "last_ns": ev["ts_ns"],
+            "mappings": 1,
+        }
+        return self.close(cur)
+
+    def flush(self) -> list[dict[str, Any]]:
+        out = [self.close(g) for g in self.open.values()]
+        self.open.clear()
+        return [s for s in out if s is not None]
+
+    @staticmethod
+    def close(g: dict[str, Any] | None) -> dict[str, Any] | None:
+        if g is None or g["mappings"] < 2:
+            return None
+        return {
+            "ts_ns": g["first_ns"],
+            "duration_ns": g["last_ns"] - g["first_ns"],
+            "method": "tracepoint-proxy",
+            "lower_bound": True,
+            "mappings": g["mappings"],
+            "pid": g["pid"],
+            "comm": g["comm"],
+        }
+
+
+class KprobePairer:
+    """rmap_walk_ksm durations from kprobe entry/return events paired per pid."""
+
+    def __init__(self, entry: str, ret: str) -> None:
+        self.entry, self.ret = entry, ret
+        self.started: dict[int, tuple[int, str]] = {}
+
+    def feed(self, ev: dict[str, Any]) -> dict[str, Any] | None:
+        if ev["event"] == self.entry:
+            self.started[ev["pid"]] = (ev["ts_ns"], ev["comm"])
+            return None
+        if ev["event"] != self.ret or ev["pid"] not in self.started:
+            return None
+        t0, comm = self.started.pop(ev["pid"])
+        caller = re.search(r"\((\S+?)\+", ev["rest"])
+        return {
+            "ts_ns": t0,
+            "duration_ns": ev["ts_ns"] - t0,
+            "method": "kprobe",
+            "lower_bound": False,
+            "pid": ev["pid"],
+            "comm": comm,
+            "caller": caller.group(1) if caller else None,
+        }
+
+    def flush(self) -> list[dict[str, Any]]:
+        return []
+
+
+class TraceInstance:
+    """A private tracefs instance (own buffer, own clock): global tracing is untouched."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.root = root
+        self.dir = root / "instances" / name
+        self.enabled: list[Path] = []
+
+    def __enter__(self) -> TraceInstance:
+        self.dir.mkdir()
+        # CLOCK_MONOTONIC, so trace timestamps line up with the samplers' ts_ns.
+        write_text(self.dir / "trace_clock", "mono")
+        write_text(self.dir / "buffer_size_kb", "8192")
+        return self
+
+    def enable(self, event: str) -> None:
+        path = self.dir / "events" / event / "enable"
+        write_text(path, "1")
+        self.enabled.append(path)
+
+    def __exit__(self, *exc: object) -> None:
+        for path in self.enabled:
+            with contextlib.suppress(AgentError):
+                write_text(path, "0")
+        remove_trace_instance(self.dir)
+
+
+def remove_trace_instance(path: Path) -> None:
+    """rmdir an instance; the kernel refuses while its trace_pipe is open, so retry."""
+    for _ in range(50):
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AgentError(f"{path}: cannot remove trace instance")
+
+
+def kprobe_definitions(group: str) -> list[str]:
+    return [f"p:{group}/rwk rmap_walk_ksm", f"r:{group}/rwkr rmap_walk_ksm"]
+
+
+def add_kprobes(root: Path, group: str) -> None:
+    with open(root / "kprobe_events", "a") as f:
+        for d in kprobe_definitions(group):
+            f.write(d + "\n")
+            f.flush()
+
+
+def remove_kprobes(root: Path, group: str) -> None:
+    """Remove our kprobe events (idempotent: absent events are fine)."""
+    path = root / "kprobe_events"
+    if not path.exists():
+        return
+    for name in ("rwk", "rwkr"):
+        with contextlib.suppress(OSError), open(path, "a") as f:
+            f.write(f"-:{group}/{name}\n")
+
+
+def stream_trace(pipe: Path, handle: Any, out: Any, should_stop: Any) -> None:
+    """Read trace_pipe until should_stop(); feed parsed events, write samples as JSON lines."""
+    fd = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)
+    buf = b""
+    try:
+        while True:
+            stopping = should_stop()
+            r, _, _ = select.select([fd], [], [], 0.2)
+            chunk = os.read(fd, 1 << 16) if r else b""
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                ev = parse_trace_line(raw.decode(errors="replace"))
+                sample = handle.feed(ev) if ev else None
+                if sample:
+                    out.write(json.dumps(sample) + "\n")
+            out.flush()
+            if stopping and not chunk:
+                break
+    finally:
+        os.close(fd)
+    for sample in handle.flush():
+        out.write(json.dumps(sample) + "\n")
+    out.flush()
+
+
+def run_collector(method: str, out: Path, tag: str, parent_pid: int | None = None) -> None:
+    """Collect rmap_walk_ksm latency samples with `method` until SIGTERM/SIGINT.
+
+    Everything it sets up (instance, kprobe events, our tracefs mount) is removed on
+    the way out, whatever ends it.
+    """
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda s, f: stopping.append(s))
+    signal.signal(signal.SIGINT, lambda s, f: stopping.append(s))
+
+    def should_stop() -> bool:
+        return bool(stopping) or (parent_pid is not None and not pid_alive(parent_pid))
+
+    if method == "bpf-fentry":
+        run_bpf_collector(out, should_stop)
+        return
+    with tracefs() as root, open(out, "a") as f:
+        group = KPROBE_GROUP_PREFIX + tag
+        try:
+            with TraceInstance(root, TRACE_INSTANCE_PREFIX + tag) as inst:
+                handle: Any
+                if method == "kprobe":
+                    add_kprobes(root, group)
+                    inst.enable(f"{group}/rwk")
+                    inst.enable(f"{group}/rwkr")
+                    handle = KprobePairer("rwk", "rwkr")
+                elif method == "tracepoint-proxy":
+                    inst.enable("migrate/set_migration_pte")
+                    handle = ProxyGrouper()
+                else:
+                    raise AgentError(f"unknown latency method {method!r}")
+                print("collector: ready", file=sys.stderr, flush=True)
+                stream_trace(inst.dir / "trace_pipe", handle, f, should_stop)
+        finally:
+            if method == "kprobe":
+                remove_kprobes(root, group)
+
+
+BPF_PROGRAM = """
+kfunc:rmap_walk_ksm { @start[tid] = nsecs; }
+kretfunc:rmap_walk_ksm /@start[tid]/ {
+  printf("%lld %lld %d %s\\n", @start[tid], nsecs - @start[tid], pid, comm);
+  delete(@start[tid]);
+}
+"""
+
+
+def run_bpf_collector(out: Path, should_stop: Any) -> None:
+    """bpftrace fentry/fexit; bpftrace's nsecs is CLOCK_MONOTONIC like our samplers."""
+    p = subprocess.Popen(
+        ["bpftrace", "-e", BPF_PROGRAM],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert p.stdout is not None
+    os.set_blocking(p.stdout.fileno(), False)
+    try:
+        with open(out, "a") as f:
+            print("collector: ready", file=sys.stderr, flush=True)
+            while not should_stop() and p.poll() is None:
+                select.select([p.stdout], [], [], 0.2)
+                for line in p.stdout.readlines():
+                    parts = line.split(maxsplit=3)
+                    if len(parts) == 4 and parts[0].isdigit():
+                        f.write(
+                            json.dumps(
+                                {
+                                    "ts_ns": int(parts[0]),
+                                    "duration_ns": int(parts[1]),
+                                    "method": "bpf-fentry",
+                                    "lower_bound": False,
+                                    "pid": int(parts[2]),
+                                    "comm": parts[3].strip(),
+                                }
+                            )
+                            + "\n"
+                        )
+                f.flush()
+    finally:
+        p.terminate()
+        p.wait(timeout=10)
+
+
+# ---------------------------------------------------------------- swap and reclaim
+
+
+def free_zram_device(sys_block: Path = Path("/sys/block")) -> str | None:
+    for d in sorted(sys_block.glob("zram*")):
+        if read_text(d / "disksize").strip() == "0":
+            return d.name
+    return None
+
+
+def swap_on(
+    kind: str, size_mib: int, saved_path: Path, swapfile_dir: Path = Path("/var/lib/densitylab")
+) -> str:
+    """Provide swap of size_mib (zram or a swap file); recorded in saved_path first."""
+    if kind == "zram":
+        dev = free_zram_device()
+        if dev is None:
+            raise AgentError("/sys/block: no unused zram device")
+        target = f"/dev/{dev}"
+        write_json_atomic(saved_path, {"kind": "zram", "device": target})
+        write_text(Path("/sys/block") / dev / "disksize", f"{size_mib}M")
+    elif kind == "swapfile":
+        swapfile_dir.mkdir(parents=True, exist_ok=True)
+        target = str(swapfile_dir / f"swap-{saved_path.stem}")
+        write_json_atomic(saved_path, {"kind": "swapfile", "device": target})
+        with open(target, "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, size_mib << 20)
+        os.chmod(target, 0o600)
+    else:
+        raise AgentError(f"unknown swap kind {kind!r}")
+    for argv in (["mkswap", target], ["swapon", "-p", "100", target]):
+        cp = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        if cp.returncode != 0:
+            raise AgentError(f"{' '.join(argv)}: {cp.stderr.strip()}")
+    return target
+
+
+def swap_off(saved_path: Path) -> list[str]:
+    """Undo swap_on: swapoff, reset zram or delete the file; returns errors."""
+    data = json.loads(read_text(saved_path))
+    target = data["device"]
+    errors = []
+    active = [ln.split()[0] for ln in read_text(PROC / "swaps").splitlines()[1:] if ln.strip()]
+    if target in active:
+        cp = subprocess.run(["swapoff", target], capture_output=True, text=True, timeout=600)
+        if cp.returncode != 0:
+            errors.append(f"swapoff {target}: {cp.stderr.strip()}")
+    if not errors:
+        if data["kind"] == "zram":
+            dev = Path("/sys/block") / Path(target).name
+            with contextlib.suppress(AgentError):
+                write_text(dev / "reset", "1")
+        else:
+            Path(target).unlink(missing_ok=True)
+        saved_path.unlink(missing_ok=True)
+    return errors
+
+
+def memory_cgroup_of(pid: int, mounts_text: str, proc: Path = PROC) -> Path:
+    """The memory cgroup folder of a process (v1 memory controller, or the v2 one)."""
+    v1 = {ln.split()[1]: ln for ln in mounts_text.splitlines() if " cgroup " in ln}
+    for line in read_text(proc / str(pid) / "cgroup").splitlines():
+        hid, ctrls, path = line.split(":", 2)
+        if "memory" in ctrls.split(","):
+            for mnt, mline in v1.items():
+                if "memory" in mline.split()[3].split(","):
+                    return Path(mnt) / path.lstrip("/")
+        if hid == "0":
+            v2 = cgroup2_root(mounts_text)
+            if v2 is not None and "memory" in read_text(v2 / "cgroup.controllers").split():
+                return v2 / path.lstrip("/").removesuffix("/emulator")
+    raise AgentError(f"{proc}/{pid}/cgroup: no memory cgroup")
+
+
+def memcg_usage_bytes(cg: Path) -> int:
+    for name in ("memory.usage_in_bytes", "memory.current"):
+        if (cg / name).exists():
+            return int(read_text(cg / name))
+    raise AgentError(f"{cg}: no memory usage file")
+
+
+def memcg_reclaim_v2(cg: Path, nbytes: int) -> bool:
+    """cgroup v2 proactive reclaim; False when the kernel could not reclaim it all."""
+    try:
+        write_text(cg / "memory.reclaim", str(nbytes))
+    except AgentError:
+        return False
+    return True
+
+
+def memcg_set_limit_v1(cg: Path, nbytes: int | str) -> None:
+    write_text(cg / "memory.limit_in_bytes", str(nbytes))
+
+
+def memcg_create(name: str, mounts_text: str) -> Path:
+    """A memory cgroup of our own (v2 if it has the memory controller, else v1)."""
+    v2 = cgroup2_root(mounts_text)
+    if v2 is not None and "memory" in read_text(v2 / "cgroup.controllers").split():
+        if "memory" not in read_text(v2 / "cgroup.subtree_control").split():
+            write_text(v2 / "cgroup.subtree_control", "+memory")
+        cg = v2 / name
+    else:
+        cg = Path("/sys/fs/cgroup/memory") / name
+    cg.mkdir(exist_ok=True)
+    return cg
+
+
+def memcg_add_pid(cg: Path, pid: int) -> None:
+    write_text(cg / "cgroup.procs", str(pid))
+
+
+def memcg_remove(cg: Path) -> None:
+    """rmdir a cgroup of ours once its processes are gone (retries while they exit)."""
+    for _ in range(100):
+        try:
+            cg.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AgentError(f"{cg}: cannot remove cgroup (processes still in it?)")
+
+
+MEMORY_BLOCKS = Path("/sys/devices/system/memory")
+PFN_MASK = (1 << 55) - 1
+
+
+def mergeable_ranges(pid: int, proc: Path = PROC) -> list[tuple[int, int]]:
+    """(start, end) of every MADV_MERGEABLE mapping of a process, from its smaps."""
+    ranges: list[tuple[int, int]] = []
+    current: tuple[int, int] | None = None
+    for line in read_text(proc / str(pid) / "smaps").splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:
+            lo, hi = head.split("-")
+            current = (int(lo, 16), int(hi, 16))
+        elif line.startswith("VmFlags:") and current and "mg" in line.split()[1:]:
+            ranges.append(current)
+    return ranges
+
+
+def memory_blocks_of(pids: Iterable[int], proc: Path = PROC) -> dict[int, int]:
+    """Memory block -> present mergeable pages of these processes in it (via pagemap)."""
+    block_bytes = int(read_text(MEMORY_BLOCKS / "block_size_bytes"), 16)
+    blocks: dict[int, int] = {}
+    for pid in pids:
+        with open(proc / str(pid) / "pagemap", "rb") as f:
+            for lo, hi in mergeable_ranges(pid, proc):
+                f.seek(lo // 4096 * 8)
+                data = f.read((hi - lo) // 4096 * 8)
+                for i in range(0, len(data), 8):
+                    entry = int.from_bytes(data[i : i + 8], "little")
+                    if entry >> 63:  # present
+                        b = (entry & PFN_MASK) * 4096 // block_bytes
+                        blocks[b] = blocks.get(b, 0) + 1
+    return blocks
+
+
+def offline_online_block(block: int, saved_path: Path) -> bool:
+    """Offline a memory block (the kernel migrates every page out of it) and online it
+    again. The block is recorded in saved_path while offline, for `clean`. Returns
+    False when the kernel refuses (unmovable pages in the block)."""
+    state = MEMORY_BLOCKS / f"memory{block}" / "state"
+    if read_text(state).strip() != "online":
+        return False
+    write_json_atomic(saved_path, {"block": block})
+    try:
+        write_text(state, "offline")
+    except AgentError:
+        saved_path.unlink(missing_ok=True)
+        return False
+    write_text(state, "online")
+    saved_path.unlink(missing_ok=True)
+    return True
+
+
+def compact_memory(proc: Path = PROC) -> None:
+    """Compact every zone now (blocks until done); it migrates KSM pages too."""
+    write_text(proc / "sys" / "vm" / "compact_memory", "1")
+
+
 # ---------------------------------------------------------------- capability probes
 
 
@@ -508,6 +973,11 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("ksm-apply", help="save KSM knobs to a file, then set them")
     a.add_argument("--saved", type=Path, required=True)
     a.add_argument("settings", nargs="+", metavar="KNOB=VALUE")
+    t = sub.add_parser("trace", help="collect rmap_walk_ksm latency samples until SIGTERM")
+    t.add_argument("--method", required=True, choices=["bpf-fentry", "kprobe", "tracepoint-proxy"])
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--tag", required=True, help="names our trace instance and kprobe group")
+    t.add_argument("--parent-pid", type=int, help="stop when this process is gone")
     r = sub.add_parser("ksm-restore", help="restore KSM knobs saved by ksm-apply")
     r.add_argument("--saved", type=Path, required=True)
     args = p.parse_args(argv)
@@ -517,6 +987,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "sample":
             pids = {k: int(v) for k, v in (x.split("=", 1) for x in args.pid)}
             run_sampler(pids, args.interval_s, args.out, args.stop_after_s, args.parent_pid)
+        elif args.cmd == "trace":
+            run_collector(args.method, args.out, args.tag, args.parent_pid)
         elif args.cmd == "ksm-apply":
             apply_ksm(dict(x.split("=", 1) for x in args.settings), args.saved)
         elif args.cmd == "ksm-restore":
@@ -556,6 +1028,36 @@ def kill_pid(pid: int) -> None:
         os.kill(pid, signal.SIGTERM)
 
 
+def clean_tracing(state_dir: Path = STATE_DIR) -> tuple[list[str], list[str]]:
+    """Remove trace instances and kprobe events a killed collector left."""
+    removed: list[str] = []
+    errors: list[str] = []
+    if "tracefs" not in read_text(PROC / "filesystems"):
+        return removed, errors
+    with tracefs(state_dir) as root:
+        for inst in sorted((root / "instances").glob(TRACE_INSTANCE_PREFIX + "*")):
+            with contextlib.suppress(OSError):
+                for enable in inst.glob("events/*/*/enable"):
+                    if enable.read_text().strip() == "1":
+                        enable.write_text("0")
+            try:
+                remove_trace_instance(inst)
+                removed.append(f"trace instance {inst.name}")
+            except AgentError as e:
+                errors.append(str(e))
+        kprobes = root / "kprobe_events"
+        groups = set()
+        if kprobes.exists():
+            for line in read_text(kprobes).splitlines():
+                m = re.match(r"^[pr]:(" + KPROBE_GROUP_PREFIX + r"\w+)/", line)
+                if m:
+                    groups.add(m.group(1))
+        for g in sorted(groups):
+            remove_kprobes(root, g)
+            removed.append(f"kprobe events {g}")
+    return removed, errors
+
+
 def clean_host_state(
     run_ids: Iterable[str] | None = None, state_dir: Path = STATE_DIR
 ) -> tuple[list[str], list[str]]:
@@ -571,6 +1073,32 @@ def clean_host_state(
         errors += errs
         if not errs:
             removed.append(f"KSM settings of run {run_id} (restored from {saved})")
+    for saved in sorted(state_dir.glob("swap-*.json")) if state_dir.exists() else []:
+        if wanted is None or saved.stem.removeprefix("swap-") in wanted:
+            errs = swap_off(saved)
+            errors += errs
+            if not errs:
+                removed.append(f"swap of run {saved.stem.removeprefix('swap-')}")
+    for saved in sorted(state_dir.glob("offline-*.json")) if state_dir.exists() else []:
+        block = json.loads(read_text(saved))["block"]
+        try:
+            write_text(MEMORY_BLOCKS / f"memory{block}" / "state", "online")
+            saved.unlink()
+            removed.append(f"memory block {block} back online")
+        except AgentError as err:
+            errors.append(str(err))
+    r, e = clean_tracing(state_dir)
+    removed += r
+    errors += e
+    for root in (Path("/sys/fs/cgroup/memory"), cgroup2_root(read_text(PROC / "self" / "mounts"))):
+        for cg in sorted(root.glob("densitylab-*")) if root and root.exists() else []:
+            for pid in read_text(cg / "cgroup.procs").split():
+                kill_pid(int(pid))
+            try:
+                memcg_remove(cg)
+                removed.append(f"cgroup {cg}")
+            except AgentError as err:
+                errors.append(str(err))
     mnt = state_dir / "tracefs"
     mounts = read_text(PROC / "self" / "mounts").splitlines()
     if any(ln.split()[1:3] == [str(mnt), "tracefs"] for ln in mounts):

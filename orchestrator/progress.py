@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
@@ -99,5 +101,34 @@ def summary_table(results: Sequence[TrialResult]) -> Table:
             fmt(r.general_profit_mib),
             fmt(r.ksmd_cpu_s, ".2f"),
             settle,
+        )
+    return t
+
+
+def latency_summary(run_dir: Path) -> Table | None:
+    """rmap_walk_ksm latency per trial, trigger and method, with the VMA precondition."""
+    path = run_dir / "latency.parquet"
+    if not path.exists():
+        return None
+    lat = pd.read_parquet(path)
+    if lat.empty:
+        return None
+    t = Table(title="rmap_walk_ksm latency (us)")
+    for c in ("trial", "trigger", "method", "walks", "p50", "p99", "max", "VMAs"):
+        t.add_column(c, justify="left" if c in ("trial", "trigger", "method") else "right")
+    keys = ["trial_id", "trigger", "method", "lower_bound"]
+    for (trial, trigger, method, lower), g in lat.groupby(keys, sort=True):
+        us = g.duration_ns / 1000
+        label = f"{method} (lower bound)" if lower else method
+        vmas = g.vmas.max()
+        t.add_row(
+            str(trial),
+            str(trigger),
+            label,
+            str(len(g)),
+            f"{us.quantile(0.5):.1f}",
+            f"{us.quantile(0.99):.1f}",
+            f"{us.max():.1f}",
+            "-" if pd.isna(vmas) else str(int(vmas)),
         )
     return t

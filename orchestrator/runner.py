@@ -18,10 +18,10 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from orchestrator import __version__, fleet, hostagent, images, plan, sampling, store
+from orchestrator import __version__, fleet, hostagent, images, plan, sampling, store, triggers
 from orchestrator.errors import DensitylabError, HostError, Interrupted, UsageError
 from orchestrator.interrupts import InterruptGuard
-from orchestrator.sampling import PhaseMark, Sampler, sharing_pages
+from orchestrator.sampling import Collector, PhaseMark, Sampler, sharing_pages
 from orchestrator.spec import Spec, check_fits_host, load_spec
 from orchestrator.workload import FillResult, PlayError, WorkloadDriver
 
@@ -78,6 +78,9 @@ class TrialResult:
     pages_sharing: int | None = None
     pages_shared: int | None = None
     ksmd_cpu_s: float | None = None
+    latency_method: str | None = None
+    latency_notes: str | None = None
+    walks: int | None = None
     started_ns: int = 0
     ended_ns: int = 0
 
@@ -98,7 +101,9 @@ class TrialState:
     events: list[dict[str, Any]] = field(default_factory=list)
     fills: list[FillResult] = field(default_factory=list)
     guests: list[fleet.Guest] = field(default_factory=list)
+    host_procs: list[triggers.HostProcess] = field(default_factory=list)
     sampler: Sampler | None = None
+    collector: Collector | None = None
 
     def event(self, phase: str, event: str, detail: str = "") -> None:
         ts = time.monotonic_ns()
@@ -260,6 +265,13 @@ def run_phases(ctx: RunContext, trial: plan.Trial, st: TrialState, res: TrialRes
         saved = ksm_saved_path(run_id)
         hostagent.apply_ksm({**spec.ksm, "run": 0}, saved)
         stack.callback(restore_ksm_or_raise, saved)
+        st.host_procs = triggers.start_host_workload(
+            spec.host_workload,
+            spec.workload_seed,
+            run_id,
+            stack,
+            ctx.store.trial_dir(trial.trial_id),
+        )
         fl = stack.enter_context(fleet.Fleet(ctx.conn, run_id, trial.trial_id, ctx.domain_type))
         phase("boot")
         token = run_id.rsplit("-", 1)[-1] + f"{int(time.time()) % 100000:05d}"
@@ -267,6 +279,7 @@ def run_phases(ctx: RunContext, trial: plan.Trial, st: TrialState, res: TrialRes
         st.guests = list(fl.guests)  # the fleet clears its own list at teardown
         fl.start_all()
         pids = {g.name: g.pid for g in fl.guests if g.pid is not None}
+        pids.update({f"host-dlfill-{i}": p.pid for i, p in enumerate(st.host_procs)})
         st.sampler = stack.enter_context(
             Sampler(
                 ctx.store.trial_dir(trial.trial_id) / "samples.jsonl",
@@ -311,11 +324,14 @@ def merge_phases(
         st.event("baseline", "settled" if b.settled else "timeout", f"{b.seconds:.1f}s")
     phase("fill")
     driver, st.fills = fill_guests(ctx, trial, st, stack, fl)
-    use_zero = (
-        str(spec.ksm.get("use_zero_pages", hostagent.read_ksm_knobs().get("use_zero_pages", "0")))
-        == "1"
+    knobs = hostagent.read_ksm_knobs()
+    mps = int(knobs.get("max_page_sharing", 256))
+    guest_pages = predicted_saving_pages(st.fills, knobs.get("use_zero_pages") == "1", mps)
+    # Host copies share every page with each other (dup 1.0, same seed).
+    host_pages = sum(h.done["dup_pages"] for h in st.host_procs[:1]) * merged_saving(
+        len(st.host_procs), mps
     )
-    res.predicted_saving_mib = predicted_saving_pages(st.fills, use_zero) / PAGES_PER_MIB
+    res.predicted_saving_mib = (guest_pages + host_pages) / PAGES_PER_MIB
     phase("merge")
     m = wait_settled(sampler, ctx.guard, spec, spec.phases.merge.timeout_s, on_sample)
     res.settled, res.settle_s = m.settled, m.seconds
@@ -327,11 +343,65 @@ def merge_phases(
         res.pages_sharing, res.pages_shared = k.get("pages_sharing"), k.get("pages_shared")
     phase("hold")
     hold(sampler, ctx.guard, spec.phases.hold.duration_s)
+    trigger_phases(ctx, st, res, fl, phase)
     if spec.phases.attribute.enabled and res.total_saving_mib is not None:
         attribute_saving(ctx, st, res, driver, phase, on_sample)
     elif res.total_saving_mib is not None:
         # Without the scramble, the best estimate subtracts the idle fleet's sharing.
         res.measured_saving_mib = res.total_saving_mib - res.baseline_saving_mib
+
+
+def trigger_phases(
+    ctx: RunContext, st: TrialState, res: TrialResult, fl: fleet.Fleet, phase: Callable[[str], None]
+) -> None:
+    """Migrate and reclaim while KSM pages exist, timing rmap_walk_ksm meanwhile.
+
+    Collector, swap and cgroup limits live on a stack of their own, so they are gone
+    before the attribute phase (and, on error, before the fleet is torn down)."""
+    p = ctx.spec.phases
+    wanted = [t for t, on in (("migrate", p.migrate.enabled), ("reclaim", p.reclaim.enabled)) if on]
+    if not wanted:
+        return
+    assert st.sampler is not None
+    plan_ = triggers.pick_latency(ctx.spec.latency.method, ctx.facts["tracing"]["value"], wanted)
+    res.latency_method = plan_.method
+    res.latency_notes = "; ".join(f"{t}: {n}" for t, n in plan_.notes.items()) or None
+    pids = [g.pid for g in fl.guests if g.pid] + [h.pid for h in st.host_procs]
+    with TeardownStack(ctx.guard) as stack:
+        if plan_.method is not None:
+            st.collector = stack.enter_context(
+                Collector(
+                    ctx.store.trial_dir(res.trial_id) / "latency.jsonl",
+                    plan_.method,
+                    ctx.store.run_id.replace("-", "_"),
+                )
+            )
+        for i in range(p.migrate.repeats if p.migrate.enabled else 0):
+            phase("migrate")
+            triggers.migrate_once(
+                p.migrate,
+                int(ctx.facts["numa"]["value"]),
+                pids,
+                i,
+                lambda e, d: st.event("migrate", e, d),
+                ctx.store.run_id,
+            )
+            hold(st.sampler, ctx.guard, p.migrate.settle_s)
+        if p.reclaim.enabled:
+            triggers.provide_swap(
+                p.reclaim, ctx.store.run_id, stack, lambda e, d: st.event("reclaim", e, d)
+            )
+            for _ in range(p.reclaim.repeats):
+                phase("reclaim")
+                triggers.reclaim_once(
+                    p.reclaim,
+                    str(ctx.facts["cgroup"]["value"]),
+                    pids,
+                    stack,
+                    lambda e, d: st.event("reclaim", e, d),
+                )
+                hold(st.sampler, ctx.guard, p.reclaim.settle_s)
+        phase("restore")
 
 
 def attribute_saving(
@@ -348,6 +418,7 @@ def attribute_saving(
     phase("attribute")
     with ctx.guard.deferred():
         driver.scramble()
+        triggers.scramble_host_workload(st.host_procs)
     ctx.guard.check()
     a = wait_settled(
         st.sampler, ctx.guard, ctx.spec, ctx.spec.phases.attribute.timeout_s, on_sample
@@ -424,14 +495,35 @@ def trial_tables(st: TrialState, res: TrialResult) -> dict[str, pd.DataFrame]:
     )
     events = pd.DataFrame(st.events, columns=["ts_ns", "t_s", "phase", "event", "detail"])
     events.insert(0, "trial_id", tid)
-    return {
+    procs = sampling.process_table(samples, tid, st.t0_ns, st.marks)
+    tables = {
         "trials": pd.DataFrame([asdict(res)]),
         "ksm_samples": sampling.ksm_table(samples, tid, st.t0_ns, st.marks),
         "vmstat_samples": sampling.vmstat_table(samples, tid, st.t0_ns, st.marks),
-        "process_samples": sampling.process_table(samples, tid, st.t0_ns, st.marks),
+        "process_samples": procs,
         "guests": guests,
         "events": events,
+        "phase_deltas": sampling.phase_deltas(samples, tid, st.marks),
     }
+    if st.collector is not None:
+        tables["latency"] = latency_table(st, res, procs)
+        res.walks = len(tables["latency"])
+        tables["trials"] = pd.DataFrame([asdict(res)])
+    return tables
+
+
+def latency_table(st: TrialState, res: TrialResult, procs: pd.DataFrame) -> pd.DataFrame:
+    """Latency samples labelled with their trigger, method, and the precondition beside
+    them: the most mergeable VMAs any sampled process had in that phase."""
+    assert st.collector is not None
+    lat = st.collector.samples()
+    lat.insert(0, "trial_id", res.trial_id)
+    lat.insert(1, "kernel", res.kernel)
+    lat.insert(2, "trigger", sampling.label_phases(lat["ts_ns"], st.marks) if len(lat) else [])
+    lat["t_s"] = (lat["ts_ns"] - st.t0_ns) / 1e9
+    vmas = procs.groupby("phase")["ram_vmas"].max() if len(procs) else pd.Series(dtype=int)
+    lat["vmas"] = lat["trigger"].map(vmas).astype("Int64")
+    return lat
 
 
 def finish_result(st: TrialState, res: TrialResult) -> None:

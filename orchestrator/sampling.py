@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator import hostagent, proc
+from orchestrator.errors import HostError
 
 AGENT = Path(hostagent.__file__).resolve()
 PAGE_SIZE = 4096
@@ -182,3 +184,86 @@ def sharing_pages(sample: Mapping[str, Any]) -> int:
     """Pages KSM saves: each sharing PTE, plus the zero pages mapped with use_zero_pages."""
     k = sample["ksm"]
     return int(k.get("pages_sharing", 0)) + int(k.get("ksm_zero_pages", 0))
+
+
+class Collector:
+    """The host agent's `trace` subcommand: rmap_walk_ksm latency samples to a file.
+
+    Waits for the collector's ready line before returning from enter, so that no walk
+    of the phase that follows is missed.
+    """
+
+    def __init__(self, out: Path, method: str, tag: str, ready_timeout_s: float = 60):
+        self.out = out
+        self.method = method
+        self.tag = tag
+        self.ready_timeout_s = ready_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Collector:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        err = self.out.with_suffix(".stderr")
+        argv = [
+            sys.executable,
+            str(AGENT),
+            "trace",
+            "--method",
+            self.method,
+            "--out",
+            str(self.out),
+            "--tag",
+            self.tag,
+            "--parent-pid",
+            str(os.getpid()),
+        ]
+        with open(err, "wb") as errf:
+            self.proc = proc.spawn_group(argv, stderr=errf.fileno())
+        deadline = time.monotonic() + self.ready_timeout_s
+        while b"collector: ready" not in err.read_bytes():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                proc.stop_group(self.proc)
+                raise HostError(
+                    f"latency collector ({self.method}) did not start: "
+                    f"{err.read_text(errors='replace').strip()[-300:]}"
+                )
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            rc = proc.stop_group(self.proc, grace_s=30)
+            self.proc = None
+            if rc not in (0, None) and exc[0] is None:
+                raise HostError(f"latency collector ({self.method}) exited {rc}")
+
+    def samples(self) -> pd.DataFrame:
+        cols = ["ts_ns", "duration_ns", "method", "lower_bound", "pid", "comm"]
+        if not self.out.exists() or self.out.stat().st_size == 0:
+            return pd.DataFrame(columns=cols)
+        return pd.read_json(self.out, lines=True, dtype={"comm": str})
+
+
+def phase_deltas(
+    samples: Sequence[Mapping[str, Any]], trial_id: str, marks: Sequence[PhaseMark]
+) -> pd.DataFrame:
+    """Per phase: the change of every vmstat counter and KSM counter across it (long form)."""
+    rows = []
+    if not samples or not marks:
+        return pd.DataFrame(columns=["trial_id", "phase", "counter", "delta"])
+    ts = pd.Series([s["ts_ns"] for s in samples])
+    phases = label_phases(ts, marks)
+    for phase in dict.fromkeys(phases):
+        idx = [i for i, p in enumerate(phases) if p == phase]
+        # From the last sample before the phase, so its first second is not lost.
+        first, last = samples[max(0, idx[0] - 1)], samples[idx[-1]]
+        for group in ("vmstat", "ksm"):
+            for k, v in last[group].items():
+                rows.append(
+                    {
+                        "trial_id": trial_id,
+                        "phase": phase,
+                        "counter": k,
+                        "delta": int(v) - int(first[group].get(k, v)),
+                    }
+                )
+    return pd.DataFrame(rows)

@@ -135,17 +135,71 @@ class Attribute(Strict):
     timeout_s: Annotated[float, Field(gt=0)] = 120
 
 
+class Migrate(Strict):
+    """Force page migration while KSM pages exist: moving the processes between NUMA
+    nodes (needs two nodes), offlining and onlining the memory blocks that hold their
+    mergeable pages (targeted, needs memory hotplug), or host-wide compaction (moves
+    only what lies below its scanners' meeting point). auto: numa, else compaction."""
+
+    enabled: bool = False
+    method: Literal["auto", "compaction", "numa", "offline"] = "auto"
+    repeats: Annotated[int, Field(ge=1)] = 3
+    settle_s: Annotated[float, Field(ge=0)] = 2
+
+
+class Reclaim(Strict):
+    """Force reclaim of the cgroup that owns the KSM pages, with swap the tool provides.
+
+    `memory.reclaim` (cgroup v2) asks the kernel for `reclaim_mib`; on cgroup v1 the
+    owner's limit is stepped down through `v1_limit_steps_mib` (one big step fails
+    with EBUSY), then restored."""
+
+    enabled: bool = False
+    method: Literal["auto", "memory.reclaim", "v1-limit-steps"] = "auto"
+    swap: Literal["zram", "swapfile"] = "zram"
+    swap_mib: Annotated[int, Field(gt=0)] = 2048
+    reclaim_mib: Annotated[int, Field(gt=0)] = 128
+    v1_limit_steps_mib: list[PositiveInt] = [150, 60]
+    repeats: Annotated[int, Field(ge=1)] = 1
+    settle_s: Annotated[float, Field(ge=0)] = 2
+
+    @field_validator("v1_limit_steps_mib")
+    @classmethod
+    def _descending(cls, v: list[int]) -> list[int]:
+        if not v or v != sorted(v, reverse=True):
+            raise ValueError("give at least one step, in descending order")
+        return v
+
+
 class Phases(Strict):
     boot: Boot = Boot()
     baseline: Baseline = Baseline()
     fill: Fill = Fill()
     merge: Merge = Merge()
     hold: Hold = Hold()
+    migrate: Migrate = Migrate()
+    reclaim: Reclaim = Reclaim()
     attribute: Attribute = Attribute()
 
 
 class Sampling(Strict):
     interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+
+
+class Latency(Strict):
+    """How rmap_walk_ksm is timed during migrate/reclaim; auto takes the best the host
+    allows (bpf-fentry, kprobe, then the tracepoint proxy: a lower bound)."""
+
+    method: Literal["auto", "bpf-fentry", "kprobe", "tracepoint-proxy", "none"] = "auto"
+
+
+class HostWorkload(Strict):
+    """dlfill processes on the host itself: the fragmented mergeable memory whose KSM
+    pages make the old rmap_walk_ksm walk every VMA of one anon_vma."""
+
+    copies: Annotated[int, Field(ge=0)] = 0
+    mib: PositiveInt = 64
+    fragment_vmas: Annotated[int, Field(ge=0)] = 2000
 
 
 class Spec(Strict):
@@ -158,6 +212,8 @@ class Spec(Strict):
     ksm: dict[str, KnobValue] = {"pages_to_scan": 2000, "sleep_millisecs": 20}
     phases: Phases = Phases()
     sampling: Sampling = Sampling()
+    latency: Latency = Latency()
+    host_workload: HostWorkload = HostWorkload()
     repeats: PositiveInt = 1
     seed: int = 1
     host_reserve_mib: Annotated[int, Field(ge=0)] = 2048

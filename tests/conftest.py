@@ -65,3 +65,21 @@ def host_untouched(lab: None) -> Iterator[dict[str, str]]:
     assert not list(hostagent.STATE_DIR.glob("ksm-*.json")), "saved KSM state left behind"
     overlays = list(fleet.OVERLAY_ROOT.iterdir()) if fleet.OVERLAY_ROOT.exists() else []
     assert overlays == [], "overlays left behind"
+    assert_no_tool_state()
+
+
+def assert_no_tool_state() -> None:
+    """No swap, trace instance, kprobe event, cgroup or mount densitylab made is left."""
+    from orchestrator import hostagent
+
+    assert Path("/proc/swaps").read_text().count("\n") == 1, "swap left on"
+    assert not list(hostagent.STATE_DIR.glob("swap-*.json")), "swap state left behind"
+    for z in Path("/sys/block").glob("zram*"):
+        assert (z / "disksize").read_text().strip() == "0", f"{z} not reset"
+    assert not list(Path("/sys/fs/cgroup/memory").glob("densitylab-*")), "cgroup left behind"
+    mounts = Path("/proc/self/mounts").read_text()
+    assert str(hostagent.STATE_DIR / "tracefs") not in mounts, "our tracefs left mounted"
+    for root in {hostagent.tracefs_mountpoint(mounts)} - {None}:
+        assert not list((root / "instances").glob("densitylab-*")), "trace instance left"
+        kp = root / "kprobe_events"
+        assert not kp.exists() or "densitylab_" not in kp.read_text(), "kprobes left"

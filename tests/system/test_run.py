@@ -190,3 +190,30 @@ def test_sigkill_then_clean_restores_the_host(tiny_image, tmp_path: Path, host_u
     assert hostagent.read_ksm_knobs() == before
     cp = densitylab("clean", timeout=180)
     assert cp.returncode == 0 and "nothing to clean" in cp.stdout
+
+
+def test_reclaim_and_migrate_with_latency(tiny_image, tmp_path: Path, host_untouched) -> None:
+    from orchestrator import hostagent
+
+    probed = hostagent.probe_tracing(check_bpf=False)["value"]
+    if not probed:
+        pytest.skip("no tracing method on this host")
+    cp = densitylab("run", "experiments/reclaim-migrate.yaml", "--results", str(tmp_path))
+    assert cp.returncode == 0, cp.stderr
+    run = only_run_dir(tmp_path)
+    t = pd.read_parquet(run / "trials.parquet").iloc[0]
+    lat = pd.read_parquet(run / "latency.parquet")
+    mig = lat[lat.trigger == "migrate"]
+    assert len(mig) > 1000, len(mig)
+    assert (mig.vmas >= 2000).all(), "the precondition (VMAs) stands beside each sample"
+    if t.latency_method == "tracepoint-proxy":
+        assert mig.lower_bound.all() and (mig.method == "tracepoint-proxy").all()
+        assert "reclaim: unavailable here" in t.latency_notes
+        assert "lower bound" in cp.stdout
+    deltas = pd.read_parquet(run / "phase_deltas.parquet")
+    reclaim = deltas[deltas.phase == "reclaim"].set_index("counter").delta
+    assert reclaim["pswpout"] > 0
+    assert reclaim["pages_sharing"] < 0, "reclaiming the KSM owner unshares pages"
+    migrate = deltas[deltas.phase == "migrate"].set_index("counter").delta
+    assert migrate["pgmigrate_success"] > 0
+    assert t.measured_saving_mib == pytest.approx(t.predicted_saving_mib, rel=0.10)

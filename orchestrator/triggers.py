@@ -1,0 +1,266 @@
+"""Reclaim and migration triggers, host-side workloads, and the latency method choice.
+
+Everything here acts through the host agent (cgroups, swap, compaction) or plain
+processes (dlfill, migratepages); each step registers its undo on the caller's stack.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator import hostagent, proc
+from orchestrator.errors import HostError
+from orchestrator.spec import HostWorkload, Migrate, Reclaim
+
+log = logging.getLogger(__name__)
+
+DLFILL = Path(__file__).resolve().parent.parent / "images" / "workload" / "dlfill"
+MIB = 1 << 20
+EventFn = Callable[[str, str], None]  # (event, detail)
+
+
+# ---------------------------------------------------------------- latency method
+
+
+@dataclass(frozen=True)
+class LatencyPlan:
+    """Which collector runs, and why some trigger has no latency figure."""
+
+    method: str | None
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def covers(self, trigger: str) -> bool:
+        return self.method is not None and trigger not in self.notes
+
+
+def pick_latency(requested: str, probed: list[str], triggers: list[str]) -> LatencyPlan:
+    """The best method the host allows (or the one asked for), with what it cannot cover."""
+    if requested == "none" or not triggers:
+        return LatencyPlan(None, {t: "latency not requested" for t in triggers})
+    if requested != "auto" and requested not in probed:
+        raise HostError(
+            f"latency.method: {requested} is not available here "
+            f"(available: {', '.join(probed) or 'none'})"
+        )
+    method = requested if requested != "auto" else (probed[0] if probed else None)
+    if method is None:
+        return LatencyPlan(None, {t: "no tracing method on this host" for t in triggers})
+    notes = {}
+    if method == "tracepoint-proxy" and "reclaim" in triggers:
+        notes["reclaim"] = (
+            "unavailable here: the tracepoint proxy sees migration only "
+            "(needs kprobes or BPF fentry on rmap_walk_ksm)"
+        )
+    return LatencyPlan(method, notes)
+
+
+# ---------------------------------------------------------------- host workload
+
+
+@dataclass
+class HostProcess:
+    pid: int
+    popen: subprocess.Popen[bytes]
+    done: dict[str, Any]
+    out: Path
+
+
+def scramble_host_workload(procs: list[HostProcess], timeout_s: float = 120) -> None:
+    """SIGUSR1 each host dlfill (its pages become unique) and wait for its confirmation."""
+    before = {p.pid: p.out.read_text().count("DLFILL SCRAMBLED") for p in procs}
+    for p in procs:
+        p.popen.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        while p.out.read_text().count("DLFILL SCRAMBLED") <= before[p.pid]:
+            if time.monotonic() > deadline or p.popen.poll() is not None:
+                raise HostError(f"host dlfill {p.pid} did not confirm the scramble")
+            time.sleep(0.05)
+
+
+def start_host_workload(
+    w: HostWorkload, seed: int, run_id: str, stack: ExitStack, out_dir: Path, timeout_s: float = 120
+) -> list[HostProcess]:
+    """Start `copies` dlfill processes (same seed, so their pages merge across them),
+    fragmented into fragment_vmas VMAs, in a memory cgroup of ours."""
+    if w.copies == 0:
+        return []
+    if not DLFILL.exists():
+        raise HostError(f"{DLFILL} missing: run 'make images'")
+    mounts = hostagent.read_text(hostagent.PROC / "self" / "mounts")
+    cg = hostagent.memcg_create(f"densitylab-{run_id}", mounts)
+    stack.callback(hostagent.memcg_remove, cg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i in range(w.copies):
+        out = out_dir / f"host-dlfill-{i}.out"
+        with open(out, "wb") as f:
+            p = proc.spawn_group(
+                [
+                    DLFILL,
+                    "--mib",
+                    str(w.mib),
+                    "--dup",
+                    "1",
+                    "--mergeable",
+                    "--fragment",
+                    str(w.fragment_vmas),
+                    "--seed",
+                    str(seed),
+                    "--instance",
+                    str(i),
+                    "--hold",
+                ],
+                stdout=f.fileno(),
+            )
+        stack.callback(proc.stop_group, p)
+        hostagent.memcg_add_pid(cg, p.pid)
+        procs.append(HostProcess(p.pid, p, wait_done(out, p, timeout_s), out))
+    return procs
+
+
+def wait_done(out: Path, p: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in out.read_text().splitlines():
+            if line.startswith("DLFILL DONE "):
+                return dict(json.loads(line.removeprefix("DLFILL DONE ")))
+        if p.poll() is not None:
+            raise HostError(f"host dlfill exited {p.returncode} before filling")
+        time.sleep(0.05)
+    raise HostError(f"host dlfill not done within {timeout_s:.0f}s")
+
+
+# ---------------------------------------------------------------- migration
+
+
+def migrate_once(
+    cfg: Migrate, numa_nodes: int, pids: list[int], repeat: int, event: EventFn, run_id: str
+) -> None:
+    """One migration pass: NUMA migrate_pages between nodes, memory-block offline/online
+    of the blocks holding the mergeable memory, or host-wide compaction."""
+    method = cfg.method if cfg.method != "auto" else ("numa" if numa_nodes >= 2 else "compaction")
+    if method == "offline":
+        offline_blocks(pids, run_id, event)
+    elif method == "numa":
+        if numa_nodes < 2:
+            raise HostError("phases.migrate.method: numa needs two NUMA nodes, host has one")
+        src, dst = (0, 1) if repeat % 2 == 0 else (1, 0)
+        for pid in pids:
+            proc.run(["migratepages", str(pid), str(src), str(dst)], timeout_s=600)
+        event("migrated", f"numa {src}->{dst} for {len(pids)} processes")
+    else:
+        t0 = time.monotonic()
+        hostagent.compact_memory()
+        event("compacted", f"{time.monotonic() - t0:.2f}s")
+
+
+def offline_blocks(pids: list[int], run_id: str, event: EventFn) -> None:
+    """Migrate exactly the pages of interest: offline (then online) each memory block
+    holding mergeable pages of these processes. Compaction only moves what lies below
+    its scanners' meeting point, so on a compacted host it may move nothing of ours."""
+    blocks = hostagent.memory_blocks_of(pids)
+    saved = hostagent.STATE_DIR / f"offline-{run_id}.json"
+    t0 = time.monotonic()
+    done = [b for b in sorted(blocks) if hostagent.offline_online_block(b, saved)]
+    refused = len(blocks) - len(done)
+    if not done:
+        raise HostError(
+            "phases.migrate.method: offline: the kernel refused to offline every "
+            f"memory block holding our pages ({len(blocks)} blocks)"
+        )
+    event(
+        "offlined",
+        f"{len(done)} memory blocks in {time.monotonic() - t0:.2f}s"
+        + (f", {refused} refused (unmovable pages)" if refused else ""),
+    )
+
+
+# ---------------------------------------------------------------- reclaim
+
+
+def memory_cgroups(pids: list[int]) -> list[Path]:
+    """The memory cgroups holding mergeable memory, largest usage first.
+
+    A KSM page stays charged to the cgroup of the page KSM kept, which for pages merged
+    across guests can be any of them: each cgroup is reclaimed in turn."""
+    mounts = hostagent.read_text(hostagent.PROC / "self" / "mounts")
+    cgs = {hostagent.memory_cgroup_of(pid, mounts) for pid in pids}
+    if not cgs:
+        raise HostError("no process to reclaim from")
+    return sorted(cgs, key=hostagent.memcg_usage_bytes, reverse=True)
+
+
+def provide_swap(cfg: Reclaim, run_id: str, stack: ExitStack, event: EventFn) -> None:
+    saved = hostagent.STATE_DIR / f"swap-{run_id}.json"
+    try:
+        dev = hostagent.swap_on(cfg.swap, cfg.swap_mib, saved)
+    except hostagent.AgentError as e:
+        if saved.exists():
+            hostagent.swap_off(saved)
+        raise HostError(f"phases.reclaim.swap: {e}") from e
+
+    def off() -> None:
+        errors = hostagent.swap_off(saved)
+        if errors:
+            raise HostError("; ".join(errors))
+
+    stack.callback(off)
+    event("swap-on", f"{cfg.swap} {dev} {cfg.swap_mib} MiB")
+
+
+V1_STEP_TRIES = 5
+
+
+def reclaim_once(
+    cfg: Reclaim, cgroup_kind: str, pids: list[int], stack: ExitStack, event: EventFn
+) -> None:
+    """Reclaim from every cgroup holding mergeable memory: v2 memory.reclaim, or v1
+    limits stepped down (and put back)."""
+    for cg in memory_cgroups(pids):
+        method = cfg.method
+        if method == "auto":
+            method = "memory.reclaim" if (cg / "memory.reclaim").exists() else "v1-limit-steps"
+        if method == "memory.reclaim":
+            reclaim_v2(cg, cfg, cgroup_kind, event)
+        else:
+            reclaim_v1_steps(cg, cfg, stack, event)
+
+
+def reclaim_v2(cg: Path, cfg: Reclaim, cgroup_kind: str, event: EventFn) -> None:
+    if not (cg / "memory.reclaim").exists():
+        raise HostError(
+            f"phases.reclaim.method: {cg}/memory.reclaim does not exist here (cgroup {cgroup_kind})"
+        )
+    ok = hostagent.memcg_reclaim_v2(cg, cfg.reclaim_mib * MIB)
+    event(
+        "reclaimed",
+        f"{cg.name} memory.reclaim {cfg.reclaim_mib} MiB ({'all' if ok else 'partly (EAGAIN)'})",
+    )
+
+
+def reclaim_v1_steps(cg: Path, cfg: Reclaim, stack: ExitStack, event: EventFn) -> None:
+    """Step the v1 limit down. The kernel gives up a step with EBUSY when it cannot
+    reclaim enough in one go; each retry reclaims more, so a step is tried a few times."""
+    original = hostagent.read_text(cg / "memory.limit_in_bytes").strip()
+    stack.callback(hostagent.memcg_set_limit_v1, cg, original)
+    for step in cfg.v1_limit_steps_mib:
+        for attempt in range(1, V1_STEP_TRIES + 1):
+            try:
+                hostagent.memcg_set_limit_v1(cg, step * MIB)
+                event("limit-step", f"{cg.name} {step} MiB (try {attempt})")
+                break
+            except hostagent.AgentError as e:
+                if attempt == V1_STEP_TRIES:
+                    event("limit-step-failed", f"{cg.name} {step} MiB: {e}")
+    hostagent.memcg_set_limit_v1(cg, original)
+    event("limit-restored", cg.name)
