@@ -1131,7 +1131,7 @@ def _mismatch_warnings(manifests: Sequence[dict[str, Any]]) -> list[str]:
         "host kernel": lambda m: (
             m.get("kernel_release") or (m.get("host") or {}).get("kernel_release")
         ),
-        "accelerator": lambda m: (m.get("host") or {}).get("accel"),
+        "accelerator": lambda m: m.get("accel") or (m.get("host") or {}).get("accel"),
         "densitylab version": lambda m: m.get("densitylab_version"),
         "spec (spec_sha256)": lambda m: m.get("spec_sha256"),
     }

@@ -65,6 +65,9 @@ def host_ram_from_manifests(manifests: Sequence[dict[str, Any]]) -> float | None
     """The host RAM in GiB from the first manifest whose host facts carry it, else None."""
     for manifest in manifests:
         host = manifest.get("host") or {}
+        memory = host.get("memory")
+        if isinstance(memory, dict) and isinstance(memory.get("value"), int | float):
+            return float(memory["value"]) / 1024  # the doctor's fact: MemTotal in MiB
         for key, scale in HOST_RAM_KEYS.items():
             if isinstance(host.get(key), int | float) and host[key] > 0:
                 return float(host[key]) * scale

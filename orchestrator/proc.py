@@ -6,7 +6,7 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from orchestrator.errors import CommandError
@@ -62,8 +62,12 @@ def spawn_group(
     stderr: int | None = None,
     cwd: str | Path | None = None,
     env: Mapping[str, str] | None = None,
+    preexec: Callable[[], None] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start a long-lived helper in its own process group, so stop_group can end it whole."""
+    """Start a long-lived helper in its own process group, so stop_group can end it whole.
+
+    preexec runs in the child just before exec (e.g. to join a cgroup before the
+    program touches any memory)."""
     return subprocess.Popen(
         [os.fspath(a) for a in argv],
         stdin=subprocess.DEVNULL,
@@ -72,6 +76,7 @@ def spawn_group(
         cwd=cwd,
         env=dict(env) if env is not None else None,
         start_new_session=True,
+        preexec_fn=preexec,
     )
 
 

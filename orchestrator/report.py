@@ -393,7 +393,7 @@ def runs_display(manifests: Sequence[dict[str, Any]]) -> pd.DataFrame:
                 "densitylab": m.get("densitylab_version"),
                 "git commit": m.get("git_commit"),
                 "host kernel": m.get("kernel_release") or host.get("kernel_release"),
-                "accel": host.get("accel"),
+                "accel": m.get("accel") or host.get("accel"),
                 "QEMU": m.get("qemu_version"),
                 "libvirt": m.get("libvirt_version"),
                 "seed": m.get("seed"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import time
@@ -121,9 +122,11 @@ def start_host_workload(
                     "--hold",
                 ],
                 stdout=f.fileno(),
+                # Join the cgroup before exec: memory is charged where it is first
+                # touched, and moving a process later does not move its charge (v1).
+                preexec=lambda: hostagent.memcg_add_pid(cg, os.getpid()),
             )
         stack.callback(proc.stop_group, p)
-        hostagent.memcg_add_pid(cg, p.pid)
         procs.append(HostProcess(p.pid, p, wait_done(out, p, timeout_s), out))
     return procs
 
