@@ -74,3 +74,10 @@ bench: setup images
 	@started=$$(scripts/labd start | grep -c '^labd: running' || true); \
 	$(PY) bench/fleet_start.py; rc=$$?; \
 	[ "$$started" = 1 ] && scripts/labd stop >/dev/null; exit $$rc
+
+# The lab-host image (Debian trixie rootfs + the 6.12 and 7.x kernels under test) for
+# kernel A/B runs; needs deb.debian.org. A cache hit takes ~2 s, a build ~1-2 min.
+.PHONY: lab-images
+lab-images: setup
+	@scripts/apt-ensure mmdebstrap e2fsprogs debian-archive-keyring qemu-utils zstd
+	$(PY) -m orchestrator.labimage

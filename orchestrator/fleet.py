@@ -125,7 +125,8 @@ def domain_xml(spec: GuestSpec, *, run_id: str, trial_id: str, domain_type: str)
 def create_overlay(backing: Path, overlay: Path) -> None:
     """A qcow2 overlay on a shared, read-only backing file (one per guest and boot)."""
     overlay.parent.mkdir(parents=True, exist_ok=True)
-    fmt = "qcow2" if backing.read_bytes()[:4] == b"QFI\xfb" else "raw"
+    with open(backing, "rb") as f:  # the magic only: backing files can be GiBs
+        fmt = "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
     proc.run(
         ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(backing), str(overlay)],
         timeout_s=60,

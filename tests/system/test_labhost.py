@@ -1,0 +1,383 @@
+"""Lab-host VMs: each kernel under test boots the lab image under TCG with two NUMA
+nodes, cgroup v2 memcg and working kprobes on rmap_walk_ksm; KSM pages migrated between
+the nodes give real rmap_walk_ksm entry/return samples.
+
+Plain qemu-system-x86_64 (no libvirt): TCG, 2 vCPUs, 4 GiB in two NUMA cells, a qcow2
+overlay per boot, direct kernel boot, qemu-ga on a unix socket. The image comes from
+`make lab-images` (a cache hit here takes ~2 s; a build ~1-2 min with network access).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import re
+import shutil
+import socket
+import statistics
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from orchestrator import kernels, labimage
+from orchestrator.errors import HostError
+from orchestrator.images import REPO_ROOT, build_dlfill
+from orchestrator.proc import run, spawn_group, stop_group
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+
+READY_TIMEOUT_S = 120.0
+MERGE_TIMEOUT_S = 180.0
+FILE_CHUNK_BYTES = 192 * 1024
+# Two dlfill instances with one seed: their dup pages merge pairwise across the two
+# processes (never within one). --fragment splits each region into 2000 VMAs sharing one
+# anon_vma: the shape where the old rmap_walk_ksm walks the whole interval tree.
+DLFILL_MIB = 16
+DLFILL_PAGES = DLFILL_MIB * 256
+FRAGMENT_VMAS = 2000
+
+
+class Agent:
+    """A minimal qemu-ga client over QEMU's unix socket: one JSON document per line."""
+
+    def __init__(self, path: Path, timeout_s: float = 60.0):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout_s)
+        self.sock.connect(str(path))
+        self.reader = self.sock.makefile("rb")
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+    def send(self, execute: str, **arguments: object) -> None:
+        msg: dict[str, object] = {"execute": execute}
+        if arguments:
+            msg["arguments"] = arguments
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+
+    def sync(self) -> None:
+        """guest-sync with a fresh id; replies to earlier requests (stale) are skipped."""
+        sync_id = random.randrange(1, 2**31)
+        self.send("guest-sync", id=sync_id)
+        while json.loads(self.reader.readline()).get("return") != sync_id:
+            pass
+
+    def call(self, execute: str, **arguments: object) -> object:
+        self.send(execute, **arguments)
+        reply = json.loads(self.reader.readline())
+        assert "return" in reply, reply
+        return reply["return"]
+
+    def exec_sh(self, script: str, timeout_s: float = 60.0) -> tuple[int, str, str]:
+        """guest-exec /bin/sh -c script; returns (exit code, stdout, stderr)."""
+        started = self.call(
+            "guest-exec", path="/bin/sh", arg=["-c", script], **{"capture-output": True}
+        )
+        assert isinstance(started, dict)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.call("guest-exec-status", pid=started["pid"])
+            assert isinstance(status, dict)
+            if status["exited"]:
+                out = base64.b64decode(status.get("out-data", "")).decode(errors="replace")
+                err = base64.b64decode(status.get("err-data", "")).decode(errors="replace")
+                return int(status.get("exitcode", -1)), out, err
+            time.sleep(0.05)
+        pytest.fail(f"guest-exec {script!r} did not finish in {timeout_s} s")
+
+    def ok(self, script: str, timeout_s: float = 60.0) -> str:
+        rc, out, err = self.exec_sh(script, timeout_s)
+        assert rc == 0, f"{script!r} exited {rc}: {err.strip() or out.strip()}"
+        return out
+
+    def push(self, data: bytes, path: str, mode: int = 0o644) -> None:
+        """Write a file into the guest (guest-file-*), then chmod it."""
+        handle = self.call("guest-file-open", path=path, mode="w")
+        try:
+            for i in range(0, len(data), FILE_CHUNK_BYTES):
+                chunk = base64.b64encode(data[i : i + FILE_CHUNK_BYTES]).decode()
+                self.call("guest-file-write", handle=handle, **{"buf-b64": chunk})
+        finally:
+            self.call("guest-file-close", handle=handle)
+        self.ok(f"chmod {mode:o} {path}")
+
+
+@dataclass
+class Boot:
+    kernel: labimage.LabKernel
+    console: Path
+    agent: Agent
+    ready_s: float
+
+
+def wait_for_marker(console: Path, marker: str, timeout_s: float) -> float:
+    """Seconds until marker shows on the console; fails on an error marker or timeout."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        text = console.read_text(errors="replace")
+        if marker in text:
+            return time.monotonic() - t0
+        if "DENSITYLAB: error" in text or "Kernel panic" in text:
+            pytest.fail(f"lab host failed before {marker!r}:\n{text[-3000:]}")
+        time.sleep(0.1)
+    pytest.fail(f"no {marker!r} within {timeout_s} s:\n{console.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def image() -> labimage.LabImage:
+    for tool in ("mmdebstrap", "mkfs.ext4", "qemu-system-x86_64", "qemu-img"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} not found")
+    try:
+        return labimage.build_lab_image()
+    except HostError as e:
+        pytest.skip(f"host cannot build the lab image: {e}")
+
+
+@pytest.fixture(scope="module")
+def dlfill(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    if shutil.which("gcc") is None:
+        pytest.skip("gcc not found: cannot build dlfill")
+    return build_dlfill(tmp_path_factory.mktemp("dlfill")).read_bytes()
+
+
+@pytest.fixture(scope="module", params=labimage.DEFAULT_KERNELS)
+def booted(
+    request: pytest.FixtureRequest,
+    image: labimage.LabImage,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Boot]:
+    """One lab host per kernel (shared by that kernel's tests); always killed, overlay
+    always deleted."""
+    kernel = image.kernel(request.param)
+    tmp = tmp_path_factory.mktemp(f"labhost-{kernel.label}")
+    console, overlay = tmp / "console.log", tmp / "overlay.qcow2"
+    plan = labimage.BootPlan(image, kernel, overlay, tmp / "qga.sock")
+    labimage.create_overlay(image.rootfs, overlay)
+    try:
+        with console.open("wb") as log:
+            qemu = spawn_group(labimage.qemu_argv(plan), stdout=log.fileno(), stderr=log.fileno())
+        try:
+            ready_s = wait_for_marker(console, "DENSITYLAB: ready", READY_TIMEOUT_S)
+            agent = Agent(plan.agent_socket)
+            try:
+                agent.sync()
+                print(f"\nLABHOST {kernel.label} {kernel.release}: ready in {ready_s:.1f} s")
+                yield Boot(kernel, console, agent, ready_s)
+            finally:
+                agent.close()
+        finally:
+            stop_group(qemu)
+    finally:
+        overlay.unlink(missing_ok=True)
+
+
+def test_boots_the_kernel_with_two_nodes_memcg_and_tracefs(booted: Boot) -> None:
+    a = booted.agent
+    assert "DENSITYLAB: boot ok" in booted.console.read_text(errors="replace")
+    assert a.ok("uname -r").strip() == booted.kernel.release
+    nodes = a.ok("ls /sys/devices/system/node").split()
+    assert {"node0", "node1"} <= set(nodes), nodes
+    assert "memory" in a.ok("cat /sys/fs/cgroup/cgroup.controllers").split()
+    assert "memory" in a.ok("cat /sys/fs/cgroup/cgroup.subtree_control").split()
+    assert a.ok("cat /sys/kernel/security/lockdown 2>/dev/null || echo none").find("[none]") >= 0
+    assert a.ok("test -b /dev/zram0 && echo zram").strip() == "zram"
+    assert a.ok("cat /sys/kernel/mm/ksm/run").strip() in ("0", "1")
+
+
+def test_kprobes_on_rmap_walk_ksm_can_be_added_and_removed(booted: Boot) -> None:
+    a = booted.agent
+    a.ok("grep -qw rmap_walk_ksm /sys/kernel/tracing/available_filter_functions")
+    a.ok(
+        "cd /sys/kernel/tracing && echo 'p:dlt/rwk rmap_walk_ksm' >> kprobe_events"
+        " && echo 'r:dlt/rwkr rmap_walk_ksm' >> kprobe_events"
+    )
+    try:
+        events = a.ok("cat /sys/kernel/tracing/kprobe_events")
+        assert "p:dlt/rwk rmap_walk_ksm" in events, events
+        assert re.search(r"^r\d*:dlt/rwkr rmap_walk_ksm$", events, flags=re.M), events
+        assert a.ok("ls /sys/kernel/tracing/events/dlt").split() == ["enable", "filter", "rwk",
+                                                                      "rwkr"]  # fmt: skip
+    finally:
+        a.ok(
+            "cd /sys/kernel/tracing && echo '-:dlt/rwk' >> kprobe_events"
+            " && echo '-:dlt/rwkr' >> kprobe_events"
+        )
+    assert "dlt/" not in a.ok("cat /sys/kernel/tracing/kprobe_events")
+
+
+def test_host_agent_runs_inside_when_pushed(booted: Boot) -> None:
+    """The agent is not baked into the image: it is pushed per boot and runs on python3."""
+    a = booted.agent
+    a.ok("mkdir -p /opt/densitylab")
+    a.push(
+        (REPO_ROOT / "orchestrator" / "hostagent.py").read_bytes(), "/opt/densitylab/hostagent.py"
+    )
+    probe = json.loads(a.ok("python3 /opt/densitylab/hostagent.py probe --no-bpf", 120))
+    print(f"LABHOST {booted.kernel.label} hostagent probe keys: {sorted(probe)}")
+    assert isinstance(probe, dict) and probe
+
+
+# ---------------------------------------------------------------- real rmap_walk_ksm samples
+
+TRACE_RE = re.compile(
+    r"^\s*(?P<task>.+)-(?P<pid>\d+)\s+\[\d+\]\s+\S+\s+(?P<ts>\d+\.\d+): (?P<ev>rwkr?):"
+)
+
+
+def walk_durations_us(trace: str) -> tuple[int, int, list[float]]:
+    """(entries, returns, durations in µs of entry/return pairs matched per pid)."""
+    entries = returns = 0
+    open_at: dict[str, float] = {}
+    durations = []
+    for line in trace.splitlines():
+        if not (m := TRACE_RE.match(line)):
+            continue
+        ts = float(m["ts"])
+        if m["ev"] == "rwk":
+            entries += 1
+            open_at[m["pid"]] = ts
+        else:
+            returns += 1
+            if (t0 := open_at.pop(m["pid"], None)) is not None:
+                durations.append((ts - t0) * 1e6)
+    return entries, returns, durations
+
+
+KSM_SETUP = """
+cd /sys/kernel/mm/ksm
+echo 2000 > pages_to_scan; echo 10 > sleep_millisecs; echo 1 > run
+for i in 1 2; do
+  numactl --membind=0 --cpunodebind=0 /usr/local/bin/dlfill --mib {mib} --dup 1 \
+    --mergeable --fragment {vmas} --seed 7 --instance $i --hold > /tmp/dlfill$i.out 2>&1 &
+  echo $! > /tmp/dlfill$i.pid
+done
+"""
+
+TRACE_ON = """
+cd /sys/kernel/tracing
+echo 'p:dl/rwk rmap_walk_ksm' >> kprobe_events
+echo 'r:dl/rwkr rmap_walk_ksm' >> kprobe_events
+echo 16384 > buffer_size_kb
+echo > trace
+echo 1 > events/dl/enable
+"""
+
+TRACE_OFF = """
+cd /sys/kernel/tracing
+echo 0 > events/dl/enable
+cat trace > /tmp/rwk.trace
+echo '-:dl/rwk' >> kprobe_events; echo '-:dl/rwkr' >> kprobe_events
+echo > trace
+"""
+
+
+def node_pages(a: Agent, pid: str) -> dict[str, int]:
+    """Pages of a process per NUMA node ("N0", "N1"), summed over /proc/PID/numa_maps."""
+    counts: Counter[str] = Counter()
+    for node, pages in re.findall(r"\b(N\d+)=(\d+)", a.ok(f"cat /proc/{pid}/numa_maps")):
+        counts[node] += int(pages)
+    return dict(counts)
+
+
+def ksm_counter(a: Agent, name: str) -> int:
+    return int(a.ok(f"cat /sys/kernel/mm/ksm/{name}"))
+
+
+def wait_merged(a: Agent, want_sharing: int, timeout_s: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if ksm_counter(a, "pages_sharing") >= want_sharing:
+            return time.monotonic() - t0
+        time.sleep(1.0)
+    pytest.fail(
+        f"pages_sharing {ksm_counter(a, 'pages_sharing')} < {want_sharing} after {timeout_s} s"
+    )
+
+
+def test_migrating_ksm_pages_gives_rmap_walk_ksm_samples(booted: Boot, dlfill: bytes) -> None:
+    a = booted.agent
+    a.push(dlfill, "/usr/local/bin/dlfill", 0o755)
+    a.ok(KSM_SETUP.format(mib=DLFILL_MIB, vmas=FRAGMENT_VMAS))
+    try:
+        for i in (1, 2):
+            deadline = time.monotonic() + 120
+            while "DLFILL DONE" not in a.ok(f"cat /tmp/dlfill{i}.out"):
+                assert time.monotonic() < deadline, a.ok(f"cat /tmp/dlfill{i}.out")
+                time.sleep(0.5)
+        merge_s = wait_merged(a, int(DLFILL_PAGES * 0.9), MERGE_TIMEOUT_S)
+        pid = a.ok("cat /tmp/dlfill1.pid").strip()
+        vmas = int(a.ok(f"wc -l < /proc/{pid}/maps"))
+        sharing = ksm_counter(a, "pages_sharing")
+        before = node_pages(a, pid)
+        a.ok(TRACE_ON)
+        try:
+            t0 = time.monotonic()
+            a.ok(f"migratepages {pid} 0 1", timeout_s=600)
+            migrate_s = time.monotonic() - t0
+        finally:
+            a.ok(TRACE_OFF)
+        after = node_pages(a, pid)
+        rc, trace, err = a.exec_sh("cat /tmp/rwk.trace", 120)
+        assert rc == 0, err
+    finally:
+        a.exec_sh("kill $(cat /tmp/dlfill1.pid /tmp/dlfill2.pid) 2>/dev/null; echo 2 > "
+                  "/sys/kernel/mm/ksm/run")  # fmt: skip
+    entries, returns, durations = walk_durations_us(trace)
+    lost = "LOST" in trace or "[LOST" in trace
+    summary = {
+        "kernel": booted.kernel.release,
+        "ready_s": round(booted.ready_s, 1),
+        "merge_s": round(merge_s, 1),
+        "pages_sharing": sharing,
+        "maps_lines": vmas,
+        "migrate_s": round(migrate_s, 2),
+        "node_pages_before": before,
+        "node_pages_after": after,
+        "rwk": entries,
+        "rwkr": returns,
+        "pairs": len(durations),
+        "lost_events": lost,
+    }
+    if durations:
+        q = statistics.quantiles(durations, n=100)
+        summary |= {
+            "walk_us_median": round(statistics.median(durations), 1),
+            "walk_us_p99": round(q[98], 1),
+            "walk_us_max": round(max(durations), 1),
+            "walk_ms_total": round(sum(durations) / 1e3, 1),
+        }
+    print(f"LABHOST {booted.kernel.label} rmap_walk_ksm: {json.dumps(summary)}")
+    assert entries > 0 and returns > 0, trace[-2000:]
+    assert after.get("N1", 0) > before.get("N1", 0), (before, after)
+    assert len(durations) >= min(entries, returns) * 0.9
+
+
+# ---------------------------------------------------------------- kernels on their own
+
+
+def test_debian_vmlinuz_header_names_its_release(image: labimage.LabImage) -> None:
+    """bzimage_release (used for local kernels) agrees with Debian's package names."""
+    for k in image.kernels:
+        spec = kernels.parse_kernel_spec(f"file:{k.vmlinuz},initrd={k.initrd}")
+        local = kernels.local_kernel(spec)
+        assert local.release == k.release and local.label == k.label
+        assert local.config_sha256 is None and local.initrd == k.initrd.resolve()
+
+
+def test_private_apt_reads_nothing_from_etc_apt(image: labimage.LabImage) -> None:
+    apt = kernels.private_apt()
+    apt.ensure()
+    dump = run(["apt-config", "dump"], env=apt.env(), timeout_s=30).stdout
+    dirs = dict(re.findall(r'^(Dir::Etc(?:::\w+)?|Dir::State(?:::\w+)?|Dir::Cache) "(.*)";$',
+                           dump, flags=re.M))  # fmt: skip
+    assert dirs["Dir::Etc::parts"].startswith(str(apt.root))
+    assert dirs["Dir::Etc::sourceparts"].startswith(str(apt.root))
+    assert dirs["Dir::State::status"].startswith(str(apt.root))
+    assert all(not v.startswith("/etc/apt") for v in dirs.values()), dirs
