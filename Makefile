@@ -12,7 +12,7 @@ APT_TEST := chromium
 VENV_STAMP := $(VENV)/.installed-$(shell sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 
 .PHONY: setup setup-test apt-core apt-test images lab-start lab-stop doctor demo test \
-	lint unit system clean-host report compare bench
+	lint unit system clean-host report compare bench ab-demo
 
 setup: apt-core $(VENV_STAMP)
 
@@ -59,8 +59,9 @@ lint: setup
 unit: setup
 	$(VENV)/bin/pytest -m "not system" -q
 
-# Everything: lint, type checks, unit and system tests (real libvirtd, QEMU, KSM).
-test: setup-test images lint
+# Everything: lint, type checks, unit and system tests (real libvirtd, QEMU, KSM, and
+# one lab host booting a Debian kernel).
+test: setup-test images lab-images lint
 	$(VENV)/bin/pytest -q --durations=15
 
 clean-host: setup
@@ -81,3 +82,12 @@ bench: setup images
 lab-images: setup
 	@scripts/apt-ensure mmdebstrap e2fsprogs debian-archive-keyring qemu-utils zstd
 	$(PY) -m orchestrator.labimage
+
+# Kernel A/B: Debian 6.12 against 7.3 in lab-host VMs, rmap_walk_ksm timed by kprobes,
+# then the report. About 15 minutes under TCG.
+ab-demo: setup images lab-images
+	@started=$$(scripts/labd start | grep -c '^labd: running' || true); \
+	$(DL) run experiments/rmap-walk-ksm.yaml; rc=$$?; \
+	run=$$(ls -td results/*-rmap-walk-ksm-* | head -1); \
+	[ $$rc -eq 0 ] && $(DL) report $$run --out reports/out/rmap-walk-ksm; rc2=$$?; \
+	[ "$$started" = 1 ] && scripts/labd stop >/dev/null; [ $$rc -eq 0 ] && exit $$rc2; exit $$rc

@@ -16,7 +16,7 @@ def clean(run_ids: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
     """Remove leftovers of the given runs (or of every run); returns (removed, errors)."""
     removed: list[str] = []
     errors: list[str] = []
-    for pid in hostagent.find_samplers():
+    for pid in hostagent.find_samplers(run_ids=run_ids):
         hostagent.kill_pid(pid)
         removed.append(f"sampler process {pid}")
     try:

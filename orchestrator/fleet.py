@@ -37,6 +37,10 @@ BOOT_MARKER = "DENSITYLAB: boot ok"
 READY_MARKER = "DENSITYLAB: ready"
 ERROR_MARKER = "DENSITYLAB: error"
 GUEST_CMDLINE = "console=ttyS0 quiet panic=-1"
+# Bytes per guest-file-write / guest-file-read call. A 1 MiB write (1.4 MB of base64 in
+# one JSON message) made qemu-ga 7.2 stop answering; 64 KiB writes push dlfill in ~1 s.
+AGENT_WRITE_CHUNK = 64 << 10
+AGENT_READ_CHUNK = 256 << 10
 TEMPLATES = jinja2.Environment(
     loader=jinja2.PackageLoader("orchestrator", "templates"),
     autoescape=True,
@@ -66,6 +70,7 @@ class GuestSpec:
     image: GuestImage
     console_log: Path
     overlay: Path | None = None
+    numa_cells: int = 1
 
 
 @dataclass
@@ -119,7 +124,19 @@ def domain_xml(spec: GuestSpec, *, run_id: str, trial_id: str, domain_type: str)
         emulator=EMULATOR,
         overlay=spec.overlay,
         console_log=spec.console_log,
+        numa_cells=spec.numa_cells,
+        cell_cpus=cell_cpus(spec.vcpus, spec.numa_cells),
     )
+
+
+def cell_cpus(vcpus: int, cells: int) -> list[str]:
+    """vCPU ranges of equal NUMA cells: 4 vCPUs in 2 cells -> ['0-1', '2-3']."""
+    if cells <= 1:
+        return []
+    if vcpus % cells:
+        raise GuestError("numa", f"{vcpus} vCPUs cannot be split into {cells} equal cells")
+    per = vcpus // cells
+    return [f"{c * per}-{c * per + per - 1}" if per > 1 else str(c) for c in range(cells)]
 
 
 def create_overlay(backing: Path, overlay: Path) -> None:
@@ -279,6 +296,53 @@ class Fleet:
             if time.monotonic() > deadline:
                 raise GuestError(name, f"{' '.join(argv)} did not exit within {timeout_s:.0f}s")
             time.sleep(0.05)
+
+    def write_file(self, name: str, path: str, data: bytes, mode: int = 0o755) -> None:
+        """Copy bytes into the guest through the agent (guest-file-*), then chmod."""
+        handle = self.agent(
+            name, {"execute": "guest-file-open", "arguments": {"path": path, "mode": "w"}}
+        )
+        try:
+            for i in range(0, len(data), AGENT_WRITE_CHUNK):
+                chunk = base64.b64encode(data[i : i + AGENT_WRITE_CHUNK]).decode()
+                self.agent(
+                    name,
+                    {
+                        "execute": "guest-file-write",
+                        "arguments": {"handle": handle, "buf-b64": chunk},
+                    },
+                    30,
+                )
+        finally:
+            self.agent(name, {"execute": "guest-file-close", "arguments": {"handle": handle}})
+        r = self.guest_exec(name, ["/bin/chmod", oct(mode)[2:], path])
+        if r.rc != 0:
+            raise GuestError(name, f"chmod {path}: {r.stderr.strip()}")
+
+    def read_file(self, name: str, path: str) -> bytes:
+        """The bytes of a guest file, read through the agent."""
+        handle = self.agent(
+            name, {"execute": "guest-file-open", "arguments": {"path": path, "mode": "r"}}
+        )
+        out = bytearray()
+        try:
+            while True:
+                r = self.agent(
+                    name,
+                    {
+                        "execute": "guest-file-read",
+                        "arguments": {"handle": handle, "count": AGENT_READ_CHUNK},
+                    },
+                    30,
+                )
+                if not isinstance(r, dict):
+                    break
+                out += base64.b64decode(r.get("buf-b64", ""))
+                if r.get("eof"):
+                    break
+        finally:
+            self.agent(name, {"execute": "guest-file-close", "arguments": {"handle": handle}})
+        return bytes(out)
 
     def teardown(self) -> list[str]:
         """Destroy and undefine every guest, delete overlays; returns the errors seen."""

@@ -492,11 +492,20 @@ def kprobe_definitions(group: str) -> list[str]:
     return [f"p:{group}/rwk rmap_walk_ksm", f"r:{group}/rwkr rmap_walk_ksm"]
 
 
+def append_line(path: Path, line: str) -> None:
+    """One write with O_APPEND: tracefs control files refuse the seek of open(..., "a")."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, (line + "\n").encode())
+    except OSError as e:
+        raise AgentError(f"{path}: cannot add {line!r}: {e.strerror}") from e
+    finally:
+        os.close(fd)
+
+
 def add_kprobes(root: Path, group: str) -> None:
-    with open(root / "kprobe_events", "a") as f:
-        for d in kprobe_definitions(group):
-            f.write(d + "\n")
-            f.flush()
+    for d in kprobe_definitions(group):
+        append_line(root / "kprobe_events", d)
 
 
 def remove_kprobes(root: Path, group: str) -> None:
@@ -505,8 +514,8 @@ def remove_kprobes(root: Path, group: str) -> None:
     if not path.exists():
         return
     for name in ("rwk", "rwkr"):
-        with contextlib.suppress(OSError), open(path, "a") as f:
-            f.write(f"-:{group}/{name}\n")
+        with contextlib.suppress(AgentError, OSError):
+            append_line(path, f"-:{group}/{name}")
 
 
 def stream_trace(pipe: Path, handle: Any, out: Any, should_stop: Any) -> None:
@@ -956,6 +965,47 @@ def probe_host(check_bpf: bool = True) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------- remote process control
+
+
+def spawn_detached(argv: list[str], out: Path, pidfile: Path, cgroup: str | None = None) -> int:
+    """Start argv detached (its own session, output to `out`), optionally inside a memory
+    cgroup of ours joined before exec; write its pid. For remote hosts, where the
+    caller's channel (a guest-agent exec) must return at once."""
+    cg = memcg_create(cgroup, read_text(PROC / "self" / "mounts")) if cgroup else None
+    pid = os.fork()
+    if pid == 0:  # child: new session, then exec (never returns)
+        os.setsid()
+        if cg is not None:
+            memcg_add_pid(cg, os.getpid())
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.execvp(argv[0], argv)
+    write_text(pidfile, str(pid))
+    return pid
+
+
+def stop_pidfile(pidfile: Path, grace_s: float = 30) -> None:
+    """SIGTERM the process (group) of a pidfile and wait for it; SIGKILL after grace_s."""
+    if not pidfile.exists():
+        return
+    pid = int(read_text(pidfile))
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while pid_alive(pid) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.05)
+    if pid_alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    pidfile.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -978,6 +1028,25 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", type=Path, required=True)
     t.add_argument("--tag", required=True, help="names our trace instance and kprobe group")
     t.add_argument("--parent-pid", type=int, help="stop when this process is gone")
+    sp = sub.add_parser("spawn", help="start a command detached, optionally in a cgroup")
+    sp.add_argument("--out", type=Path, required=True)
+    sp.add_argument("--pidfile", type=Path, required=True)
+    sp.add_argument("--cgroup", help="memory cgroup to join before exec")
+    sp.add_argument("argv", nargs="+")
+    sub.add_parser("now", help="print CLOCK_MONOTONIC in ns (to line up remote phases)")
+    st = sub.add_parser("stop", help="stop a process started by spawn")
+    st.add_argument("--pidfile", type=Path, required=True)
+    sw = sub.add_parser("swap-on", help="provide swap (zram or swapfile)")
+    sw.add_argument("--kind", choices=["zram", "swapfile"], default="zram")
+    sw.add_argument("--mib", type=int, required=True)
+    sw.add_argument("--saved", type=Path, required=True)
+    so = sub.add_parser("swap-off", help="remove swap provided by swap-on")
+    so.add_argument("--saved", type=Path, required=True)
+    rc = sub.add_parser("reclaim", help="cgroup v2 memory.reclaim on a cgroup of ours")
+    rc.add_argument("--cgroup", required=True)
+    rc.add_argument("--mib", type=int, required=True)
+    rm = sub.add_parser("cgroup-remove", help="remove a cgroup of ours")
+    rm.add_argument("--cgroup", required=True)
     r = sub.add_parser("ksm-restore", help="restore KSM knobs saved by ksm-apply")
     r.add_argument("--saved", type=Path, required=True)
     args = p.parse_args(argv)
@@ -989,6 +1058,26 @@ def main(argv: list[str] | None = None) -> int:
             run_sampler(pids, args.interval_s, args.out, args.stop_after_s, args.parent_pid)
         elif args.cmd == "trace":
             run_collector(args.method, args.out, args.tag, args.parent_pid)
+        elif args.cmd == "spawn":
+            print(spawn_detached(args.argv, args.out, args.pidfile, args.cgroup))
+        elif args.cmd == "now":
+            print(time.monotonic_ns())
+        elif args.cmd == "stop":
+            stop_pidfile(args.pidfile)
+        elif args.cmd == "swap-on":
+            print(swap_on(args.kind, args.mib, args.saved))
+        elif args.cmd == "swap-off":
+            errors = swap_off(args.saved)
+            for e in errors:
+                print(f"hostagent: {e}", file=sys.stderr)
+            return 1 if errors else 0
+        elif args.cmd in ("reclaim", "cgroup-remove"):
+            cg = memcg_create(args.cgroup, read_text(PROC / "self" / "mounts"))
+            if args.cmd == "cgroup-remove":
+                memcg_remove(cg)
+            else:
+                ok = memcg_reclaim_v2(cg, args.mib << 20)
+                print("all" if ok else "partly")
         elif args.cmd == "ksm-apply":
             apply_ksm(dict(x.split("=", 1) for x in args.settings), args.saved)
         elif args.cmd == "ksm-restore":
@@ -1009,8 +1098,9 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------- leftovers
 
 
-def find_samplers(proc: Path = PROC) -> list[int]:
-    """Pids of host-agent samplers still running (their orchestrator may be gone)."""
+def find_samplers(proc: Path = PROC, run_ids: Iterable[str] | None = None) -> list[int]:
+    """Pids of host-agent samplers and collectors still running (their orchestrator may
+    be gone); with run_ids, only those whose output lies in one of those runs."""
     me = os.getpid()
     found = []
     for d in proc.iterdir():
@@ -1018,7 +1108,12 @@ def find_samplers(proc: Path = PROC) -> list[int]:
             continue
         with contextlib.suppress(OSError):
             argv = (d / "cmdline").read_bytes().split(b"\0")
-            if any(a.endswith(b"hostagent.py") for a in argv) and b"sample" in argv:
+            if not any(a.endswith(b"hostagent.py") for a in argv):
+                continue
+            if b"sample" not in argv and b"trace" not in argv:
+                continue
+            text = b" ".join(argv).decode(errors="replace")
+            if run_ids is None or any(r in text or r.replace("-", "_") in text for r in run_ids):
                 found.append(int(d.name))
     return found
 
@@ -1028,14 +1123,20 @@ def kill_pid(pid: int) -> None:
         os.kill(pid, signal.SIGTERM)
 
 
-def clean_tracing(state_dir: Path = STATE_DIR) -> tuple[list[str], list[str]]:
-    """Remove trace instances and kprobe events a killed collector left."""
+def clean_tracing(
+    state_dir: Path = STATE_DIR, run_ids: Iterable[str] | None = None
+) -> tuple[list[str], list[str]]:
+    """Remove trace instances and kprobe events a killed collector left (all, or those
+    of the given runs: their tag is the run id with '_' for '-')."""
+    tags = None if run_ids is None else {r.replace("-", "_") for r in run_ids}
     removed: list[str] = []
     errors: list[str] = []
     if "tracefs" not in read_text(PROC / "filesystems"):
         return removed, errors
     with tracefs(state_dir) as root:
         for inst in sorted((root / "instances").glob(TRACE_INSTANCE_PREFIX + "*")):
+            if tags is not None and inst.name.removeprefix(TRACE_INSTANCE_PREFIX) not in tags:
+                continue
             with contextlib.suppress(OSError):
                 for enable in inst.glob("events/*/*/enable"):
                     if enable.read_text().strip() == "1":
@@ -1050,7 +1151,7 @@ def clean_tracing(state_dir: Path = STATE_DIR) -> tuple[list[str], list[str]]:
         if kprobes.exists():
             for line in read_text(kprobes).splitlines():
                 m = re.match(r"^[pr]:(" + KPROBE_GROUP_PREFIX + r"\w+)/", line)
-                if m:
+                if m and (tags is None or m.group(1).removeprefix(KPROBE_GROUP_PREFIX) in tags):
                     groups.add(m.group(1))
         for g in sorted(groups):
             remove_kprobes(root, g)
@@ -1087,11 +1188,13 @@ def clean_host_state(
             removed.append(f"memory block {block} back online")
         except AgentError as err:
             errors.append(str(err))
-    r, e = clean_tracing(state_dir)
+    r, e = clean_tracing(state_dir, wanted)
     removed += r
     errors += e
     for root in (Path("/sys/fs/cgroup/memory"), cgroup2_root(read_text(PROC / "self" / "mounts"))):
         for cg in sorted(root.glob("densitylab-*")) if root and root.exists() else []:
+            if wanted is not None and cg.name.removeprefix("densitylab-") not in wanted:
+                continue
             for pid in read_text(cg / "cgroup.procs").split():
                 kill_pid(int(pid))
             try:

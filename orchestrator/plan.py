@@ -22,13 +22,21 @@ class Trial:
     kernel: str
     fleet_size: int
     repeat: int
+    vmas: int = 0  # fragmentation of the host workload (0: none or no host workload)
 
 
 def expand(spec: Spec) -> list[Trial]:
+    """kernels x fleet sizes x host-workload VMA counts x repeats, repeats innermost.
+
+    The VMA count appears in the trial id only when it is swept or the host workload is
+    the point of the run (a lab host)."""
+    vmas = spec.host_workload.vma_counts if spec.host_workload.copies else [0]
+    show_vmas = len(vmas) > 1 or spec.host.kind == "labvm"
     return [
-        Trial(f"{k}-n{n}-r{r}", k, n, r)
+        Trial(f"{k}-n{n}" + (f"-v{v}" if show_vmas else "") + f"-r{r}", k, n, r, v)
         for k in spec.kernels
         for n in spec.fleet.counts
+        for v in vmas
         for r in range(spec.repeats)
     ]
 

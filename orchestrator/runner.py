@@ -18,7 +18,17 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from orchestrator import __version__, fleet, hostagent, images, plan, sampling, store, triggers
+from orchestrator import (
+    __version__,
+    fleet,
+    hostagent,
+    images,
+    labrun,
+    plan,
+    sampling,
+    store,
+    triggers,
+)
 from orchestrator.errors import DensitylabError, HostError, Interrupted, UsageError
 from orchestrator.interrupts import InterruptGuard
 from orchestrator.sampling import Collector, PhaseMark, Sampler, sharing_pages
@@ -267,6 +277,7 @@ def run_phases(ctx: RunContext, trial: plan.Trial, st: TrialState, res: TrialRes
         stack.callback(restore_ksm_or_raise, saved)
         st.host_procs = triggers.start_host_workload(
             spec.host_workload,
+            trial.vmas,
             spec.workload_seed,
             run_id,
             stack,
@@ -533,6 +544,66 @@ def finish_result(st: TrialState, res: TrialResult) -> None:
     res.ended_ns = time.monotonic_ns()
 
 
+def finish_lab_result(
+    lab: labrun.LabState, res: TrialResult, tables: dict[str, pd.DataFrame]
+) -> None:
+    """Trial figures of a lab trial from its samples (the lab host's own clock)."""
+    cpu = [s["ksmd_cpu_s"] for s in lab.samples if s.get("ksmd_cpu_s") is not None]
+    res.ksmd_cpu_s = (cpu[-1] - cpu[0]) if len(cpu) >= 2 else None
+    res.settled = bool(lab.result.get("settled"))
+    res.latency_method = lab.result.get("latency_method")
+    res.walks = len(tables["latency"])
+    res.accel = res.accel + "+labvm"
+    merged = (
+        [
+            s
+            for s, p in zip(
+                lab.samples,
+                sampling.label_phases(
+                    pd.Series([x["ts_ns"] for x in lab.samples], dtype="int64"), lab.marks
+                ),
+                strict=True,
+            )
+            if p == "merge"
+        ]
+        if lab.samples
+        else []
+    )
+    if merged:
+        k = merged[-1]["ksm"]
+        res.total_saving_mib = sharing_pages(merged[-1]) / PAGES_PER_MIB
+        res.measured_saving_mib = res.total_saving_mib
+        res.general_profit_mib = int(k.get("general_profit", 0)) / MIB
+        res.pages_sharing, res.pages_shared = k.get("pages_sharing"), k.get("pages_shared")
+    res.settle_s = lab.result.get("settle_s")
+    res.predicted_saving_mib = lab_prediction(lab) / PAGES_PER_MIB
+    res.ended_ns = time.monotonic_ns()
+
+
+def lab_prediction(lab: labrun.LabState) -> int:
+    """Predicted saving (pages) of a lab trial: the pattern processes like guests, the
+    fragmented copies like the host workload."""
+    fills = lab.result.get("fills", {})
+    knobs = lab.result.get("ksm_knobs", {})
+    mps = int(knobs.get("max_page_sharing", 256))
+    pattern = [
+        FillResult(
+            n,
+            float(d["fill_s"]),
+            d["dup_pages"],
+            d["zero_pages"],
+            d["unique_pages"],
+            d["volatile_pages"],
+            d["vmas"],
+        )
+        for n, d in fills.items()
+        if n.startswith("pattern-")
+    ]
+    copies = [d for n, d in fills.items() if n.startswith("fragmented-")]
+    host = copies[0]["dup_pages"] * merged_saving(len(copies), mps) if copies else 0
+    return predicted_saving_pages(pattern, knobs.get("use_zero_pages") == "1", mps) + host
+
+
 def run_trial(
     ctx: RunContext, trial: plan.Trial, on_result: Callable[[TrialResult], None]
 ) -> TrialResult:
@@ -551,16 +622,27 @@ def run_trial(
         started_ns=st.t0_ns,
     )
     interrupted: Interrupted | None = None
+    lab = None
     try:
-        run_phases(ctx, trial, st, res)
+        if ctx.spec.host.kind == "labvm":
+            lab = labrun.LabState()
+            labrun.run_lab_trial(ctx, trial, res, lab)
+        else:
+            run_phases(ctx, trial, st, res)
         res.status, res.reason = "successful", None
     except Interrupted as e:
         res.status, res.reason, interrupted = "canceled", str(e), e
     except DensitylabError as e:
         res.status, res.reason = "failed", str(e)
         log.error("%s failed: %s", trial.trial_id, e)
-    finish_result(st, res)
-    ctx.store.write_trial_tables(trial.trial_id, trial_tables(st, res))
+    if lab is not None:
+        tables = labrun.lab_tables(lab, res)
+        finish_lab_result(lab, res, tables)
+        tables["trials"] = pd.DataFrame([asdict(res)])
+    else:
+        finish_result(st, res)
+        tables = trial_tables(st, res)
+    ctx.store.write_trial_tables(trial.trial_id, tables)
     on_result(res)
     if interrupted is not None:
         raise interrupted
@@ -609,13 +691,31 @@ def new_manifest(
         "libvirt_version": libvirt_facts.get("libvirt"),
         "accel": "kvm" if domain_type == "kvm" else "tcg",
         "accel_how": facts["accel"]["how"],
-        "images": {"tiny": describe_image(image)},
+        "images": {"tiny": describe_image(image), **lab_image_record(spec)},
         "seed": spec.seed,
         "workload_seed": spec.workload_seed,
         "started_at": store.utc_now(),
         "ended_at": None,
         "trials": [],
         "files": {},
+    }
+
+
+def lab_image_record(spec: Spec) -> dict[str, Any]:
+    """The lab image's manifest (kernels with release, origin and config hash)."""
+    if spec.host.kind != "labvm":
+        return {}
+    import json
+
+    from orchestrator import labimage
+
+    lab = labimage.find_lab_image()
+    return {
+        "labhost": {
+            "key": lab.key,
+            "rootfs": str(lab.rootfs),
+            "build_manifest": json.loads(lab.manifest.read_text()),
+        }
     }
 
 
@@ -668,6 +768,12 @@ def prepare(spec_path: Path, results_dir: Path, resume: Path | None) -> Prepared
     spec, raw, sha = load_spec(spec_path)
     check_fits_host(spec, host_available_mib(), str(spec_path))
     image = images.find_tiny_image()
+    if spec.host.kind == "labvm":
+        from orchestrator import labimage
+
+        lab = labimage.find_lab_image()
+        for k in spec.kernels:
+            lab.kernel(k)  # UsageError naming the kernel the image lacks
     report = doctor.run_doctor(check_bpf=False)
     if not report.ok:
         raise HostError("host not ready: " + "; ".join(report.problems))

@@ -57,7 +57,14 @@ def check_name(value: str) -> str:
 
 
 class Host(Strict):
-    kind: Literal["local"] = "local"
+    """Where the experiment runs: this machine, or one lab-host VM per kernel under test
+    (booted from the lab image; TCG here, KVM on real hardware)."""
+
+    kind: Literal["local", "labvm"] = "local"
+    memory_mib: Annotated[int, Field(ge=512)] = 4096
+    vcpus: PositiveInt = 2
+    numa_cells: Annotated[int, Field(ge=1, le=8)] = 2
+    boot_timeout_s: Annotated[float, Field(gt=0)] = 240
 
 
 class Fleet(Strict):
@@ -199,7 +206,12 @@ class HostWorkload(Strict):
 
     copies: Annotated[int, Field(ge=0)] = 0
     mib: PositiveInt = 64
-    fragment_vmas: Annotated[int, Field(ge=0)] = 2000
+    fragment_vmas: Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]] = 2000
+
+    @property
+    def vma_counts(self) -> list[int]:
+        v = self.fragment_vmas
+        return v if isinstance(v, list) else [v]
 
 
 class Spec(Strict):
@@ -220,15 +232,21 @@ class Spec(Strict):
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
 
-    @field_validator("kernels")
-    @classmethod
-    def _kernels(cls, v: list[str]) -> list[str]:
-        if v != ["running"]:
+    @model_validator(mode="after")
+    def _kernels_fit_host(self) -> Spec:
+        if self.host.kind == "local" and self.kernels != ["running"]:
             raise ValueError(
-                "a local host runs only its running kernel: use [running] "
-                "(lab-host VMs with other kernels come with the kernel A/B lab)"
+                "kernels: a local host runs only its running kernel: use "
+                "[running], or host.kind: labvm to boot other kernels"
             )
-        return v
+        if self.host.kind == "labvm" and (not self.kernels or "running" in self.kernels):
+            raise ValueError(
+                "kernels: a lab host boots kernels of the lab image, by label "
+                "(e.g. ['6.12', '7.3'])"
+            )
+        for k in self.kernels:
+            check_name(k)
+        return self
 
     @field_validator("ksm")
     @classmethod
@@ -272,6 +290,8 @@ def format_validation_error(source: str, err: ValidationError) -> str:
         if first["type"] in ("extra_forbidden", "missing") or isinstance(got, dict)
         else f", got {got!r}"
     )
+    if not loc and re.match(r"^[\w.]+: ", msg):  # a model check that names its own field
+        return f"{source}: {msg}"
     return f"{source}: {loc or '(top level)'}: {msg}{shown}"
 
 
@@ -302,7 +322,25 @@ def load_spec(path: Path) -> tuple[Spec, dict[str, Any], str]:
 
 
 def check_fits_host(spec: Spec, available_mib: int, source: str) -> None:
-    """Refuse a fleet whose largest size cannot fit next to the host reserve."""
+    """Refuse a fleet (or lab host) that cannot fit next to the host reserve."""
+    if spec.host.kind == "labvm":
+        need = spec.host.memory_mib + QEMU_OVERHEAD_MIB + spec.host_reserve_mib
+        if need > available_mib:
+            raise UsageError(
+                f"{source}: host.memory_mib: a {spec.host.memory_mib} MiB lab host "
+                f"(+{spec.host_reserve_mib} MiB reserve) needs {need} MiB, the "
+                f"host has {available_mib} MiB available"
+            )
+        inside = (
+            max(spec.fleet.counts) * spec.workload.mib
+            + spec.host_workload.copies * spec.host_workload.mib
+        )
+        if inside > spec.host.memory_mib - 512:
+            raise UsageError(
+                f"{source}: host.memory_mib: the workloads need {inside} MiB in a "
+                f"{spec.host.memory_mib} MiB lab host (keep 512 MiB for its OS)"
+            )
+        return
     largest = max(spec.fleet.counts)
     need = largest * (spec.fleet.memory_mib + QEMU_OVERHEAD_MIB) + spec.host_reserve_mib
     if need > available_mib:

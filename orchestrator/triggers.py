@@ -89,10 +89,16 @@ def scramble_host_workload(procs: list[HostProcess], timeout_s: float = 120) -> 
 
 
 def start_host_workload(
-    w: HostWorkload, seed: int, run_id: str, stack: ExitStack, out_dir: Path, timeout_s: float = 120
+    w: HostWorkload,
+    vmas: int,
+    seed: int,
+    run_id: str,
+    stack: ExitStack,
+    out_dir: Path,
+    timeout_s: float = 120,
 ) -> list[HostProcess]:
     """Start `copies` dlfill processes (same seed, so their pages merge across them),
-    fragmented into fragment_vmas VMAs, in a memory cgroup of ours."""
+    fragmented into `vmas` VMAs, in a memory cgroup of ours."""
     if w.copies == 0:
         return []
     if not DLFILL.exists():
@@ -114,7 +120,7 @@ def start_host_workload(
                     "1",
                     "--mergeable",
                     "--fragment",
-                    str(w.fragment_vmas),
+                    str(vmas),
                     "--seed",
                     str(seed),
                     "--instance",

@@ -1,0 +1,444 @@
+"""Trials inside a lab-host VM that boots the kernel under test.
+
+The lab host is driven like any remote lab machine: the host agent and dlfill are
+copied in, and every step is a host-agent subcommand run through the guest agent
+(`spawn`, `ksm-apply`, `trace`, `swap-on`, `reclaim`, ...). Nothing inside the VM is
+special-cased, so the same steps can drive a physical machine. Under TCG a nested
+fleet would be ~60x slower, so guest-memory workloads run as processes on the lab host
+with the same fill patterns (labelled `host-process` in the data).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from orchestrator import fleet, hostagent, labimage, plan, sampling
+from orchestrator.errors import GuestError, HostError, Interrupted
+from orchestrator.interrupts import InterruptGuard
+from orchestrator.sampling import PhaseMark, sharing_pages
+from orchestrator.spec import Spec
+
+log = logging.getLogger(__name__)
+
+AGENT_PATH = "/opt/densitylab/hostagent.py"
+DLFILL_PATH = "/usr/local/bin/dlfill"
+WORK = "/run/densitylab"
+PAGES_PER_MIB = 256
+
+
+@dataclass
+class LabState:
+    """What one lab trial accumulates; turned into tables like a local trial's."""
+
+    t0_ns: int = 0  # the lab host's CLOCK_MONOTONIC at trial start
+    marks: list[PhaseMark] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    latency: list[dict[str, Any]] = field(default_factory=list)
+    procs: dict[str, int] = field(default_factory=dict)  # name -> pid inside the lab host
+    facts: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+class LabHost:
+    """One booted lab host reached through its guest agent."""
+
+    def __init__(self, fl: fleet.Fleet, name: str):
+        self.fl = fl
+        self.name = name
+
+    def run(self, argv: list[str], timeout_s: float = 120) -> str:
+        r = self.fl.guest_exec(self.name, argv, timeout_s=timeout_s)
+        if r.rc != 0:
+            raise GuestError(
+                self.name, f"{' '.join(argv)} exited {r.rc}: {r.stderr.strip()[-300:]}"
+            )
+        return r.stdout
+
+    def agent(self, *args: str, timeout_s: float = 120) -> str:
+        return self.run(["/usr/bin/python3", AGENT_PATH, *args], timeout_s)
+
+    def now_ns(self) -> int:
+        return int(self.agent("now").strip())
+
+    def read(self, path: str) -> str:
+        return self.fl.read_file(self.name, path).decode(errors="replace")
+
+    def jsonl(self, path: str) -> list[dict[str, Any]]:
+        try:
+            text = self.read(path)
+        except GuestError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def boot_lab_host(
+    fl: fleet.Fleet, spec: Spec, kernel: str, store_dir: Path, run_id: str, token: str
+) -> LabHost:
+    """Define and boot the lab host with the kernel labelled `kernel`; push our tools."""
+    image = labimage.find_lab_image()
+    k = image.kernel(kernel)
+    name = f"dl-{token}-lab-{kernel.replace('.', '_')}"
+    gs = fleet.GuestSpec(
+        name=name,
+        memory_mib=spec.host.memory_mib,
+        vcpus=spec.host.vcpus,
+        image=fleet.GuestImage(
+            kernel=k.vmlinuz, initrd=k.initrd, disk=image.rootfs, cmdline=image.cmdline
+        ),
+        console_log=store_dir / "console" / f"{name}.log",
+        overlay=fleet.OVERLAY_ROOT / run_id / f"{name}.qcow2",
+        numa_cells=spec.host.numa_cells,
+    )
+    fl.define([gs])
+    fl.start_all()
+    fl.wait_ready(spec.host.boot_timeout_s)
+    host = LabHost(fl, name)
+    host.run(["/bin/mkdir", "-p", "/opt/densitylab", WORK])
+    fl.write_file(name, AGENT_PATH, Path(hostagent.__file__).read_bytes(), 0o644)
+    from orchestrator.triggers import DLFILL  # the same static binary as the tiny guest's
+
+    fl.write_file(name, DLFILL_PATH, DLFILL.read_bytes(), 0o755)
+    return host
+
+
+def start_workloads(
+    host: LabHost, spec: Spec, trial: plan.Trial, st: LabState, cgroup: str
+) -> None:
+    """Guest-memory patterns as processes (fleet.count of them) and the fragmented copies."""
+    w, hw, seed = spec.workload, spec.host_workload, spec.workload_seed
+    jobs: dict[str, list[str]] = {}
+    for i in range(trial.fleet_size):
+        jobs[f"pattern-{i}"] = [
+            DLFILL_PATH,
+            "--mib",
+            str(w.mib),
+            "--dup",
+            str(w.dup),
+            "--zero",
+            str(w.zero),
+            "--unique",
+            str(w.unique),
+            "--volatile",
+            str(w.volatile),
+            "--volatile-rate",
+            str(w.volatile_rate_pps),
+            "--seed",
+            str(seed),
+            "--instance",
+            str(i),
+            "--mergeable",
+            "--hold",
+        ]
+    for i in range(hw.copies):
+        jobs[f"fragmented-{i}"] = [
+            DLFILL_PATH,
+            "--mib",
+            str(hw.mib),
+            "--dup",
+            "1",
+            "--mergeable",
+            "--fragment",
+            str(trial.vmas),
+            "--seed",
+            str(seed + 1),
+            "--instance",
+            str(i),
+            "--hold",
+        ]
+    # Start on node 0, so that migrating 0 -> 1 moves every page (then 1 -> 0).
+    bind = ["/usr/bin/numactl", "--membind=0", "--"] if spec.host.numa_cells > 1 else []
+    for name, argv in jobs.items():
+        pid = host.agent(
+            "spawn",
+            "--out",
+            f"{WORK}/{name}.out",
+            "--pidfile",
+            f"{WORK}/{name}.pid",
+            "--cgroup",
+            cgroup,
+            "--",
+            *bind,
+            *argv,
+        )
+        st.procs[name] = int(pid.strip())
+    for name in jobs:
+        st.result.setdefault("fills", {})[name] = wait_done_line(host, f"{WORK}/{name}.out")
+
+
+def wait_done_line(host: LabHost, path: str, timeout_s: float = 300) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in host.read(path).splitlines():
+            if line.startswith("DLFILL DONE "):
+                return dict(json.loads(line.removeprefix("DLFILL DONE ")))
+            if line.startswith("dlfill: "):
+                raise GuestError(host.name, f"{path}: {line}")
+        time.sleep(0.5)
+    raise GuestError(host.name, f"{path}: no DLFILL DONE line within {timeout_s:.0f}s")
+
+
+def wait_merged(host: LabHost, spec: Spec, guard: InterruptGuard, timeout_s: float) -> bool:
+    """Poll the lab host's samples until sharing settles (same rule as local trials)."""
+    from orchestrator.runner import settled
+
+    m = spec.phases.merge
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        guard.check()
+        seen = [
+            (int(s["ksm"]["full_scans"]), sharing_pages(s))
+            for s in host.jsonl(f"{WORK}/samples.jsonl")
+        ]
+        if seen and seen[-1][1] > 0 and settled(seen, m.settle_scans, m.settle_pct):
+            return True
+        time.sleep(2)
+    return False
+
+
+def lab_phases(
+    host: LabHost,
+    spec: Spec,
+    trial: plan.Trial,
+    st: LabState,
+    guard: InterruptGuard,
+    stack: ExitStack,
+) -> None:
+    """Workloads, KSM, merge, then migrate and reclaim with kprobe timing; every step's
+    undo is on the stack (the VM itself goes last)."""
+    tag = f"lab{trial.repeat}"
+    cgroup = f"densitylab-{tag}"
+
+    def phase(name: str) -> None:
+        st.marks.append(PhaseMark(name, host.now_ns()))
+        st.events.append(
+            {"ts_ns": st.marks[-1].ts_ns, "phase": name, "event": "phase-start", "detail": ""}
+        )
+
+    st.facts = json.loads(host.agent("probe", "--no-bpf", timeout_s=120))
+    st.t0_ns = host.now_ns()
+    phase("fill")
+    stack.callback(stop_all, host, st)
+    start_workloads(host, spec, trial, st, cgroup)
+    pids = [f"--pid={n}={p}" for n, p in st.procs.items()]
+    host.agent(
+        "spawn",
+        "--out",
+        f"{WORK}/sampler.log",
+        "--pidfile",
+        f"{WORK}/sampler.pid",
+        "--",
+        "/usr/bin/python3",
+        AGENT_PATH,
+        "sample",
+        "--interval-s",
+        str(spec.sampling.interval_s),
+        "--out",
+        f"{WORK}/samples.jsonl",
+        *pids,
+    )
+    phase("merge")
+    knobs = [f"{k}={v}" for k, v in {**spec.ksm, "run": 1}.items()]
+    host.agent("ksm-apply", "--saved", f"{WORK}/ksm.json", *knobs)
+    stack.callback(host.agent, "ksm-restore", "--saved", f"{WORK}/ksm.json")
+    t0 = time.monotonic()
+    st.result["settled"] = wait_merged(host, spec, guard, spec.phases.merge.timeout_s)
+    st.result["settle_s"] = time.monotonic() - t0
+    st.result["ksm_knobs"] = {
+        **st.facts["ksm"].get("knobs", {}),
+        **{k: str(v) for k, v in spec.ksm.items()},
+    }
+    lab_triggers(host, spec, st, guard, stack, phase, tag, cgroup)
+    phase("teardown")
+
+
+def lab_triggers(
+    host: LabHost,
+    spec: Spec,
+    st: LabState,
+    guard: InterruptGuard,
+    stack: ExitStack,
+    phase: Callable[[str], None],
+    tag: str,
+    cgroup: str,
+) -> None:
+    p = spec.phases
+    methods = st.facts["tracing"]["value"]
+    method = (
+        spec.latency.method if spec.latency.method != "auto" else (methods[0] if methods else None)
+    )
+    st.result["latency_method"] = method
+    if method and method != "none":
+        host.agent(
+            "spawn",
+            "--out",
+            f"{WORK}/collector.log",
+            "--pidfile",
+            f"{WORK}/collector.pid",
+            "--",
+            "/usr/bin/python3",
+            AGENT_PATH,
+            "trace",
+            "--method",
+            method,
+            "--out",
+            f"{WORK}/latency.jsonl",
+            "--tag",
+            tag,
+        )
+        stack.callback(host.agent, "stop", "--pidfile", f"{WORK}/collector.pid")
+        deadline = time.monotonic() + 60
+        while "collector: ready" not in host.read(f"{WORK}/collector.log"):
+            if time.monotonic() > deadline:
+                raise HostError(
+                    f"lab collector did not start: {host.read(f'{WORK}/collector.log')}"
+                )
+            time.sleep(0.5)
+    nodes = int(st.facts["numa"]["value"])
+    for i in range(p.migrate.repeats if p.migrate.enabled else 0):
+        guard.check()
+        phase("migrate")
+        src, dst = (0, 1) if i % 2 == 0 else (1, 0)
+        if nodes < 2:
+            raise HostError("lab host has one NUMA node: host.numa_cells must be 2 or more")
+        t0 = time.monotonic()
+        for pid in st.procs.values():
+            host.run(["/usr/bin/migratepages", str(pid), str(src), str(dst)], timeout_s=3600)
+        st.events.append(
+            {
+                "ts_ns": host.now_ns(),
+                "phase": "migrate",
+                "event": "migrated",
+                "detail": f"numa {src}->{dst} in {time.monotonic() - t0:.2f}s",
+            }
+        )
+        time.sleep(p.migrate.settle_s)
+    if p.reclaim.enabled:
+        guard.check()
+        host.agent(
+            "swap-on",
+            "--kind",
+            p.reclaim.swap,
+            "--mib",
+            str(p.reclaim.swap_mib),
+            "--saved",
+            f"{WORK}/swap.json",
+        )
+        stack.callback(host.agent, "swap-off", "--saved", f"{WORK}/swap.json", timeout_s=900)
+        for _ in range(p.reclaim.repeats):
+            phase("reclaim")
+            out = host.agent(
+                "reclaim", "--cgroup", cgroup, "--mib", str(p.reclaim.reclaim_mib), timeout_s=3600
+            )
+            st.events.append(
+                {
+                    "ts_ns": host.now_ns(),
+                    "phase": "reclaim",
+                    "event": "reclaimed",
+                    "detail": f"memory.reclaim {p.reclaim.reclaim_mib} MiB: {out.strip()}",
+                }
+            )
+            time.sleep(p.reclaim.settle_s)
+    phase("restore")
+
+
+def stop_all(host: LabHost, st: LabState) -> None:
+    """Stop workloads and the sampler, then take the sampler's and collector's files."""
+    for name in [*st.procs, "sampler"]:
+        host.agent("stop", "--pidfile", f"{WORK}/{name}.pid")
+    st.samples = host.jsonl(f"{WORK}/samples.jsonl")
+
+
+def run_lab_trial(ctx: Any, trial: plan.Trial, res: Any, st: LabState) -> None:
+    """Boot the lab host for trial.kernel, run the phases, tear it all down; what was
+    measured is in `st` even when this raises."""
+    from orchestrator.runner import TeardownStack
+
+    token = ctx.store.run_id.rsplit("-", 1)[-1] + f"{int(time.time()) % 100000:05d}"
+    trial_dir = ctx.store.trial_dir(trial.trial_id)
+    with TeardownStack(ctx.guard) as stack:
+        fl = stack.enter_context(
+            fleet.Fleet(ctx.conn, ctx.store.run_id, trial.trial_id, ctx.domain_type)
+        )
+        host = boot_lab_host(fl, ctx.spec, trial.kernel, trial_dir, ctx.store.run_id, token)
+        try:
+            with TeardownStack(ctx.guard) as inner:
+                lab_phases(host, ctx.spec, trial, st, ctx.guard, inner)
+        finally:
+            st.latency = host.jsonl(f"{WORK}/latency.jsonl")
+            for name in ("samples.jsonl", "latency.jsonl", "collector.log"):
+                with_file(host, name, trial_dir)
+    res.kernel_release = st.facts.get("kernel_release", {}).get("value", "")
+
+
+def with_file(host: LabHost, name: str, trial_dir: Path) -> None:
+    """Keep a copy of a lab-host file in the run directory (missing files are fine)."""
+    try:
+        data = host.fl.read_file(host.name, f"{WORK}/{name}")
+    except GuestError:
+        return
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    (trial_dir / f"lab-{name}").write_bytes(data)
+
+
+def lab_tables(st: LabState, res: Any) -> dict[str, pd.DataFrame]:
+    """The run-store tables of a lab trial (same schema as a local trial's)."""
+    tid = res.trial_id
+    procs = sampling.process_table(st.samples, tid, st.t0_ns, st.marks)
+    tables = {
+        "ksm_samples": sampling.ksm_table(st.samples, tid, st.t0_ns, st.marks),
+        "vmstat_samples": sampling.vmstat_table(st.samples, tid, st.t0_ns, st.marks),
+        "process_samples": procs,
+        "phase_deltas": sampling.phase_deltas(st.samples, tid, st.marks),
+    }
+    events = pd.DataFrame(st.events, columns=["ts_ns", "phase", "event", "detail"])
+    events.insert(0, "trial_id", tid)
+    events["t_s"] = (events["ts_ns"] - st.t0_ns) / 1e9
+    tables["events"] = events
+    lat = pd.DataFrame(
+        st.latency,
+        columns=["ts_ns", "duration_ns", "method", "lower_bound", "pid", "comm", "caller"],
+    )
+    lat.insert(0, "trial_id", tid)
+    lat.insert(1, "kernel", res.kernel)
+    lat.insert(2, "trigger", sampling.label_phases(lat["ts_ns"], st.marks) if len(lat) else [])
+    lat["t_s"] = (lat["ts_ns"] - st.t0_ns) / 1e9
+    vmas = procs.groupby("phase")["ram_vmas"].max() if len(procs) else pd.Series(dtype=int)
+    lat["vmas"] = lat["trigger"].map(vmas).astype("Int64")
+    tables["latency"] = lat
+    fills = st.result.get("fills", {})
+    tables["guests"] = pd.DataFrame(
+        [
+            {
+                "trial_id": tid,
+                "guest": name,
+                "workload_kind": "host-process",
+                **{
+                    k: d.get(k)
+                    for k in (
+                        "fill_s",
+                        "dup_pages",
+                        "zero_pages",
+                        "unique_pages",
+                        "volatile_pages",
+                        "vmas",
+                    )
+                },
+            }
+            for name, d in fills.items()
+        ]
+    )
+    return tables
+
+
+def interrupted(e: BaseException) -> bool:
+    return isinstance(e, Interrupted)

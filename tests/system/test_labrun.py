@@ -1,0 +1,79 @@
+"""A lab host booting a Debian kernel: the host agent runs in it and kprobes time real
+rmap_walk_ksm walks of a small fragmented workload, through the normal run path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from orchestrator import hostagent
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+
+SPEC = """\
+name: lab-ci
+host: {kind: labvm, memory_mib: 2048, vcpus: 2, numa_cells: 2}
+kernels: ["%s"]
+fleet: {count: 2}
+workload: {mib: 8, dup: 1.0}
+host_workload: {copies: 2, mib: 8, fragment_vmas: 1000}
+ksm: {pages_to_scan: 5000, sleep_millisecs: 10}
+phases:
+  merge: {timeout_s: 180, settle_scans: 3}
+  migrate: {enabled: true, repeats: 1, settle_s: 0}
+  reclaim: {enabled: true, swap_mib: 256, reclaim_mib: 16, settle_s: 0}
+latency: {method: kprobe}
+"""
+
+
+@pytest.fixture(scope="module")
+def lab_image(lab: None):
+    from orchestrator import labimage
+
+    try:
+        return labimage.find_lab_image()
+    except Exception as e:  # built by `make lab-images`, which `make test` runs
+        pytest.skip(f"lab image missing: {e}")
+
+
+def test_lab_host_kprobe_samples(lab_image, tmp_path: Path, host_untouched) -> None:
+    kernel = (
+        "7.3" if any(k.label == "7.3" for k in lab_image.kernels) else lab_image.kernels[0].label
+    )
+    host_ksm_before = hostagent.read_ksm_knobs()
+    spec = tmp_path / "lab.yaml"
+    spec.write_text(SPEC % kernel)
+    cp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "run",
+            str(spec),
+            "--results",
+            str(tmp_path / "r"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
+    )
+    assert cp.returncode == 0, cp.stderr
+    run = next((tmp_path / "r").iterdir())
+    t = pd.read_parquet(run / "trials.parquet").iloc[0]
+    assert t.kernel == kernel and t.kernel_release.startswith(kernel)
+    assert t.latency_method == "kprobe"
+    lat = pd.read_parquet(run / "latency.parquet")
+    by = lat.groupby("trigger").size()
+    assert by.get("migrate", 0) > 100 and by.get("reclaim", 0) > 0, by.to_dict()
+    assert not lat.lower_bound.any() and (lat.method == "kprobe").all()
+    assert (lat[lat.trigger == "migrate"].vmas >= 1000).all()
+    # 2 pattern processes (8 MiB, all duplicated) + 2 fragmented copies (8 MiB): 16 MiB.
+    assert t.predicted_saving_mib == pytest.approx(16.0, abs=0.1)
+    assert t.measured_saving_mib == pytest.approx(t.predicted_saving_mib, rel=0.10)
+    assert hostagent.read_ksm_knobs() == host_ksm_before, "the lab host's KSM is its own"
