@@ -212,6 +212,7 @@ def lab_phases(
     st: LabState,
     guard: InterruptGuard,
     stack: ExitStack,
+    on_phase: Callable[[str], None],
 ) -> None:
     """Workloads, KSM, merge, then migrate and reclaim with kprobe timing; every step's
     undo is on the stack (the VM itself goes last)."""
@@ -219,6 +220,7 @@ def lab_phases(
     cgroup = f"densitylab-{tag}"
 
     def phase(name: str) -> None:
+        on_phase(name)
         st.marks.append(PhaseMark(name, host.now_ns()))
         st.events.append(
             {"ts_ns": st.marks[-1].ts_ns, "phase": name, "event": "phase-start", "detail": ""}
@@ -369,10 +371,19 @@ def run_lab_trial(ctx: Any, trial: plan.Trial, res: Any, st: LabState) -> None:
         fl = stack.enter_context(
             fleet.Fleet(ctx.conn, ctx.store.run_id, trial.trial_id, ctx.domain_type)
         )
+        ctx.progress.phase(trial.trial_id, "boot")
         host = boot_lab_host(fl, ctx.spec, trial.kernel, trial_dir, ctx.store.run_id, token)
         try:
             with TeardownStack(ctx.guard) as inner:
-                lab_phases(host, ctx.spec, trial, st, ctx.guard, inner)
+                lab_phases(
+                    host,
+                    ctx.spec,
+                    trial,
+                    st,
+                    ctx.guard,
+                    inner,
+                    lambda name: ctx.progress.phase(trial.trial_id, name),
+                )
         finally:
             st.latency = host.jsonl(f"{WORK}/latency.jsonl")
             for name in ("samples.jsonl", "latency.jsonl", "collector.log"):

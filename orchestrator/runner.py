@@ -6,6 +6,7 @@ workload, the sampler), so teardown runs LIFO on success, on error and on Ctrl-C
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -692,6 +693,7 @@ def new_manifest(
         "accel": "kvm" if domain_type == "kvm" else "tcg",
         "accel_how": facts["accel"]["how"],
         "images": {"tiny": describe_image(image), **lab_image_record(spec)},
+        **dict(zip(("kernels", "warnings"), kernel_records(spec), strict=True)),
         "seed": spec.seed,
         "workload_seed": spec.workload_seed,
         "started_at": store.utc_now(),
@@ -699,6 +701,45 @@ def new_manifest(
         "trials": [],
         "files": {},
     }
+
+
+def kernel_records(spec: Spec) -> tuple[list[dict[str, Any]], list[str]]:
+    """The kernels under test (release, origin, config hash) and A/B hygiene warnings:
+    two kernels that differ by more than the change under study."""
+    if spec.host.kind != "labvm":
+        return [
+            {"name": k, "release": os.uname().release, "origin": "running", "config_sha256": None}
+            for k in spec.kernels
+        ], []
+    import json
+
+    from orchestrator import labimage
+
+    built = json.loads(labimage.find_lab_image().manifest.read_text())["kernels"]
+    recs = [
+        {
+            "name": k["label"],
+            "release": k["release"],
+            "origin": k["origin"],
+            "config_sha256": k.get("config_sha256"),
+        }
+        for k in built
+        if k["label"] in spec.kernels
+    ]
+    warnings = []
+    for a, b in itertools.pairwise(recs):
+        diffs = []
+        if a["release"].split("+")[0] != b["release"].split("+")[0]:
+            diffs.append(f"versions {a['release']} vs {b['release']}")
+        if a["config_sha256"] != b["config_sha256"]:
+            diffs.append("configs differ")
+        if diffs:
+            warnings.append(
+                f"kernels {a['name']} and {b['name']} differ by more than the "
+                f"change under study ({'; '.join(diffs)}): other changes between "
+                "them can move these numbers too"
+            )
+    return recs, warnings
 
 
 def lab_image_record(spec: Spec) -> dict[str, Any]:

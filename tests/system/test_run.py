@@ -241,3 +241,15 @@ def test_resume_skips_finished_trials(tiny_image, tmp_path: Path, host_untouched
     cp = densitylab("run", str(other), "--resume", str(run))
     assert cp.returncode == 2
     assert "differs from the spec of run" in cp.stderr
+
+
+def test_sigint_during_reclaim_removes_swap_probes_and_cgroups(
+    tiny_image, tmp_path: Path, host_untouched
+) -> None:
+    run = RunningCli("experiments/reclaim-migrate.yaml", tmp_path)
+    run.wait_for_phase("reclaim", timeout_s=400)
+    run.p.send_signal(signal.SIGINT)
+    assert run.p.wait(timeout=300) == 130
+    manifest = json.loads((only_run_dir(tmp_path) / "manifest.json").read_text())
+    assert manifest["trials"][0]["status"] == "canceled"
+    # host_untouched: swap off and zram reset, trace instance and cgroups gone, KSM as before
