@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator import fleet, hostagent, labimage, plan, sampling
-from orchestrator.errors import GuestError, HostError, Interrupted
+from orchestrator.errors import GuestError, HostError
 from orchestrator.interrupts import InterruptGuard
 from orchestrator.sampling import PhaseMark, sharing_pages
 from orchestrator.spec import Spec
@@ -45,6 +45,7 @@ class LabState:
     samples: list[dict[str, Any]] = field(default_factory=list)
     latency: list[dict[str, Any]] = field(default_factory=list)
     procs: dict[str, int] = field(default_factory=dict)  # name -> pid inside the lab host
+    windows: list[tuple[int, int, str]] = field(default_factory=list)  # per-process migrations
     facts: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] = field(default_factory=dict)
 
@@ -313,8 +314,12 @@ def lab_triggers(
         if nodes < 2:
             raise HostError("lab host has one NUMA node: host.numa_cells must be 2 or more")
         t0 = time.monotonic()
-        for pid in st.procs.values():
+        for name, pid in st.procs.items():
+            # One process at a time, each window on the lab host's clock: every walk in
+            # it is for that process's pages, so its VMA count stands beside the walk.
+            start = host.now_ns()
             host.run(["/usr/bin/migratepages", str(pid), str(src), str(dst)], timeout_s=3600)
+            st.windows.append((start, host.now_ns(), name))
         st.events.append(
             {
                 "ts_ns": host.now_ns(),
@@ -425,6 +430,7 @@ def lab_tables(st: LabState, res: Any) -> dict[str, pd.DataFrame]:
     lat["t_s"] = (lat["ts_ns"] - st.t0_ns) / 1e9
     vmas = procs.groupby("phase")["ram_vmas"].max() if len(procs) else pd.Series(dtype=int)
     lat["vmas"] = lat["trigger"].map(vmas).astype("Int64")
+    attribute_windows(lat, st.windows, procs)
     tables["latency"] = lat
     fills = st.result.get("fills", {})
     tables["guests"] = pd.DataFrame(
@@ -451,5 +457,18 @@ def lab_tables(st: LabState, res: Any) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def interrupted(e: BaseException) -> bool:
-    return isinstance(e, Interrupted)
+def attribute_windows(
+    lat: pd.DataFrame, windows: list[tuple[int, int, str]], procs: pd.DataFrame
+) -> None:
+    """Walks inside one process's migration window get that process as `target` and its
+    own mergeable-VMA count (elsewhere `vmas` is the most any process had: an upper
+    bound of the precondition)."""
+    lat["target"] = pd.Series([None] * len(lat), dtype=object)
+    if lat.empty or not windows or procs.empty:
+        return
+    own = procs.groupby("guest")["ram_vmas"].max()
+    for start, end, name in windows:
+        inside = (lat["ts_ns"] >= start) & (lat["ts_ns"] <= end)
+        lat.loc[inside, "target"] = name
+        if name in own.index:
+            lat.loc[inside, "vmas"] = int(own[name])

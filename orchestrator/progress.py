@@ -116,11 +116,12 @@ def latency_summary(run_dir: Path) -> Table | None:
     t = Table(title="rmap_walk_ksm latency (us)")
     for c in ("trial", "trigger", "method", "walks", "p50", "p99", "max", "VMAs"):
         t.add_column(c, justify="left" if c in ("trial", "trigger", "method") else "right")
-    keys = ["trial_id", "trigger", "method", "lower_bound"]
-    for (trial, trigger, method, lower), g in lat.groupby(keys, sort=True):
+    lat = lat[lat.trigger.isin(["migrate", "reclaim"])]
+    lat = lat.assign(vmas_key=lat.vmas.fillna(-1).astype(int))
+    keys = ["trial_id", "trigger", "method", "lower_bound", "vmas_key"]
+    for (trial, trigger, method, lower, vmas), g in lat.groupby(keys, sort=True):
         us = g.duration_ns / 1000
         label = f"{method} (lower bound)" if lower else method
-        vmas = g.vmas.max()
         t.add_row(
             str(trial),
             str(trigger),
@@ -129,6 +130,6 @@ def latency_summary(run_dir: Path) -> Table | None:
             f"{us.quantile(0.5):.1f}",
             f"{us.quantile(0.99):.1f}",
             f"{us.max():.1f}",
-            "-" if pd.isna(vmas) else str(int(vmas)),
+            "-" if vmas < 0 else str(vmas),
         )
     return t
