@@ -1050,6 +1050,21 @@ def latency_by_vmas(lat: pd.DataFrame, min_n: int = 20) -> pd.DataFrame | None:
     return out
 
 
+MAX_VMA_LEVELS = 8
+
+
+def with_vmas_in_trigger(lat: pd.DataFrame) -> pd.DataFrame:
+    """Fold the precondition into the trigger label ("migrate @10000 VMAs"), so every
+    table and comparison stands per VMA count: the old walk's cost grows with it, and
+    pooling walks over different counts would hide exactly the effect under study."""
+    if "vmas" not in lat.columns or not lat["vmas"].notna().any():
+        return lat
+    if lat["vmas"].nunique() > MAX_VMA_LEVELS:
+        return lat  # a continuous precondition: the binned latency-vs-VMAs table covers it
+    v = lat["vmas"].map(lambda x: "?" if pd.isna(x) else str(int(x)))
+    return lat.assign(trigger=lat["trigger"].astype(str) + " @" + v + " VMAs")
+
+
 def analyze_latency(
     lat: pd.DataFrame,
     tm: pd.DataFrame,
@@ -1065,6 +1080,7 @@ def analyze_latency(
         lat = lat[keep]
     if lat.empty:
         return None
+    lat = with_vmas_in_trigger(lat)
     groups = _latency_groups(lat)
     lb = lat.groupby(["kernel", "trigger", "method"], observed=True)["lower_bound"].any()
     lower = {(str(k[0]), str(k[1]), str(k[2])): bool(v) for k, v in lb.items()}

@@ -26,7 +26,7 @@ class Trial:
 
 
 def expand(spec: Spec) -> list[Trial]:
-    """kernels x fleet sizes x host-workload VMA counts x repeats, repeats innermost.
+    """fleet sizes x host-workload VMA counts x repeats x kernels, kernels innermost.
 
     The VMA count appears in the trial id only when it is swept or the host workload is
     the point of the run (a lab host)."""
@@ -34,10 +34,10 @@ def expand(spec: Spec) -> list[Trial]:
     show_vmas = len(vmas) > 1 or spec.host.kind == "labvm"
     return [
         Trial(f"{k}-n{n}" + (f"-v{v}" if show_vmas else "") + f"-r{r}", k, n, r, v)
-        for k in spec.kernels
         for n in spec.fleet.counts
         for v in vmas
         for r in range(spec.repeats)
+        for k in spec.kernels  # innermost: kernels interleave, so host drift hits both
     ]
 
 
