@@ -25,18 +25,8 @@ from orchestrator.errors import HostError
 
 AGENT = Path(hostagent.__file__).resolve()
 PAGE_SIZE = 4096
-KSM_COLUMNS = (
-    "full_scans",
-    "pages_scanned",
-    "pages_shared",
-    "pages_sharing",
-    "pages_unshared",
-    "pages_volatile",
-    "pages_skipped",
-    "ksm_zero_pages",
-    "stable_node_chains",
-    "stable_node_dups",
-)
+# The host agent's counters, in its order; general_profit gets a unit in its name.
+KSM_COLUMNS = tuple(c for c in hostagent.KSM_COUNTERS if c != "general_profit")
 
 
 class Sampler:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import re
 import shutil
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +15,7 @@ import pytest
 from orchestrator.errors import HostError
 from orchestrator.images import CMDLINE, TinyImage, build_tiny_image, find_tiny_image
 from orchestrator.proc import spawn_group, stop_group
+from tests.qga import Agent
 
 pytestmark = pytest.mark.system
 
@@ -73,55 +72,6 @@ def test_forced_rebuild_is_byte_identical(image: TinyImage, tmp_path: Path) -> N
     assert sha256(rebuilt.initrd) == sha256(image.initrd)
 
 
-class Agent:
-    """A minimal qemu-ga client over QEMU's unix socket: one JSON document per line."""
-
-    def __init__(self, path: Path, timeout_s: float = 30.0):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout_s)
-        self.sock.connect(str(path))
-        self.reader = self.sock.makefile("rb")
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
-
-    def send(self, execute: str, **arguments: object) -> None:
-        msg: dict[str, object] = {"execute": execute}
-        if arguments:
-            msg["arguments"] = arguments
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-
-    def sync(self, sync_id: int) -> None:
-        """guest-sync, skipping stale replies a previous client may have left in the pipe."""
-        self.send("guest-sync", id=sync_id)
-        while (reply := json.loads(self.reader.readline())).get("return") != sync_id:
-            pass
-        assert reply == {"return": sync_id}
-
-    def call(self, execute: str, **arguments: object) -> object:
-        self.send(execute, **arguments)
-        reply = json.loads(self.reader.readline())
-        assert "return" in reply, reply
-        return reply["return"]
-
-    def exec_sh(self, script: str, timeout_s: float = 30.0) -> tuple[int, str]:
-        """guest-exec /bin/sh -c script with captured output; returns (exit code, stdout)."""
-        started = self.call(
-            "guest-exec", path="/bin/sh", arg=["-c", script], **{"capture-output": True}
-        )
-        assert isinstance(started, dict)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            status = self.call("guest-exec-status", pid=started["pid"])
-            assert isinstance(status, dict)
-            if status["exited"]:
-                out = base64.b64decode(status.get("out-data", "")).decode()
-                return int(status["exitcode"]), out
-            time.sleep(0.05)
-        pytest.fail(f"guest-exec {script!r} did not finish in {timeout_s} s")
-
-
 def qemu_argv(image: TinyImage, agent_socket: Path) -> list[str]:
     return [
         "qemu-system-x86_64", "-accel", "tcg", "-cpu", "qemu64", "-m", "256", "-nographic",
@@ -169,16 +119,16 @@ def test_guest_boots_to_ready_and_the_agent_works(booted: tuple[Path, Path, floa
     try:
         agent.sync(123)
         assert agent.call("guest-ping") == {}
-        rc, out = agent.exec_sh(
+        rc, out, _ = agent.exec_sh(
             "cat /sys/class/virtio-ports/*/name; readlink /dev/virtio-ports/org.qemu.guest_agent.0;"
             " test -b /dev/zram0 && echo zram ok"
         )
         assert rc == 0 and out.split() == ["org.qemu.guest_agent.0", "/dev/vport0p1", "zram", "ok"]
-        rc, out = agent.exec_sh("dlfill --mib 16 --dup 0.5 --zero 0.5 --console /dev/console")
+        rc, out, _ = agent.exec_sh("dlfill --mib 16 --dup 0.5 --zero 0.5 --console /dev/console")
         assert rc == 0 and out.startswith("DLFILL DONE "), out
         assert json.loads(out.removeprefix("DLFILL DONE "))["dup_pages"] == 2048
         wait_for_marker(console, "DLFILL DONE ", 10)
-        rc, out = agent.exec_sh("exit 7")
+        rc, out, _ = agent.exec_sh("exit 7")
         assert rc == 7
     finally:
         agent.close()

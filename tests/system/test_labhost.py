@@ -9,12 +9,9 @@ overlay per boot, direct kernel boot, qemu-ga on a unix socket. The image comes 
 
 from __future__ import annotations
 
-import base64
 import json
-import random
 import re
 import shutil
-import socket
 import statistics
 import time
 from collections import Counter
@@ -28,84 +25,18 @@ from orchestrator import kernels, labimage
 from orchestrator.errors import HostError
 from orchestrator.images import REPO_ROOT, build_dlfill
 from orchestrator.proc import run, spawn_group, stop_group
+from tests.qga import Agent
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 READY_TIMEOUT_S = 120.0
 MERGE_TIMEOUT_S = 180.0
-FILE_CHUNK_BYTES = 192 * 1024
 # Two dlfill instances with one seed: their dup pages merge pairwise across the two
 # processes (never within one). --fragment splits each region into 2000 VMAs sharing one
 # anon_vma: the shape where the old rmap_walk_ksm walks the whole interval tree.
 DLFILL_MIB = 16
 DLFILL_PAGES = DLFILL_MIB * 256
 FRAGMENT_VMAS = 2000
-
-
-class Agent:
-    """A minimal qemu-ga client over QEMU's unix socket: one JSON document per line."""
-
-    def __init__(self, path: Path, timeout_s: float = 60.0):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout_s)
-        self.sock.connect(str(path))
-        self.reader = self.sock.makefile("rb")
-
-    def close(self) -> None:
-        self.reader.close()
-        self.sock.close()
-
-    def send(self, execute: str, **arguments: object) -> None:
-        msg: dict[str, object] = {"execute": execute}
-        if arguments:
-            msg["arguments"] = arguments
-        self.sock.sendall(json.dumps(msg).encode() + b"\n")
-
-    def sync(self) -> None:
-        """guest-sync with a fresh id; replies to earlier requests (stale) are skipped."""
-        sync_id = random.randrange(1, 2**31)
-        self.send("guest-sync", id=sync_id)
-        while json.loads(self.reader.readline()).get("return") != sync_id:
-            pass
-
-    def call(self, execute: str, **arguments: object) -> object:
-        self.send(execute, **arguments)
-        reply = json.loads(self.reader.readline())
-        assert "return" in reply, reply
-        return reply["return"]
-
-    def exec_sh(self, script: str, timeout_s: float = 60.0) -> tuple[int, str, str]:
-        """guest-exec /bin/sh -c script; returns (exit code, stdout, stderr)."""
-        started = self.call(
-            "guest-exec", path="/bin/sh", arg=["-c", script], **{"capture-output": True}
-        )
-        assert isinstance(started, dict)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            status = self.call("guest-exec-status", pid=started["pid"])
-            assert isinstance(status, dict)
-            if status["exited"]:
-                out = base64.b64decode(status.get("out-data", "")).decode(errors="replace")
-                err = base64.b64decode(status.get("err-data", "")).decode(errors="replace")
-                return int(status.get("exitcode", -1)), out, err
-            time.sleep(0.05)
-        pytest.fail(f"guest-exec {script!r} did not finish in {timeout_s} s")
-
-    def ok(self, script: str, timeout_s: float = 60.0) -> str:
-        rc, out, err = self.exec_sh(script, timeout_s)
-        assert rc == 0, f"{script!r} exited {rc}: {err.strip() or out.strip()}"
-        return out
-
-    def push(self, data: bytes, path: str, mode: int = 0o644) -> None:
-        """Write a file into the guest (guest-file-*), then chmod it."""
-        handle = self.call("guest-file-open", path=path, mode="w")
-        try:
-            for i in range(0, len(data), FILE_CHUNK_BYTES):
-                chunk = base64.b64encode(data[i : i + FILE_CHUNK_BYTES]).decode()
-                self.call("guest-file-write", handle=handle, **{"buf-b64": chunk})
-        finally:
-            self.call("guest-file-close", handle=handle)
-        self.ok(f"chmod {mode:o} {path}")
 
 
 @dataclass
