@@ -401,6 +401,13 @@ def stage_userland(root: Path, inputs: BuildInputs, dlfill: Path, key: str) -> N
     write_file(root / "etc" / "densitylab" / "image-key", f"{key}\n".encode(), 0o644)
 
 
+def host_dlfill() -> Path:
+    """The in-tree dlfill for host-side workloads (and lab hosts), made (or brought up
+    to date with its source) by make: cheap when it is current."""
+    run(["make", "-s", "-C", WORKLOAD_DIR], timeout_s=300)
+    return Path(WORKLOAD_DIR) / "dlfill"
+
+
 def build_dlfill(scratch: Path) -> Path:
     """A fresh static dlfill in scratch (never the developer's in-tree binary)."""
     out = scratch / "dlfill-build"

@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator import fleet, hostagent, labimage, plan, sampling
+from orchestrator import fleet, hostagent, images, labimage, plan, sampling
 from orchestrator.errors import GuestError, HostError
 from orchestrator.interrupts import InterruptGuard
 from orchestrator.sampling import PhaseMark, sharing_pages
@@ -106,9 +106,8 @@ def boot_lab_host(
     host = LabHost(fl, name)
     host.run(["/bin/mkdir", "-p", "/opt/densitylab", WORK])
     fl.write_file(name, AGENT_PATH, Path(hostagent.__file__).read_bytes(), 0o644)
-    from orchestrator.triggers import DLFILL  # the same static binary as the tiny guest's
-
-    fl.write_file(name, DLFILL_PATH, DLFILL.read_bytes(), 0o755)
+    # The same static binary as the tiny guest's and the host's.
+    fl.write_file(name, DLFILL_PATH, images.host_dlfill().read_bytes(), 0o755)
     return host
 
 

@@ -636,6 +636,9 @@ def run_trial(
     except DensitylabError as e:
         res.status, res.reason = "failed", str(e)
         log.error("%s failed: %s", trial.trial_id, e)
+    except Exception as e:  # a bug: still record the trial (teardown already ran)
+        res.status, res.reason = "failed", f"internal error: {type(e).__name__}: {e}"
+        log.exception("%s failed with an internal error", trial.trial_id)
     if lab is not None:
         tables = labrun.lab_tables(lab, res)
         finish_lab_result(lab, res, tables)

@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator import hostagent, proc
+from orchestrator import hostagent, images, proc
 from orchestrator.errors import HostError
 from orchestrator.spec import HostWorkload, Migrate, Reclaim
 
 log = logging.getLogger(__name__)
 
-DLFILL = Path(__file__).resolve().parent.parent / "images" / "workload" / "dlfill"
 MIB = 1 << 20
 EventFn = Callable[[str, str], None]  # (event, detail)
 
@@ -101,8 +100,7 @@ def start_host_workload(
     fragmented into `vmas` VMAs, in a memory cgroup of ours."""
     if w.copies == 0:
         return []
-    if not DLFILL.exists():
-        raise HostError(f"{DLFILL} missing: run 'make images'")
+    dlfill = images.host_dlfill()
     mounts = hostagent.read_text(hostagent.PROC / "self" / "mounts")
     cg = hostagent.memcg_create(f"densitylab-{run_id}", mounts)
     stack.callback(hostagent.memcg_remove, cg)
@@ -113,7 +111,7 @@ def start_host_workload(
         with open(out, "wb") as f:
             p = proc.spawn_group(
                 [
-                    DLFILL,
+                    dlfill,
                     "--mib",
                     str(w.mib),
                     "--dup",
