@@ -74,6 +74,8 @@ def test_lab_host_kprobe_samples(lab_image, tmp_path: Path, host_untouched) -> N
     assert not lat.lower_bound.any() and (lat.method == "kprobe").all()
     # Each process migrates on its own: its walks carry its own VMA count.
     mig = lat[lat.trigger == "migrate"]
+    assert mig.target.notna().mean() > 0.99  # walks outside a window: other kernel work
+    mig = mig[mig.target.notna()]
     assert set(mig.target) == {"pattern-0", "pattern-1", "fragmented-0", "fragmented-1"}
     assert (mig[mig.target.str.startswith("fragmented")].vmas == 1000).all()
     assert (mig[mig.target.str.startswith("pattern")].vmas == 1).all()
