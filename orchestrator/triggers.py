@@ -174,17 +174,25 @@ def migrate_once(
 def offline_blocks(pids: list[int], run_id: str, event: EventFn) -> None:
     """Migrate exactly the pages of interest: offline (then online) each memory block
     holding mergeable pages of these processes. Compaction only moves what lies below
-    its scanners' meeting point, so on a compacted host it may move nothing of ours."""
+    its scanners' meeting point, so on a compacted host it may move nothing of ours.
+
+    A block with one unmovable page cannot go offline; once the kernel has scattered
+    unmovable allocations over every block holding ours (seen here after hours of
+    runs), this falls back to compaction and says so in the events."""
     blocks = hostagent.memory_blocks_of(pids)
     saved = hostagent.STATE_DIR / f"offline-{run_id}.json"
     t0 = time.monotonic()
     done = [b for b in sorted(blocks) if hostagent.offline_online_block(b, saved)]
     refused = len(blocks) - len(done)
     if not done:
-        raise HostError(
-            "phases.migrate.method: offline: the kernel refused to offline every "
-            f"memory block holding our pages ({len(blocks)} blocks)"
+        event(
+            "offline-refused",
+            f"all {len(blocks)} memory blocks holding our pages have "
+            "unmovable pages: falling back to compaction",
         )
+        hostagent.compact_memory()
+        event("compacted", f"{time.monotonic() - t0:.2f}s (fallback)")
+        return
     event(
         "offlined",
         f"{len(done)} memory blocks in {time.monotonic() - t0:.2f}s"
