@@ -263,19 +263,36 @@ def reclaim_v2(cg: Path, cfg: Reclaim, cgroup_kind: str, event: EventFn) -> None
     )
 
 
+V1_CREEP_MIB = 8
+
+
+def set_limit_v1(cg: Path, nbytes: int) -> bool:
+    """Try a v1 limit a few times; the kernel gives up with EBUSY when it cannot reclaim
+    enough in one go, and each retry reclaims more."""
+    for _ in range(V1_STEP_TRIES):
+        try:
+            hostagent.memcg_set_limit_v1(cg, nbytes)
+            return True
+        except hostagent.AgentError:
+            continue
+    return False
+
+
 def reclaim_v1_steps(cg: Path, cfg: Reclaim, stack: ExitStack, event: EventFn) -> None:
-    """Step the v1 limit down. The kernel gives up a step with EBUSY when it cannot
-    reclaim enough in one go; each retry reclaims more, so a step is tried a few times."""
+    """Step the v1 limit down. A step the kernel refuses (EBUSY) is approached from the
+    cgroup's usage in 8 MiB decrements: one big step fails where small ones go through."""
     original = hostagent.read_text(cg / "memory.limit_in_bytes").strip()
     stack.callback(hostagent.memcg_set_limit_v1, cg, original)
     for step in cfg.v1_limit_steps_mib:
-        for attempt in range(1, V1_STEP_TRIES + 1):
-            try:
-                hostagent.memcg_set_limit_v1(cg, step * MIB)
-                event("limit-step", f"{cg.name} {step} MiB (try {attempt})")
-                break
-            except hostagent.AgentError as e:
-                if attempt == V1_STEP_TRIES:
-                    event("limit-step-failed", f"{cg.name} {step} MiB: {e}")
+        if set_limit_v1(cg, step * MIB):
+            event("limit-step", f"{cg.name} {step} MiB")
+            continue
+        limit = hostagent.memcg_usage_bytes(cg) // MIB
+        while limit > step and set_limit_v1(cg, limit * MIB):
+            limit = max(step, limit - V1_CREEP_MIB)
+        if limit == step and set_limit_v1(cg, step * MIB):
+            event("limit-step", f"{cg.name} {step} MiB (in {V1_CREEP_MIB} MiB decrements)")
+        else:
+            event("limit-step-failed", f"{cg.name} {step} MiB: EBUSY at {limit} MiB")
     hostagent.memcg_set_limit_v1(cg, original)
     event("limit-restored", cg.name)
