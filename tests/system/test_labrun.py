@@ -74,7 +74,7 @@ def test_lab_host_kprobe_samples(lab_image, tmp_path: Path, host_untouched) -> N
     assert not lat.lower_bound.any() and (lat.method == "kprobe").all()
     # Each process migrates on its own: its walks carry its own VMA count.
     mig = lat[lat.trigger == "migrate"]
-    assert mig.target.notna().mean() > 0.99  # walks outside a window: other kernel work
+    assert mig.target.notna().mean() > 0.95  # walks outside a window: other kernel work
     mig = mig[mig.target.notna()]
     # The first of two sharers moves the shared KSM page; the second finds it moved.
     assert {"pattern-0", "fragmented-0"} <= set(mig.target)
