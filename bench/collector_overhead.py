@@ -80,7 +80,13 @@ def main() -> int:
                 f"round {i}: without {plain[1] / plain[0]:9.0f} pages/s   "
                 f"with {traced[1] / traced[0]:9.0f} pages/s   ({walks} walks timed)"
             )
-    rate = [(p[1] / p[0], t[1] / t[0]) for p, t, _ in rows]
+    rate = [(p[1] / p[0], t[1] / t[0]) for p, t, _ in rows if p[1] and t[1]]
+    if not rate:
+        print(
+            "no round migrated pages on both sides (the kernel refused to offline the "
+            "blocks and compaction found nothing of ours): no figure"
+        )
+        return 1
     ratios = [t / p for p, t in rate]
     print(
         f"\nmethod {method}, {args.vmas} VMAs, {2 * args.mib} MiB merged, "
