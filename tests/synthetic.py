@@ -24,6 +24,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from orchestrator import store
+
 PAGE_BYTES = 4096
 PAGES_PER_MIB = (1 << 20) // PAGE_BYTES
 NS = 1_000_000_000
@@ -45,18 +47,7 @@ VMSTAT_COUNTERS = (
     "pgmigrate_success",
     "compact_migrate_scanned",
 )
-ALL_TABLES = frozenset(
-    {
-        "trials",
-        "ksm_samples",
-        "vmstat_samples",
-        "process_samples",
-        "guests",
-        "events",
-        "latency",
-        "phase_deltas",
-    }
-)
+ALL_TABLES = frozenset(store.TABLES)  # the run store's own list
 TRIGGER_SHARE = {"migrate": 0.5, "reclaim": 0.3, "compaction": 0.2}
 
 
