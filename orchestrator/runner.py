@@ -538,10 +538,15 @@ def latency_table(st: TrialState, res: TrialResult, procs: pd.DataFrame) -> pd.D
     return lat
 
 
+def ksmd_cpu_delta(samples: list[dict[str, Any]]) -> float | None:
+    """ksmd CPU seconds between the first and the last sample that has them."""
+    cpu = [s["ksmd_cpu_s"] for s in samples if s.get("ksmd_cpu_s") is not None]
+    return (cpu[-1] - cpu[0]) if len(cpu) >= 2 else None
+
+
 def finish_result(st: TrialState, res: TrialResult) -> None:
     samples = st.sampler.samples if st.sampler else []
-    cpu = [s["ksmd_cpu_s"] for s in samples if s.get("ksmd_cpu_s") is not None]
-    res.ksmd_cpu_s = (cpu[-1] - cpu[0]) if len(cpu) >= 2 else None
+    res.ksmd_cpu_s = ksmd_cpu_delta(samples)
     res.ended_ns = time.monotonic_ns()
 
 
@@ -549,8 +554,7 @@ def finish_lab_result(
     lab: labrun.LabState, res: TrialResult, tables: dict[str, pd.DataFrame]
 ) -> None:
     """Trial figures of a lab trial from its samples (the lab host's own clock)."""
-    cpu = [s["ksmd_cpu_s"] for s in lab.samples if s.get("ksmd_cpu_s") is not None]
-    res.ksmd_cpu_s = (cpu[-1] - cpu[0]) if len(cpu) >= 2 else None
+    res.ksmd_cpu_s = ksmd_cpu_delta(lab.samples)
     res.settled = bool(lab.result.get("settled"))
     res.latency_method = lab.result.get("latency_method")
     res.walks = len(tables["latency"])

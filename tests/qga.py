@@ -79,3 +79,16 @@ class Agent:
         finally:
             self.call("guest-file-close", handle=handle)
         self.ok(f"chmod {mode:o} {path}")
+
+
+def wait_for_marker(console: Path, marker: str, timeout_s: float) -> float:
+    """Seconds until marker shows on the console log; fails on an error marker or timeout."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        text = console.read_text(errors="replace")
+        if marker in text:
+            return time.monotonic() - t0
+        if "DENSITYLAB: error" in text or "Kernel panic" in text:
+            pytest.fail(f"guest failed before {marker!r}:\n{text[-3000:]}")
+        time.sleep(0.1)
+    pytest.fail(f"no {marker!r} within {timeout_s} s:\n{console.read_text()[-3000:]}")

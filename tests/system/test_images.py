@@ -15,7 +15,7 @@ import pytest
 from orchestrator.errors import HostError
 from orchestrator.images import CMDLINE, TinyImage, build_tiny_image, find_tiny_image
 from orchestrator.proc import spawn_group, stop_group
-from tests.qga import Agent
+from tests.qga import Agent, wait_for_marker
 
 pytestmark = pytest.mark.system
 
@@ -81,19 +81,6 @@ def qemu_argv(image: TinyImage, agent_socket: Path) -> list[str]:
         "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
         "-no-reboot",
     ]  # fmt: skip
-
-
-def wait_for_marker(console: Path, marker: str, timeout_s: float) -> float:
-    """Seconds until marker shows on the console log; fails on an error marker or timeout."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        text = console.read_text(errors="replace")
-        if marker in text:
-            return time.monotonic() - t0
-        if "DENSITYLAB: error" in text or "Kernel panic" in text:
-            pytest.fail(f"guest failed before {marker!r}:\n{text[-2000:]}")
-        time.sleep(0.1)
-    pytest.fail(f"no {marker!r} within {timeout_s} s:\n{console.read_text()[-2000:]}")
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from orchestrator import kernels, labimage
 from orchestrator.errors import HostError
 from orchestrator.images import REPO_ROOT, build_dlfill
 from orchestrator.proc import run, spawn_group, stop_group
-from tests.qga import Agent
+from tests.qga import Agent, wait_for_marker
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -45,19 +45,6 @@ class Boot:
     console: Path
     agent: Agent
     ready_s: float
-
-
-def wait_for_marker(console: Path, marker: str, timeout_s: float) -> float:
-    """Seconds until marker shows on the console; fails on an error marker or timeout."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        text = console.read_text(errors="replace")
-        if marker in text:
-            return time.monotonic() - t0
-        if "DENSITYLAB: error" in text or "Kernel panic" in text:
-            pytest.fail(f"lab host failed before {marker!r}:\n{text[-3000:]}")
-        time.sleep(0.1)
-    pytest.fail(f"no {marker!r} within {timeout_s} s:\n{console.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
