@@ -150,7 +150,7 @@ def start_workloads(
             "--fragment",
             str(trial.vmas),
             "--seed",
-            str(seed + 1),
+            str(spec.host_workload_seed),
             "--instance",
             str(i),
             "--hold",

@@ -279,7 +279,7 @@ def run_phases(ctx: RunContext, trial: plan.Trial, st: TrialState, res: TrialRes
         st.host_procs = triggers.start_host_workload(
             spec.host_workload,
             trial.vmas,
-            spec.workload_seed,
+            spec.host_workload_seed,
             run_id,
             stack,
             ctx.store.trial_dir(trial.trial_id),
@@ -703,6 +703,7 @@ def new_manifest(
         **dict(zip(("kernels", "warnings"), kernel_records(spec), strict=True)),
         "seed": spec.seed,
         "workload_seed": spec.workload_seed,
+        "host_workload_seed": spec.host_workload_seed,
         "started_at": store.utc_now(),
         "ended_at": None,
         "trials": [],

@@ -267,6 +267,12 @@ class Spec(Strict):
     def workload_seed(self) -> int:
         return self.workload.seed if self.workload.seed is not None else self.seed
 
+    @property
+    def host_workload_seed(self) -> int:
+        """A seed of its own, so host copies never merge with the guests' pages: the
+        prediction counts the two sets apart, and so does the scramble."""
+        return self.workload_seed + 1
+
 
 UNION_TAG_RE = re.compile(r"^(constrained-|function-)|\[|^(int|str|float|bool)$")
 
