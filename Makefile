@@ -12,7 +12,7 @@ APT_TEST := chromium
 VENV_STAMP := $(VENV)/.installed-$(shell sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 
 .PHONY: setup setup-test apt-core apt-test images lab-start lab-stop doctor demo test \
-	lint unit system clean-host report compare bench ab-demo
+	lint unit system clean-host report compare bench bench-collector ab-demo
 
 setup: apt-core $(VENV_STAMP)
 
@@ -74,6 +74,13 @@ report: setup
 bench: setup images
 	@started=$$(scripts/labd start | grep -c '^labd: running' || true); \
 	$(PY) bench/fleet_start.py; rc=$$?; \
+	[ "$$started" = 1 ] && scripts/labd stop >/dev/null; exit $$rc
+
+# What the rmap_walk_ksm collector costs: NUMA migration throughput with and without the
+# kprobe collector, in ABBA pairs inside a lab host per kernel. About 5 minutes.
+bench-collector: setup images lab-images
+	@started=$$(scripts/labd start | grep -c '^labd: running' || true); \
+	$(PY) bench/collector_overhead.py; rc=$$?; \
 	[ "$$started" = 1 ] && scripts/labd stop >/dev/null; exit $$rc
 
 # The lab-host image (Debian trixie rootfs + the 6.12 and 7.x kernels under test) for

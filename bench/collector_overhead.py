@@ -1,12 +1,21 @@
 """What the rmap_walk_ksm collector costs: migration throughput with and without it.
 
-Two host processes share a KSM-merged region fragmented into many VMAs of one anon_vma;
-each round migrates every page of theirs (memory-block offline/online of the blocks that
-hold them, or NUMA migratepages where the host has two nodes) and counts pages migrated
-per second, alternating without / with the collector, so a drift of the machine hits
-both sides alike. Prints the medians and the per-pair ratio.
+Two processes share a KSM-merged region fragmented into many VMAs of one anon_vma
+(the shape where every migrated KSM page costs an rmap_walk_ksm over those VMAs). Each
+round migrates every page of theirs and counts pages migrated per second; rounds go in
+pairs, one without and one with the collector, in alternating order (ABBA), so a drift
+of the machine hits both sides alike. Prints per-pair figures, the medians and the
+with/without ratio.
 
-    .venv/bin/python bench/collector_overhead.py [--rounds 5] [--mib 64] [--vmas 2000]
+Where:
+  --where lab (default): inside a lab-host VM per kernel (two NUMA cells, NUMA
+    migratepages between them, kprobe collector), the case the kernel A/B runs use.
+    ksmd is stopped once the region is merged, so only the migrations are timed.
+  --where host: on this host, with its best tracing method; migration by NUMA where the
+    host has two nodes, else memory-block offline/online (the kernel may refuse).
+
+    .venv/bin/python bench/collector_overhead.py [--kernel 6.12 --kernel 7.3]
+        [--pairs 5] [--mib 32] [--vmas 2000]
 """
 
 from __future__ import annotations
@@ -16,89 +25,227 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator import hostagent
-from orchestrator.sampling import Collector
-from orchestrator.spec import HostWorkload
-from orchestrator.triggers import start_host_workload
+
+LAB_SPEC = """\
+name: bench-collector
+host: {kind: labvm, memory_mib: 2048, vcpus: 2, numa_cells: 2}
+kernels: ["%s"]
+"""
 
 
-def pgmigrate_success() -> int:
-    return hostagent.read_vmstat()["pgmigrate_success"]
+@dataclass
+class Round:
+    traced: bool
+    seconds: float
+    pages: int
+    walks: int  # timed by the collector (0 on untraced rounds)
+
+    @property
+    def pages_per_s(self) -> float:
+        return self.pages / self.seconds if self.seconds > 0 else 0.0
 
 
-def migrate_round(pids: list[int], run_id: str, nodes: int, i: int) -> tuple[float, int]:
-    """(seconds, pages migrated) for one pass over the processes' pages."""
-    from orchestrator import triggers
-    from orchestrator.spec import Migrate
+def run_pairs(
+    pairs: int,
+    plain: Callable[[int], tuple[float, int]],
+    traced: Callable[[int], tuple[float, int, int]],
+) -> list[tuple[Round, Round]]:
+    """ABBA order: pair i runs plain-then-traced for even i, traced-then-plain for odd.
+    Round n gets its index (the migration direction alternates with it)."""
+    out = []
+    n = 0
+    for i in range(pairs):
+        got: dict[bool, Round] = {}
+        for with_collector in (False, True) if i % 2 == 0 else (True, False):
+            got[with_collector] = (
+                Round(True, *traced(n)) if with_collector else Round(False, *plain(n), 0)
+            )
+            n += 1
+        p, t = got[False], got[True]
+        out.append((p, t))
+        print(
+            f"pair {i}: without {p.pages_per_s:9.0f} pages/s ({p.seconds:6.2f} s)   "
+            f"with {t.pages_per_s:9.0f} pages/s ({t.seconds:6.2f} s, {t.walks} walks timed)",
+            flush=True,
+        )
+    return out
 
-    method = "numa" if nodes >= 2 else "offline"
-    m0, t0 = pgmigrate_success(), time.monotonic()
-    triggers.migrate_once(
-        Migrate(enabled=True, method=method), nodes, pids, i, lambda e, d: None, run_id
+
+def summarize(label: str, pairs: list[tuple[Round, Round]]) -> bool:
+    good = [(p, t) for p, t in pairs if p.pages and t.pages]
+    if not good:
+        print(f"{label}: no pair migrated pages on both sides: no figure")
+        return False
+    ratios = [t.pages_per_s / p.pages_per_s for p, t in good]
+    walks = [t.walks / t.seconds for _, t in good]
+    plain_rate = statistics.median(p.pages_per_s for p, _ in good)
+    traced_rate = statistics.median(t.pages_per_s for _, t in good)
+    print(f"\n{label}: {len(good)} pairs, {good[0][0].pages} pages per round")
+    print(f"  median pages/s without collector: {plain_rate:.0f}")
+    print(f"  median pages/s with collector:    {traced_rate:.0f}")
+    print(f"  median walks/s timed (with):      {statistics.median(walks):.0f}")
+    print(
+        f"  with/without throughput ratio: median {statistics.median(ratios):.3f} "
+        f"(min {min(ratios):.3f}, max {max(ratios):.3f})"
     )
-    return time.monotonic() - t0, pgmigrate_success() - m0
+    return True
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--mib", type=int, default=64)
-    ap.add_argument("--vmas", type=int, default=2000)
-    args = ap.parse_args()
+# ---------------------------------------------------------------- inside a lab host
+
+
+def lab_bench(kernel: str, args: argparse.Namespace) -> bool:
+    from orchestrator import fleet, labrun
+    from orchestrator.runner import pick_domain_type
+    from orchestrator.spec import load_spec_text
+
+    spec, _ = load_spec_text(LAB_SPEC % kernel, "bench")
+    run_id = f"bench-collector-{int(time.time())}"
+    tag = "bench"
+    work = labrun.WORK
+    conn = fleet.connect()
+    domain_type = pick_domain_type("auto", {"accel": hostagent.probe_accel()})
+    with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
+        stack.callback(conn.close)
+        fl = stack.enter_context(fleet.Fleet(conn, run_id, f"bench-{kernel}", domain_type))
+        t0 = time.monotonic()
+        host = labrun.boot_lab_host(fl, spec, kernel, Path(tmp), run_id, f"bench{kernel}")
+        release = host.run(["/usr/bin/uname", "-r"]).strip()
+        print(f"lab host {kernel} ({release}) ready in {time.monotonic() - t0:.0f} s", flush=True)
+        pids = []
+        for i in range(2):
+            pidfile = f"{work}/frag-{i}.pid"
+            pid = host.agent(
+                "spawn", "--out", f"{work}/frag-{i}.out", "--pidfile", pidfile, "--",
+                "/usr/bin/numactl", "--membind=0", "--", labrun.DLFILL_PATH,
+                "--mib", str(args.mib), "--dup", "1", "--mergeable",
+                "--fragment", str(args.vmas), "--seed", "7", "--instance", str(i), "--hold",
+            )  # fmt: skip
+            stack.callback(host.agent, "stop", "--pidfile", pidfile)
+            pids.append(int(pid.strip()))
+            labrun.wait_done_line(host, f"{work}/frag-{i}.out")
+        saved = f"{work}/ksm.json"
+        host.agent(
+            "ksm-apply", "--saved", saved, "run=1", "pages_to_scan=5000", "sleep_millisecs=10"
+        )
+        stack.callback(host.agent, "ksm-restore", "--saved", saved)
+        want = args.mib * 256  # pages_sharing once every page of copy 1 maps copy 0's
+        deadline = time.monotonic() + 300
+        while int(host.read("/sys/kernel/mm/ksm/pages_sharing")) < want:
+            if time.monotonic() > deadline:
+                print(f"{kernel}: KSM did not merge the region within 300 s")
+                return False
+            time.sleep(1)
+        # Stop scanning, keep the merged pages: ksmd's work would blur the timing.
+        host.agent("ksm-apply", "--saved", f"{work}/ksm-stop.json", "run=0")
+
+        def pgmigrate() -> int:
+            vm = hostagent.parse_key_values(host.read("/proc/vmstat"))
+            return vm["pgmigrate_success"]
+
+        def migrate(n: int) -> tuple[float, int]:
+            src, dst = (0, 1) if n % 2 == 0 else (1, 0)
+            cmds = "; ".join(f"/usr/bin/migratepages {p} {src} {dst}" for p in pids)
+            m0 = pgmigrate()
+            out = host.run(
+                ["/bin/sh", "-c", f"a=$(date +%s%N); {cmds}; b=$(date +%s%N); echo $((b-a))"],
+                timeout_s=3600,
+            )
+            return int(out.strip()) / 1e9, pgmigrate() - m0
+
+        def traced(n: int) -> tuple[float, int, int]:
+            out, log, pidfile = (f"{work}/lat-{n}.jsonl", f"{work}/col-{n}.log", f"{work}/col.pid")
+            host.agent(
+                "spawn", "--out", log, "--pidfile", pidfile, "--", "/usr/bin/python3",
+                labrun.AGENT_PATH, "trace", "--method", "kprobe", "--out", out, "--tag", tag,
+            )  # fmt: skip
+            try:
+                deadline = time.monotonic() + 60
+                while "collector: ready" not in host.read(log):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"collector did not start: {host.read(log)}")
+                    time.sleep(0.3)
+                seconds, pages = migrate(n)
+            finally:
+                host.agent("stop", "--pidfile", pidfile)
+            return seconds, pages, sum(1 for ln in host.read(out).splitlines() if ln.strip())
+
+        results = run_pairs(args.pairs, migrate, traced)
+        return summarize(
+            f"kernel {kernel} ({release}), kprobe collector, {args.vmas} VMAs", results
+        )
+
+
+# ---------------------------------------------------------------- on this host
+
+
+def host_bench(args: argparse.Namespace) -> bool:
+    from orchestrator import triggers
+    from orchestrator.sampling import Collector
+    from orchestrator.spec import HostWorkload, Migrate
+
     facts = hostagent.probe_host(check_bpf=True)
     methods = facts["tracing"]["value"]
     if not methods:
         print("no tracing method on this host: nothing to measure")
-        return 1
+        return False
     method, nodes = methods[0], int(facts["numa"]["value"])
+    how = "numa" if nodes >= 2 else "offline"
     run_id = f"bench-collector-{int(time.time())}"
-    rows = []
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         saved = hostagent.STATE_DIR / f"ksm-{run_id}.json"
         hostagent.apply_ksm({"pages_to_scan": 5000, "sleep_millisecs": 10, "run": 1}, saved)
         stack.callback(hostagent.restore_ksm, saved)
-        procs = start_host_workload(
+        procs = triggers.start_host_workload(
             HostWorkload(copies=2, mib=args.mib), args.vmas, 7, run_id, stack, Path(tmp)
         )
         pids = [p.pid for p in procs]
         deadline = time.monotonic() + 120
-        while hostagent.read_ksm_counters()["pages_sharing"] < args.mib * 200:
+        while hostagent.read_ksm_counters()["pages_sharing"] < args.mib * 256:
             if time.monotonic() > deadline:
                 print("KSM did not merge the workload within 120 s")
-                return 1
+                return False
             time.sleep(0.5)
-        for i in range(args.rounds):
-            plain = migrate_round(pids, run_id, nodes, 2 * i)
-            with Collector(Path(tmp) / f"lat{i}.jsonl", method, run_id.replace("-", "_")) as c:
-                traced = migrate_round(pids, run_id, nodes, 2 * i + 1)
-            walks = len(c.samples())
-            rows.append((plain, traced, walks))
-            print(
-                f"round {i}: without {plain[1] / plain[0]:9.0f} pages/s   "
-                f"with {traced[1] / traced[0]:9.0f} pages/s   ({walks} walks timed)"
+
+        def migrate(n: int) -> tuple[float, int]:
+            m0, t0 = hostagent.read_vmstat()["pgmigrate_success"], time.monotonic()
+            triggers.migrate_once(
+                Migrate(enabled=True, method=how), nodes, pids, n, lambda e, d: None, run_id
             )
-    rate = [(p[1] / p[0], t[1] / t[0]) for p, t, _ in rows if p[1] and t[1]]
-    if not rate:
-        print(
-            "no round migrated pages on both sides (the kernel refused to offline the "
-            "blocks and compaction found nothing of ours): no figure"
+            return time.monotonic() - t0, hostagent.read_vmstat()["pgmigrate_success"] - m0
+
+        def traced(n: int) -> tuple[float, int, int]:
+            with Collector(Path(tmp) / f"lat{n}.jsonl", method, run_id.replace("-", "_")) as c:
+                seconds, pages = migrate(n)
+            return seconds, pages, len(c.samples())
+
+        results = run_pairs(args.pairs, migrate, traced)
+        return summarize(
+            f"this host, {method} collector, {how} migration, {args.vmas} VMAs", results
         )
-        return 1
-    ratios = [t / p for p, t in rate]
-    print(
-        f"\nmethod {method}, {args.vmas} VMAs, {2 * args.mib} MiB merged, "
-        f"{'numa' if nodes >= 2 else 'memory-block offline'} migration, {args.rounds} pairs"
-    )
-    print(f"median pages/s without collector: {statistics.median(p for p, _ in rate):.0f}")
-    print(f"median pages/s with collector:    {statistics.median(t for _, t in rate):.0f}")
-    print(
-        f"with/without throughput ratio: median {statistics.median(ratios):.3f} "
-        f"(min {min(ratios):.3f}, max {max(ratios):.3f})"
-    )
-    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("--where", choices=["lab", "host"], default="lab")
+    ap.add_argument("--kernel", action="append", help="lab kernel label (default: all built)")
+    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--mib", type=int, default=32)
+    ap.add_argument("--vmas", type=int, default=2000)
+    args = ap.parse_args()
+    if args.where == "lab":
+        from orchestrator import labimage
+
+        kernels = args.kernel or [k.label for k in labimage.find_lab_image().kernels]
+        ok = [lab_bench(k, args) for k in kernels]
+        return 0 if all(ok) else 1
+    return 0 if host_bench(args) else 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 The first signal raises (unless inside `deferred()`, where it is only recorded and
 checked by the code that can stop cleanly, such as an Ansible play's cancel callback).
 Later signals are recorded and ignored: teardown must not itself be interrupted.
+
+The request is sticky: `check()` raises again outside `deferred()` however often it is
+called. A raise from the handler can be lost: one that lands in a file's close (a write
+the kernel interrupted with EINTR) comes out as an OSError, which callers may handle.
 """
 
 from __future__ import annotations
@@ -21,7 +25,6 @@ log = logging.getLogger(__name__)
 class InterruptGuard:
     def __init__(self) -> None:
         self.signum: int | None = None
-        self._raised = False
         self._defer = 0
 
     @property
@@ -34,13 +37,12 @@ class InterruptGuard:
             return
         self.signum = signum
         if self._defer == 0:
-            self._raised = True
             raise Interrupted(signum)
 
     def check(self) -> None:
-        """Raise Interrupted once if a signal arrived while deferred."""
-        if self.signum is not None and not self._raised:
-            self._raised = True
+        """Raise Interrupted if a signal arrived (outside `deferred()`: teardown runs
+        deferred and must finish)."""
+        if self.signum is not None and self._defer == 0:
             raise Interrupted(self.signum)
 
     @contextmanager

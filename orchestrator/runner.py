@@ -638,8 +638,12 @@ def run_trial(
     except Interrupted as e:
         res.status, res.reason, interrupted = "canceled", str(e), e
     except DensitylabError as e:
-        res.status, res.reason = "failed", str(e)
-        log.error("%s failed: %s", trial.trial_id, e)
+        if ctx.guard.signum is not None:  # failed because it was stopping (a canceled play)
+            interrupted = Interrupted(ctx.guard.signum)
+            res.status, res.reason = "canceled", f"{interrupted} ({e})"
+        else:
+            res.status, res.reason = "failed", str(e)
+            log.error("%s failed: %s", trial.trial_id, e)
     except Exception as e:  # a bug: still record the trial (teardown already ran)
         res.status, res.reason = "failed", f"internal error: {type(e).__name__}: {e}"
         log.exception("%s failed with an internal error", trial.trial_id)

@@ -269,7 +269,9 @@ def test_sigint_during_reclaim_removes_swap_probes_and_cgroups(
     run = RunningCli("experiments/reclaim-migrate.yaml", tmp_path)
     run.wait_for_phase("reclaim", timeout_s=400)
     run.p.send_signal(signal.SIGINT)
-    assert run.p.wait(timeout=300) == 130
+    rc = run.p.wait(timeout=300)
+    time.sleep(0.2)  # let the reader thread take the last lines
+    assert rc == 130, "".join(run.lines)
     manifest = json.loads((only_run_dir(tmp_path) / "manifest.json").read_text())
     assert manifest["trials"][0]["status"] == "canceled"
     # host_untouched: swap off and zram reset, trace instance and cgroups gone, KSM as before
