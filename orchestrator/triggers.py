@@ -233,7 +233,10 @@ def provide_swap(cfg: Reclaim, run_id: str, stack: ExitStack, event: EventFn) ->
     event("swap-on", f"{cfg.swap} {dev} {cfg.swap_mib} MiB")
 
 
-V1_STEP_TRIES = 5
+# Measured on a 6.18 host: the first write of a lower limit often fails with EBUSY while
+# referenced KSM pages are being aged; after a 0.2 s pause a retry goes through.
+V1_STEP_TRIES = 10
+V1_RETRY_PAUSE_S = 0.2
 
 
 def reclaim_once(
@@ -267,9 +270,11 @@ V1_CREEP_MIB = 8
 
 
 def set_limit_v1(cg: Path, nbytes: int) -> bool:
-    """Try a v1 limit a few times; the kernel gives up with EBUSY when it cannot reclaim
-    enough in one go, and each retry reclaims more."""
-    for _ in range(V1_STEP_TRIES):
+    """Try a v1 limit a few times, pausing between tries; the kernel gives up with EBUSY
+    when it cannot reclaim enough in one go, and each retry reclaims more."""
+    for attempt in range(V1_STEP_TRIES):
+        if attempt:
+            time.sleep(V1_RETRY_PAUSE_S)
         try:
             hostagent.memcg_set_limit_v1(cg, nbytes)
             return True

@@ -223,6 +223,8 @@ def test_reclaim_and_migrate_with_latency(tiny_image, tmp_path: Path, host_untou
     deltas = pd.read_parquet(run / "phase_deltas.parquet")
     reclaim = deltas[deltas.phase == "reclaim"].set_index("counter").delta
     assert reclaim["pswpout"] > 0
+    # KSM pages went to swap too: the merged pages of the host copies alone are 16,384.
+    assert reclaim["pages_sharing"] < -4096, reclaim["pages_sharing"]
     # Every cgroup holding mergeable memory had its limit stepped down (each step either
     # went through or is reported with the usage where the kernel said EBUSY).
     steps = events[events.event.isin(["limit-step", "limit-step-failed"])]
