@@ -195,6 +195,11 @@ def test_sigkill_then_clean_restores_the_host(tiny_image, tmp_path: Path, host_u
     assert cp.returncode == 0 and "nothing to clean" in cp.stdout
 
 
+def deltas_of(run: Path, phase: str) -> pd.Series:
+    deltas = pd.read_parquet(run / "phase_deltas.parquet")
+    return deltas[deltas.phase == phase].set_index("counter").delta
+
+
 def test_reclaim_and_migrate_with_latency(tiny_image, tmp_path: Path, host_untouched) -> None:
     from orchestrator import hostagent
 
@@ -208,20 +213,18 @@ def test_reclaim_and_migrate_with_latency(tiny_image, tmp_path: Path, host_untou
     lat = pd.read_parquet(run / "latency.parquet")
     mig = lat[lat.trigger == "migrate"]
     events = pd.read_parquet(run / "events.parquet")
-    if (events.event == "offlined").any():
-        # Offlining the blocks that hold our pages migrates every one of them.
-        assert len(mig) > 1000, len(mig)
-    else:
-        # The kernel refused every block (unmovable pages): compaction moves what it
-        # finds, which on an already compacted host may be none of ours.
-        assert (events.event == "offline-refused").any()
+    # Offlining the blocks that hold our pages migrates every one of them; where the
+    # kernel refuses every block (unmovable pages) compaction runs instead, and moves the
+    # freshly allocated workload up the zone (measured: 6-12 k walks per run here).
+    assert (events.event == "offlined").any() or (events.event == "offline-refused").any()
+    migrated = deltas_of(run, "migrate")["pgmigrate_success"]
+    assert len(mig) > 1000, (len(mig), f"pgmigrate_success {migrated}")
     assert (mig.vmas >= 2000).all(), "the precondition (VMAs) stands beside each sample"
     if t.latency_method == "tracepoint-proxy":
         assert mig.lower_bound.all() and (mig.method == "tracepoint-proxy").all()
         assert "reclaim: unavailable here" in t.latency_notes
-        assert len(mig) == 0 or "lower bound" in cp.stdout
-    deltas = pd.read_parquet(run / "phase_deltas.parquet")
-    reclaim = deltas[deltas.phase == "reclaim"].set_index("counter").delta
+        assert "lower bound" in cp.stdout
+    reclaim = deltas_of(run, "reclaim")
     assert reclaim["pswpout"] > 0
     # KSM pages went to swap too: the merged pages of the host copies alone are 16,384.
     assert reclaim["pages_sharing"] < -4096, reclaim["pages_sharing"]
@@ -230,8 +233,7 @@ def test_reclaim_and_migrate_with_latency(tiny_image, tmp_path: Path, host_untou
     steps = events[events.event.isin(["limit-step", "limit-step-failed"])]
     assert steps.detail.str.startswith("densitylab-").any()
     assert steps.detail.str.startswith("qemu-").any()
-    migrate = deltas[deltas.phase == "migrate"].set_index("counter").delta
-    assert migrate["pgmigrate_success"] > 0 or not (events.event == "offlined").any()
+    assert migrated > 0
     # The scramble leaves the host copies nothing to merge with: not each other, and not
     # the guests (their seed differs, or scrambled pages would pair up across the two).
     procs = pd.read_parquet(run / "process_samples.parquet")
