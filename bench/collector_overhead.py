@@ -2,7 +2,8 @@
 
 Two processes share a KSM-merged region fragmented into many VMAs of one anon_vma
 (the shape where every migrated KSM page costs an rmap_walk_ksm over those VMAs). Each
-round migrates every page of theirs and counts pages migrated per second; rounds go in
+round migrates every page of theirs (in a lab host: back and forth between the nodes
+until the round has lasted --min-round-s) and counts pages migrated per second; rounds go in
 pairs, one without and one with the collector, in alternating order (ABBA), so a drift
 of the machine hits both sides alike. Prints per-pair figures, the medians and the
 with/without ratio.
@@ -15,7 +16,7 @@ Where:
     host has two nodes, else memory-block offline/online (the kernel may refuse).
 
     .venv/bin/python bench/collector_overhead.py [--kernel 6.12 --kernel 7.3]
-        [--pairs 5] [--mib 32] [--vmas 2000]
+        [--pairs 5] [--mib 32] [--vmas 2000] [--min-round-s 3]
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from orchestrator import hostagent
 
@@ -86,7 +88,8 @@ def summarize(label: str, pairs: list[tuple[Round, Round]]) -> bool:
     walks = [t.walks / t.seconds for _, t in good]
     plain_rate = statistics.median(p.pages_per_s for p, _ in good)
     traced_rate = statistics.median(t.pages_per_s for _, t in good)
-    print(f"\n{label}: {len(good)} pairs, {good[0][0].pages} pages per round")
+    per_round = statistics.median(r.pages for pair in good for r in pair)
+    print(f"\n{label}: {len(good)} pairs, median {per_round:.0f} pages migrated per round")
     print(f"  median pages/s without collector: {plain_rate:.0f}")
     print(f"  median pages/s with collector:    {traced_rate:.0f}")
     print(f"  median walks/s timed (with):      {statistics.median(walks):.0f}")
@@ -149,15 +152,28 @@ def lab_bench(kernel: str, args: argparse.Namespace) -> bool:
             vm = hostagent.parse_key_values(host.read("/proc/vmstat"))
             return vm["pgmigrate_success"]
 
-        def migrate(n: int) -> tuple[float, int]:
-            src, dst = (0, 1) if n % 2 == 0 else (1, 0)
+        node = [0]  # where the pages are now
+
+        def one_pass() -> tuple[float, int]:
+            """Every page of both processes to the other node, timed inside the lab host."""
+            src, dst = node[0], 1 - node[0]
             cmds = "; ".join(f"/usr/bin/migratepages {p} {src} {dst}" for p in pids)
             m0 = pgmigrate()
             out = host.run(
                 ["/bin/sh", "-c", f"a=$(date +%s%N); {cmds}; b=$(date +%s%N); echo $((b-a))"],
                 timeout_s=3600,
             )
+            node[0] = dst
             return int(out.strip()) / 1e9, pgmigrate() - m0
+
+        def migrate(_n: int) -> tuple[float, int]:
+            # Passes until the round lasts min_round_s: one pass on the new kernel takes
+            # ~0.3 s, too short to time against the agent's own noise.
+            seconds, pages = 0.0, 0
+            while seconds < args.min_round_s:
+                s, p = one_pass()
+                seconds, pages = seconds + s, pages + p
+            return seconds, pages
 
         def traced(n: int) -> tuple[float, int, int]:
             out, log, pidfile = (f"{work}/lat-{n}.jsonl", f"{work}/col-{n}.log", f"{work}/col.pid")
@@ -173,7 +189,10 @@ def lab_bench(kernel: str, args: argparse.Namespace) -> bool:
                     time.sleep(0.3)
                 seconds, pages = migrate(n)
             finally:
-                host.agent("stop", "--pidfile", pidfile)
+                # The collector drains its buffer before it removes its probes.
+                host.agent("stop", "--pidfile", pidfile, "--grace-s", "900", timeout_s=960)
+            if "collector: stopped" not in host.read(log):
+                raise RuntimeError(f"the collector did not stop cleanly: {host.read(log)[-500:]}")
             return seconds, pages, sum(1 for ln in host.read(out).splitlines() if ln.strip())
 
         results = run_pairs(args.pairs, migrate, traced)
@@ -196,7 +215,7 @@ def host_bench(args: argparse.Namespace) -> bool:
         print("no tracing method on this host: nothing to measure")
         return False
     method, nodes = methods[0], int(facts["numa"]["value"])
-    how = "numa" if nodes >= 2 else "offline"
+    how: Literal["numa", "offline"] = "numa" if nodes >= 2 else "offline"
     run_id = f"bench-collector-{int(time.time())}"
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         saved = hostagent.STATE_DIR / f"ksm-{run_id}.json"
@@ -238,6 +257,7 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--mib", type=int, default=32)
     ap.add_argument("--vmas", type=int, default=2000)
+    ap.add_argument("--min-round-s", type=float, default=3.0, help="lab: repeat passes per round")
     args = ap.parse_args()
     if args.where == "lab":
         from orchestrator import labimage

@@ -468,10 +468,13 @@ class TraceInstance:
         write_text(path, "1")
         self.enabled.append(path)
 
-    def __exit__(self, *exc: object) -> None:
+    def disable_events(self) -> None:
         for path in self.enabled:
             with contextlib.suppress(AgentError):
                 write_text(path, "0")
+
+    def __exit__(self, *exc: object) -> None:
+        self.disable_events()
         remove_trace_instance(self.dir)
 
 
@@ -559,6 +562,7 @@ def run_collector(method: str, out: Path, tag: str, parent_pid: int | None = Non
 
     if method == "bpf-fentry":
         run_bpf_collector(out, should_stop)
+        print("collector: stopped", file=sys.stderr, flush=True)
         return
     with tracefs() as root, open(out, "a") as f:
         group = KPROBE_GROUP_PREFIX + tag
@@ -576,10 +580,29 @@ def run_collector(method: str, out: Path, tag: str, parent_pid: int | None = Non
                 else:
                     raise AgentError(f"unknown latency method {method!r}")
                 print("collector: ready", file=sys.stderr, flush=True)
-                stream_trace(inst.dir / "trace_pipe", handle, f, should_stop)
+                stream_trace(inst.dir / "trace_pipe", handle, f, quiet_on_stop(inst, should_stop))
         finally:
             if method == "kprobe":
                 remove_kprobes(root, group)
+    # Said only once everything above is removed: a killed collector never says it.
+    print("collector: stopped", file=sys.stderr, flush=True)
+
+
+def quiet_on_stop(inst: TraceInstance, should_stop: Any) -> Any:
+    """should_stop that, the first time it says stop, disables the events: the drain then
+    reads what is buffered instead of racing new events (a busy walk source can emit
+    faster than a slow VM parses)."""
+    quiet: list[bool] = []
+
+    def check() -> bool:
+        if not should_stop():
+            return False
+        if not quiet:
+            inst.disable_events()
+            quiet.append(True)
+        return True
+
+    return check
 
 
 BPF_PROGRAM = """
@@ -1036,6 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("now", help="print CLOCK_MONOTONIC in ns (to line up remote phases)")
     st = sub.add_parser("stop", help="stop a process started by spawn")
     st.add_argument("--pidfile", type=Path, required=True)
+    st.add_argument("--grace-s", type=float, default=30, help="SIGKILL after this long")
     sw = sub.add_parser("swap-on", help="provide swap (zram or swapfile)")
     sw.add_argument("--kind", choices=["zram", "swapfile"], default="zram")
     sw.add_argument("--mib", type=int, required=True)
@@ -1063,7 +1087,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "now":
             print(time.monotonic_ns())
         elif args.cmd == "stop":
-            stop_pidfile(args.pidfile)
+            stop_pidfile(args.pidfile, args.grace_s)
         elif args.cmd == "swap-on":
             print(swap_on(args.kind, args.mib, args.saved))
         elif args.cmd == "swap-off":

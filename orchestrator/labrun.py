@@ -297,7 +297,7 @@ def lab_triggers(
             "--tag",
             tag,
         )
-        stack.callback(host.agent, "stop", "--pidfile", f"{WORK}/collector.pid")
+        stack.callback(stop_collector, host, st)
         deadline = time.monotonic() + 60
         while "collector: ready" not in host.read(f"{WORK}/collector.log"):
             if time.monotonic() > deadline:
@@ -355,6 +355,21 @@ def lab_triggers(
             )
             time.sleep(p.reclaim.settle_s)
     phase("restore")
+
+
+def stop_collector(host: LabHost, st: LabState) -> None:
+    """Stop the collector, giving it time to drain its buffer (a slow VM parses ~10^4
+    events/s); a collector that had to be killed is said in the events."""
+    host.agent("stop", "--pidfile", f"{WORK}/collector.pid", "--grace-s", "600", timeout_s=660)
+    if "collector: stopped" not in host.read(f"{WORK}/collector.log"):
+        st.events.append(
+            {
+                "ts_ns": host.now_ns(),
+                "phase": "restore",
+                "event": "collector-killed",
+                "detail": "did not drain within 600 s: latency samples are incomplete",
+            }
+        )
 
 
 def stop_all(host: LabHost, st: LabState) -> None:

@@ -72,6 +72,7 @@ def test_lab_host_kprobe_samples(lab_image, tmp_path: Path, host_untouched) -> N
     by = lat.groupby("trigger").size()
     assert by.get("migrate", 0) > 100 and by.get("reclaim", 0) > 0, by.to_dict()
     assert not lat.lower_bound.any() and (lat.method == "kprobe").all()
+    assert "collector: stopped" in next(run.glob("trials/*/lab-collector.log")).read_text()
     # Each process migrates on its own: its walks carry its own VMA count.
     mig = lat[lat.trigger == "migrate"]
     assert mig.target.notna().mean() > 0.95  # walks outside a window: other kernel work

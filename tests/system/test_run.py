@@ -220,6 +220,8 @@ def test_reclaim_and_migrate_with_latency(tiny_image, tmp_path: Path, host_untou
     migrated = deltas_of(run, "migrate")["pgmigrate_success"]
     assert len(mig) > 1000, (len(mig), f"pgmigrate_success {migrated}")
     assert (mig.vmas >= 2000).all(), "the precondition (VMAs) stands beside each sample"
+    # The collector drained and removed its probes itself (a killed one never says so).
+    assert "collector: stopped" in next(run.glob("trials/*/latency.stderr")).read_text()
     if t.latency_method == "tracepoint-proxy":
         assert mig.lower_bound.all() and (mig.method == "tracepoint-proxy").all()
         assert "reclaim: unavailable here" in t.latency_notes

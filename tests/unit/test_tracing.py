@@ -93,3 +93,25 @@ def test_latency_method_choice() -> None:
     assert pick_latency("auto", ["kprobe", "tracepoint-proxy"], ["reclaim"]).method == "kprobe"
     assert pick_latency("none", ["kprobe"], ["migrate"]).method is None
     assert pick_latency("auto", [], ["migrate"]).method is None
+
+
+def test_stop_disables_events_before_the_drain(tmp_path: Path) -> None:
+    """The first stop answer turns the instance's events off, so the drain reads only
+    what is buffered. Run against a directory laid out like tracefs."""
+    inst_root = tmp_path / "instances"
+    inst_root.mkdir()
+    enable = tmp_path / "instances" / "densitylab-t" / "events" / "migrate" / "x" / "enable"
+    with h.TraceInstance(tmp_path, "densitylab-t") as inst:
+        enable.parent.mkdir(parents=True)
+        inst.enable("migrate/x")
+        stop = [False]
+        check = h.quiet_on_stop(inst, lambda: stop[0])
+        assert not check() and enable.read_text() == "1"
+        stop[0] = True
+        assert check() and enable.read_text() == "0"
+        enable.write_text("1")  # only the first stop answer disables
+        assert check() and enable.read_text() == "1"
+        enable.write_text("0")
+        for p in sorted(inst.dir.rglob("*"), reverse=True):  # rmdir needs it empty here
+            p.unlink() if p.is_file() else p.rmdir()
+    assert not (inst_root / "densitylab-t").exists()
