@@ -392,6 +392,15 @@ def run_lab_trial(ctx: Any, trial: plan.Trial, res: Any, st: LabState) -> None:
         )
         ctx.progress.phase(trial.trial_id, "boot")
         host = boot_lab_host(fl, ctx.spec, trial.kernel, trial_dir, ctx.store.run_id, token)
+        if fl.guests[0].boot_retries:
+            st.events.append(
+                {
+                    "ts_ns": host.now_ns(),
+                    "phase": "boot",
+                    "event": "boot-retry",
+                    "detail": "kernel panic before ready (TCG); booted once more, console kept",
+                }
+            )
         try:
             with TeardownStack(ctx.guard) as inner:
                 lab_phases(

@@ -496,6 +496,7 @@ def trial_tables(st: TrialState, res: TrialResult) -> dict[str, pd.DataFrame]:
                 "pid": g.pid,
                 "boot_s": g.boot_s,
                 "ready_s": g.ready_s,
+                "boot_retries": g.boot_retries,
                 **(
                     {k: v for k, v in asdict(fills[g.name]).items() if k != "guest"}
                     if g.name in fills

@@ -74,7 +74,12 @@ def test_guest_that_cannot_boot_fails_clearly(tiny_image, tmp_path: Path, host_u
         fleet.Fleet(conn, "pytest-fleet-0003", "t0", "qemu") as fl,
     ):
         fl.define([guest("dl-pytest-fleet-bad", tiny_image, tmp_path, img=img)])
+        bad = fl.guests[0]
         fl.start_all()
         fl.wait_ready(timeout_s=60)
+    # A panic before ready gets one more boot (TCG flakes); the first console is kept.
+    assert bad.boot_retries == fleet.BOOT_RETRIES == 1
+    assert "Kernel panic" in (tmp_path / "dl-pytest-fleet-bad.panic1.log").read_text()
+    assert "Kernel panic" in (tmp_path / "dl-pytest-fleet-bad.log").read_text()
     assert fleet.tagged_domains(conn) == []
     conn.close()

@@ -18,10 +18,11 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from subprocess import Popen
 
 import pytest
 
-from orchestrator import kernels, labimage
+from orchestrator import fleet, kernels, labimage
 from orchestrator.errors import HostError
 from orchestrator.images import REPO_ROOT, build_dlfill
 from orchestrator.proc import run, spawn_group, stop_group
@@ -77,12 +78,9 @@ def booted(
     tmp = tmp_path_factory.mktemp(f"labhost-{kernel.label}")
     console, overlay = tmp / "console.log", tmp / "overlay.qcow2"
     plan = labimage.BootPlan(image, kernel, overlay, tmp / "qga.sock")
-    labimage.create_overlay(image.rootfs, overlay)
     try:
-        with console.open("wb") as log:
-            qemu = spawn_group(labimage.qemu_argv(plan), stdout=log.fileno(), stderr=log.fileno())
+        qemu, ready_s = boot_until_ready(plan, console)
         try:
-            ready_s = wait_for_marker(console, "DENSITYLAB: ready", READY_TIMEOUT_S)
             agent = Agent(plan.agent_socket)
             try:
                 agent.sync()
@@ -94,6 +92,27 @@ def booted(
             stop_group(qemu)
     finally:
         overlay.unlink(missing_ok=True)
+
+
+def boot_until_ready(plan: labimage.BootPlan, console: Path) -> tuple[Popen[bytes], float]:
+    """Boot and wait for ready. A kernel panic before ready gets one more boot from a
+    fresh overlay, the policy the fleet applies (fleet.BOOT_RETRIES): under TCG the
+    Debian kernels now and then panic in early boot, an emulator flake."""
+    for attempt in range(1 + fleet.BOOT_RETRIES):
+        plan.overlay.unlink(missing_ok=True)
+        plan.agent_socket.unlink(missing_ok=True)
+        labimage.create_overlay(plan.image.rootfs, plan.overlay)
+        with console.open("wb") as log:
+            qemu = spawn_group(labimage.qemu_argv(plan), stdout=log.fileno(), stderr=log.fileno())
+        try:
+            return qemu, wait_for_marker(console, "DENSITYLAB: ready", READY_TIMEOUT_S)
+        except pytest.fail.Exception:
+            stop_group(qemu)
+            text = console.read_text(errors="replace")
+            if attempt == fleet.BOOT_RETRIES or fleet.PANIC_MARKER not in text:
+                raise
+            console.rename(console.with_name(f"console.panic{attempt + 1}.log"))
+    raise AssertionError("unreachable")
 
 
 def test_boots_the_kernel_with_two_nodes_memcg_and_tracefs(booted: Boot) -> None:
