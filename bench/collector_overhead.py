@@ -104,7 +104,7 @@ def summarize(label: str, pairs: list[tuple[Round, Round]]) -> bool:
 
 
 def lab_bench(kernel: str, args: argparse.Namespace) -> bool:
-    from orchestrator import fleet, labrun
+    from orchestrator import fleet, images, labrun
     from orchestrator.runner import pick_domain_type
     from orchestrator.spec import load_spec_text
 
@@ -126,9 +126,8 @@ def lab_bench(kernel: str, args: argparse.Namespace) -> bool:
             pidfile = f"{work}/frag-{i}.pid"
             pid = host.agent(
                 "spawn", "--out", f"{work}/frag-{i}.out", "--pidfile", pidfile, "--",
-                "/usr/bin/numactl", "--membind=0", "--", labrun.DLFILL_PATH,
-                "--mib", str(args.mib), "--dup", "1", "--mergeable",
-                "--fragment", str(args.vmas), "--seed", "7", "--instance", str(i), "--hold",
+                "/usr/bin/numactl", "--membind=0", "--",
+                *images.fragmented_copy_argv(labrun.DLFILL_PATH, args.mib, args.vmas, 7, i),
             )  # fmt: skip
             stack.callback(host.agent, "stop", "--pidfile", pidfile)
             pids.append(int(pid.strip()))
@@ -176,22 +175,14 @@ def lab_bench(kernel: str, args: argparse.Namespace) -> bool:
             return seconds, pages
 
         def traced(n: int) -> tuple[float, int, int]:
-            out, log, pidfile = (f"{work}/lat-{n}.jsonl", f"{work}/col-{n}.log", f"{work}/col.pid")
-            host.agent(
-                "spawn", "--out", log, "--pidfile", pidfile, "--", "/usr/bin/python3",
-                labrun.AGENT_PATH, "trace", "--method", "kprobe", "--out", out, "--tag", tag,
-            )  # fmt: skip
+            out, log = f"{work}/lat-{n}.jsonl", f"{work}/col-{n}.log"
+            labrun.start_collector(host, "kprobe", tag, out, log)
             try:
-                deadline = time.monotonic() + 60
-                while "collector: ready" not in host.read(log):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"collector did not start: {host.read(log)}")
-                    time.sleep(0.3)
                 seconds, pages = migrate(n)
             finally:
                 # The collector drains its buffer before it removes its probes.
-                host.agent("stop", "--pidfile", pidfile, "--grace-s", "900", timeout_s=960)
-            if "collector: stopped" not in host.read(log):
+                clean = labrun.stop_collector(host, log)
+            if not clean:
                 raise RuntimeError(f"the collector did not stop cleanly: {host.read(log)[-500:]}")
             return seconds, pages, sum(1 for ln in host.read(out).splitlines() if ln.strip())
 

@@ -408,6 +408,15 @@ def host_dlfill() -> Path:
     return Path(WORKLOAD_DIR) / "dlfill"
 
 
+def fragmented_copy_argv(dlfill: str, mib: int, vmas: int, seed: int, instance: int) -> list[str]:
+    """dlfill holding `mib` of pages shared with every copy of the same seed, split into
+    `vmas` VMAs of one anon_vma: the shape the old rmap_walk_ksm is slow on."""
+    return [
+        dlfill, "--mib", str(mib), "--dup", "1", "--mergeable", "--fragment", str(vmas),
+        "--seed", str(seed), "--instance", str(instance), "--hold",
+    ]  # fmt: skip
+
+
 def build_dlfill(scratch: Path) -> Path:
     """A fresh static dlfill in scratch (never the developer's in-tree binary)."""
     out = scratch / "dlfill-build"

@@ -140,21 +140,9 @@ def start_workloads(
             "--hold",
         ]
     for i in range(hw.copies):
-        jobs[f"fragmented-{i}"] = [
-            DLFILL_PATH,
-            "--mib",
-            str(hw.mib),
-            "--dup",
-            "1",
-            "--mergeable",
-            "--fragment",
-            str(trial.vmas),
-            "--seed",
-            str(spec.host_workload_seed),
-            "--instance",
-            str(i),
-            "--hold",
-        ]
+        jobs[f"fragmented-{i}"] = images.fragmented_copy_argv(
+            DLFILL_PATH, hw.mib, trial.vmas, spec.host_workload_seed, i
+        )
     # Start on node 0, so that migrating 0 -> 1 moves every page (then 1 -> 0).
     bind = ["/usr/bin/numactl", "--membind=0", "--"] if spec.host.numa_cells > 1 else []
     for name, argv in jobs.items():
@@ -280,31 +268,8 @@ def lab_triggers(
     )
     st.result["latency_method"] = method
     if method and method != "none":
-        host.agent(
-            "spawn",
-            "--out",
-            f"{WORK}/collector.log",
-            "--pidfile",
-            f"{WORK}/collector.pid",
-            "--",
-            "/usr/bin/python3",
-            AGENT_PATH,
-            "trace",
-            "--method",
-            method,
-            "--out",
-            f"{WORK}/latency.jsonl",
-            "--tag",
-            tag,
-        )
-        stack.callback(stop_collector, host, st)
-        deadline = time.monotonic() + 60
-        while "collector: ready" not in host.read(f"{WORK}/collector.log"):
-            if time.monotonic() > deadline:
-                raise HostError(
-                    f"lab collector did not start: {host.read(f'{WORK}/collector.log')}"
-                )
-            time.sleep(0.5)
+        start_collector(host, method, tag, f"{WORK}/latency.jsonl", f"{WORK}/collector.log")
+        stack.callback(stop_trial_collector, host, st)
     nodes = int(st.facts["numa"]["value"])
     for i in range(p.migrate.repeats if p.migrate.enabled else 0):
         guard.check()
@@ -357,11 +322,31 @@ def lab_triggers(
     phase("restore")
 
 
-def stop_collector(host: LabHost, st: LabState) -> None:
-    """Stop the collector, giving it time to drain its buffer (a slow VM parses ~10^4
-    events/s); a collector that had to be killed is said in the events."""
-    host.agent("stop", "--pidfile", f"{WORK}/collector.pid", "--grace-s", "600", timeout_s=660)
-    if "collector: stopped" not in host.read(f"{WORK}/collector.log"):
+def start_collector(host: LabHost, method: str, tag: str, out: str, log: str) -> None:
+    """Start the host agent's latency collector (pidfile beside its log) and wait until
+    its probes are in place."""
+    host.agent(
+        "spawn", "--out", log, "--pidfile", log.removesuffix(".log") + ".pid", "--",
+        "/usr/bin/python3", AGENT_PATH, "trace", "--method", method, "--out", out, "--tag", tag,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while "collector: ready" not in host.read(log):
+        if time.monotonic() > deadline:
+            raise HostError(f"lab collector did not start: {host.read(log)[-500:]}")
+        time.sleep(0.3)
+
+
+def stop_collector(host: LabHost, log: str) -> bool:
+    """Stop a collector, giving it time to drain its buffer (a slow VM parses ~10^4
+    events/s). True when it removed its probes and stopped by itself."""
+    pidfile = log.removesuffix(".log") + ".pid"
+    host.agent("stop", "--pidfile", pidfile, "--grace-s", "600", timeout_s=660)
+    return "collector: stopped" in host.read(log)
+
+
+def stop_trial_collector(host: LabHost, st: LabState) -> None:
+    """A collector that had to be killed is said in the trial's events."""
+    if not stop_collector(host, f"{WORK}/collector.log"):
         st.events.append(
             {
                 "ts_ns": host.now_ns(),

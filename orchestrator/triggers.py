@@ -110,21 +110,7 @@ def start_host_workload(
         out = out_dir / f"host-dlfill-{i}.out"
         with open(out, "wb") as f:
             p = proc.spawn_group(
-                [
-                    dlfill,
-                    "--mib",
-                    str(w.mib),
-                    "--dup",
-                    "1",
-                    "--mergeable",
-                    "--fragment",
-                    str(vmas),
-                    "--seed",
-                    str(seed),
-                    "--instance",
-                    str(i),
-                    "--hold",
-                ],
+                images.fragmented_copy_argv(str(dlfill), w.mib, vmas, seed, i),
                 stdout=f.fileno(),
                 # Join the cgroup before exec: memory is charged where it is first
                 # touched, and moving a process later does not move its charge (v1).
