@@ -215,7 +215,7 @@ def host_bench(args: argparse.Namespace) -> bool:
         procs = triggers.start_host_workload(
             HostWorkload(copies=2, mib=args.mib), args.vmas, 7, run_id, stack, Path(tmp)
         )
-        pids = [p.pid for p in procs]
+        pids = {f"host-dlfill-{i}": p.pid for i, p in enumerate(procs)}
         deadline = time.monotonic() + 120
         while hostagent.read_ksm_counters()["pages_sharing"] < args.mib * 256:
             if time.monotonic() > deadline:

@@ -828,6 +828,64 @@ def offline_online_block(block: int, saved_path: Path) -> bool:
     return True
 
 
+SYS_MOVE_PAGES_X86_64 = 279
+# MOVE_ALL, not MOVE: a KSM page is mapped many times, and MPOL_MF_MOVE skips any page
+# mapped by more than one process.
+MPOL_MF_MOVE_ALL = 1 << 2
+
+
+def sample_page_addresses(ranges: list[tuple[int, int]], count: int, page: int = 4096) -> list[int]:
+    """`count` page addresses spread evenly over the ranges (all pages if fewer)."""
+    pages = [a for lo, hi in ranges for a in range(lo, hi, page)]
+    if count >= len(pages):
+        return pages
+    step = len(pages) / count
+    return [pages[int(i * step)] for i in range(count)]
+
+
+def move_pages(pid: int, addresses: list[int], node: int) -> dict[str, int]:
+    """move_pages(2) of another process's pages to `node` (needs CAP_SYS_NICE).
+
+    Moving a sample of pages instead of every page (migratepages) walks as many KSM
+    pages as the statistics need. Returns how many pages ended up on the node, how many
+    were there already and how many the kernel refused, from the per-page status."""
+    import ctypes
+
+    n = len(addresses)
+    if n == 0:
+        return {"requested": 0, "moved": 0, "already": 0, "failed": 0}
+    before = page_nodes(pid, addresses)
+    libc = ctypes.CDLL(None, use_errno=True)
+    pages = (ctypes.c_void_p * n)(*addresses)
+    nodes = (ctypes.c_int * n)(*([node] * n))
+    status = (ctypes.c_int * n)()
+    rc = libc.syscall(
+        SYS_MOVE_PAGES_X86_64, pid, ctypes.c_ulong(n), pages, nodes, status, MPOL_MF_MOVE_ALL
+    )
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise AgentError(f"move_pages(pid {pid}, {n} pages): {os.strerror(err)}")
+    ok = [s == node for s in status]
+    already = sum(1 for b, o in zip(before, ok, strict=True) if o and b == node)
+    moved = sum(ok) - already
+    return {"requested": n, "moved": moved, "already": already, "failed": n - sum(ok)}
+
+
+def page_nodes(pid: int, addresses: list[int]) -> list[int]:
+    """The node each page is on now (move_pages with no target nodes only queries)."""
+    import ctypes
+
+    n = len(addresses)
+    libc = ctypes.CDLL(None, use_errno=True)
+    pages = (ctypes.c_void_p * n)(*addresses)
+    status = (ctypes.c_int * n)()
+    rc = libc.syscall(SYS_MOVE_PAGES_X86_64, pid, ctypes.c_ulong(n), pages, None, status, 0)
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise AgentError(f"move_pages query (pid {pid}): {os.strerror(err)}")
+    return list(status)
+
+
 def compact_memory(proc: Path = PROC) -> None:
     """Compact every zone now (blocks until done); it migrates KSM pages too."""
     write_text(proc / "sys" / "vm" / "compact_memory", "1")
@@ -1071,6 +1129,10 @@ def main(argv: list[str] | None = None) -> int:
     rc.add_argument("--mib", type=int, required=True)
     rm = sub.add_parser("cgroup-remove", help="remove a cgroup of ours")
     rm.add_argument("--cgroup", required=True)
+    mp = sub.add_parser("move-pages", help="move a sample of a process's mergeable pages")
+    mp.add_argument("--pid", type=int, required=True)
+    mp.add_argument("--pages", type=int, required=True, help="pages to sample (0: all)")
+    mp.add_argument("--node", type=int, required=True)
     r = sub.add_parser("ksm-restore", help="restore KSM knobs saved by ksm-apply")
     r.add_argument("--saved", type=Path, required=True)
     args = p.parse_args(argv)
@@ -1102,6 +1164,11 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 ok = memcg_reclaim_v2(cg, args.mib << 20)
                 print("all" if ok else "partly")
+        elif args.cmd == "move-pages":
+            ranges = mergeable_ranges(args.pid)
+            total = sum((hi - lo) // 4096 for lo, hi in ranges)
+            addrs = sample_page_addresses(ranges, args.pages or total)
+            print(json.dumps(move_pages(args.pid, addrs, args.node)))
         elif args.cmd == "ksm-apply":
             apply_ksm(dict(x.split("=", 1) for x in args.settings), args.saved)
         elif args.cmd == "ksm-restore":

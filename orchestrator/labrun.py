@@ -21,7 +21,8 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator import fleet, hostagent, images, labimage, plan, sampling
+from orchestrator import fleet, hostagent, images, labimage, plan, sampling, triggers
+from orchestrator.attribution import Target, Window, attribute, pattern_mappings
 from orchestrator.errors import GuestError, HostError
 from orchestrator.interrupts import InterruptGuard
 from orchestrator.sampling import PhaseMark, sharing_pages
@@ -45,7 +46,7 @@ class LabState:
     samples: list[dict[str, Any]] = field(default_factory=list)
     latency: list[dict[str, Any]] = field(default_factory=list)
     procs: dict[str, int] = field(default_factory=dict)  # name -> pid inside the lab host
-    windows: list[tuple[int, int, str]] = field(default_factory=list)  # per-process migrations
+    windows: list[Window] = field(default_factory=list)  # one workload acted on at a time
     facts: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] = field(default_factory=dict)
 
@@ -114,7 +115,9 @@ def boot_lab_host(
 def start_workloads(
     host: LabHost, spec: Spec, trial: plan.Trial, st: LabState, cgroup: str
 ) -> None:
-    """Guest-memory patterns as processes (fleet.count of them) and the fragmented copies."""
+    """Guest-memory patterns as processes (fleet.count of them) and the fragmented copies,
+    each in a memory cgroup of its own (`cgroup`-NAME), so that reclaim can act on one
+    workload at a time and every walk it causes is that workload's."""
     w, hw, seed = spec.workload, spec.host_workload, spec.workload_seed
     jobs: dict[str, list[str]] = {}
     for i in range(trial.fleet_size):
@@ -138,11 +141,20 @@ def start_workloads(
             str(i),
             "--mergeable",
             "--hold",
+            *(["--one-content"] if w.pattern == "one-content" else []),
         ]
     for i in range(hw.copies):
         jobs[f"fragmented-{i}"] = images.fragmented_copy_argv(
-            DLFILL_PATH, hw.mib, trial.vmas, spec.host_workload_seed, i
+            DLFILL_PATH,
+            hw.mib,
+            trial.vmas,
+            spec.host_workload_seed,
+            i,
+            one_content=hw.pattern == "one-content",
         )
+    st.result["patterns"] = {
+        n: (w.pattern if n.startswith("pattern-") else hw.pattern) for n in jobs
+    }
     # Start on node 0, so that migrating 0 -> 1 moves every page (then 1 -> 0).
     bind = ["/usr/bin/numactl", "--membind=0", "--"] if spec.host.numa_cells > 1 else []
     for name, argv in jobs.items():
@@ -153,7 +165,7 @@ def start_workloads(
             "--pidfile",
             f"{WORK}/{name}.pid",
             "--cgroup",
-            cgroup,
+            f"{cgroup}-{name}",
             "--",
             *bind,
             *argv,
@@ -262,11 +274,11 @@ def lab_triggers(
     cgroup: str,
 ) -> None:
     p = spec.phases
-    methods = st.facts["tracing"]["value"]
-    method = (
-        spec.latency.method if spec.latency.method != "auto" else (methods[0] if methods else None)
-    )
+    wanted = [t for t, on in (("migrate", p.migrate.enabled), ("reclaim", p.reclaim.enabled)) if on]
+    chosen = triggers.pick_latency(spec.latency.method, st.facts["tracing"]["value"], wanted)
+    method = chosen.method
     st.result["latency_method"] = method
+    st.result["latency_notes"] = "; ".join(f"{t}: {n}" for t, n in chosen.notes.items()) or None
     if method and method != "none":
         start_collector(host, method, tag, f"{WORK}/latency.jsonl", f"{WORK}/collector.log")
         stack.callback(stop_trial_collector, host, st)
@@ -274,24 +286,7 @@ def lab_triggers(
     for i in range(p.migrate.repeats if p.migrate.enabled else 0):
         guard.check()
         phase("migrate")
-        src, dst = (0, 1) if i % 2 == 0 else (1, 0)
-        if nodes < 2:
-            raise HostError("lab host has one NUMA node: host.numa_cells must be 2 or more")
-        t0 = time.monotonic()
-        for name, pid in st.procs.items():
-            # One process at a time, each window on the lab host's clock: every walk in
-            # it is for that process's pages, so its VMA count stands beside the walk.
-            start = host.now_ns()
-            host.run(["/usr/bin/migratepages", str(pid), str(src), str(dst)], timeout_s=3600)
-            st.windows.append((start, host.now_ns(), name))
-        st.events.append(
-            {
-                "ts_ns": host.now_ns(),
-                "phase": "migrate",
-                "event": "migrated",
-                "detail": f"numa {src}->{dst} in {time.monotonic() - t0:.2f}s",
-            }
-        )
+        lab_migrate(host, spec, st, nodes, i)
         time.sleep(p.migrate.settle_s)
     if p.reclaim.enabled:
         guard.check()
@@ -306,20 +301,65 @@ def lab_triggers(
         )
         stack.callback(host.agent, "swap-off", "--saved", f"{WORK}/swap.json", timeout_s=900)
         for _ in range(p.reclaim.repeats):
+            guard.check()
             phase("reclaim")
-            out = host.agent(
-                "reclaim", "--cgroup", cgroup, "--mib", str(p.reclaim.reclaim_mib), timeout_s=3600
-            )
-            st.events.append(
-                {
-                    "ts_ns": host.now_ns(),
-                    "phase": "reclaim",
-                    "event": "reclaimed",
-                    "detail": f"memory.reclaim {p.reclaim.reclaim_mib} MiB: {out.strip()}",
-                }
-            )
+            lab_reclaim(host, spec, st, cgroup)
             time.sleep(p.reclaim.settle_s)
     phase("restore")
+
+
+def lab_migrate(host: LabHost, spec: Spec, st: LabState, nodes: int, repeat: int) -> None:
+    """One NUMA pass (0 -> 1, then back), one process at a time, each window on the lab
+    host's clock: every walk in it is for that process's pages."""
+    if spec.phases.migrate.method not in ("auto", "numa"):
+        raise HostError(
+            f"phases.migrate.method: {spec.phases.migrate.method} is not available in a "
+            "lab host (numa only)"
+        )
+    if nodes < 2:
+        raise HostError("lab host has one NUMA node: host.numa_cells must be 2 or more")
+    src, dst = (0, 1) if repeat % 2 == 0 else (1, 0)
+    pages = spec.phases.migrate.pages
+    t0 = time.monotonic()
+    for name, pid in st.procs.items():
+        start = host.now_ns()
+        if pages is None:
+            host.run(["/usr/bin/migratepages", str(pid), str(src), str(dst)], timeout_s=3600)
+            detail = f"{name}: all pages"
+        else:
+            out = host.agent(
+                "move-pages", "--pid", str(pid), "--pages", str(pages), "--node", str(dst),
+                timeout_s=3600,
+            )  # fmt: skip
+            detail = f"{name}: move_pages {out.strip()}"
+        st.windows.append(Window(start, host.now_ns(), name, "migrate"))
+        st.events.append(lab_event(host, "migrate", "migrated-process", detail))
+    st.events.append(
+        lab_event(host, "migrate", "migrated", f"numa {src}->{dst} in {time.monotonic() - t0:.2f}s")
+    )
+
+
+def lab_reclaim(host: LabHost, spec: Spec, st: LabState, cgroup: str) -> None:
+    """memory.reclaim on one workload's cgroup at a time, in recorded windows."""
+    r = spec.phases.reclaim
+    if r.method not in ("auto", "memory.reclaim"):
+        raise HostError(
+            f"phases.reclaim.method: {r.method} is not available in a lab host "
+            "(cgroup v2: memory.reclaim only)"
+        )
+    for name in st.procs:
+        start = host.now_ns()
+        out = host.agent(
+            "reclaim", "--cgroup", f"{cgroup}-{name}", "--mib", str(r.reclaim_mib),
+            timeout_s=3600,
+        )  # fmt: skip
+        st.windows.append(Window(start, host.now_ns(), name, "reclaim"))
+        detail = f"{name}: memory.reclaim {r.reclaim_mib} MiB: {out.strip()}"
+        st.events.append(lab_event(host, "reclaim", "reclaimed", detail))
+
+
+def lab_event(host: LabHost, phase: str, event: str, detail: str) -> dict[str, Any]:
+    return {"ts_ns": host.now_ns(), "phase": phase, "event": event, "detail": detail}
 
 
 def start_collector(host: LabHost, method: str, tag: str, out: str, log: str) -> None:
@@ -436,9 +476,7 @@ def lab_tables(st: LabState, res: Any) -> dict[str, pd.DataFrame]:
     lat.insert(1, "kernel", res.kernel)
     lat.insert(2, "trigger", sampling.label_phases(lat["ts_ns"], st.marks) if len(lat) else [])
     lat["t_s"] = (lat["ts_ns"] - st.t0_ns) / 1e9
-    vmas = procs.groupby("phase")["ram_vmas"].max() if len(procs) else pd.Series(dtype=int)
-    lat["vmas"] = lat["trigger"].map(vmas).astype("Int64")
-    attribute_windows(lat, st.windows, procs)
+    attribute(lat, st.windows, lab_targets(st))
     tables["latency"] = lat
     fills = st.result.get("fills", {})
     tables["guests"] = pd.DataFrame(
@@ -465,18 +503,19 @@ def lab_tables(st: LabState, res: Any) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def attribute_windows(
-    lat: pd.DataFrame, windows: list[tuple[int, int, str]], procs: pd.DataFrame
-) -> None:
-    """Walks inside one process's migration window get that process as `target` and its
-    own mergeable-VMA count (elsewhere `vmas` is the most any process had: an upper
-    bound of the precondition)."""
-    lat["target"] = pd.Series([None] * len(lat), dtype=object)
-    if lat.empty or not windows or procs.empty:
-        return
-    own = procs.groupby("guest")["ram_vmas"].max()
-    for start, end, name in windows:
-        inside = (lat["ts_ns"] >= start) & (lat["ts_ns"] <= end)
-        lat.loc[inside, "target"] = name
-        if name in own.index:
-            lat.loc[inside, "vmas"] = int(own[name])
+def lab_targets(st: LabState) -> dict[str, Target]:
+    """Every lab workload as a latency target: its own VMA count (from dlfill's done
+    line) and the mappings its pattern gives each KSM page."""
+    fills: dict[str, dict[str, Any]] = st.result.get("fills", {})
+    mps = int(st.result.get("ksm_knobs", {}).get("max_page_sharing", 256))
+    patterns = st.result.get("patterns", {})
+    out = {}
+    for name, d in fills.items():
+        group = [n for n in fills if n.rsplit("-", 1)[0] == name.rsplit("-", 1)[0]]
+        pattern = patterns.get(name, "one-content" if d.get("one_content") else "distinct")
+        kind = "host-copy" if name.startswith("fragmented-") else "host-process"
+        pages = int(d.get("dup_pages") or 0)
+        out[name] = Target(
+            name, kind, pattern, d.get("vmas"), pattern_mappings(pattern, pages, len(group), mps)
+        )
+    return out

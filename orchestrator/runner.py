@@ -30,6 +30,14 @@ from orchestrator import (
     store,
     triggers,
 )
+from orchestrator.attribution import (
+    Target,
+    Window,
+    attribute,
+    group_target,
+    measured_mappings,
+    pattern_mappings,
+)
 from orchestrator.errors import DensitylabError, HostError, Interrupted, UsageError
 from orchestrator.interrupts import InterruptGuard
 from orchestrator.sampling import Collector, PhaseMark, Sampler, sharing_pages
@@ -92,6 +100,7 @@ class TrialResult:
     latency_method: str | None = None
     latency_notes: str | None = None
     walks: int | None = None
+    mappings_per_ksm_page: float | None = None  # measured at the end of the merge
     started_ns: int = 0
     ended_ns: int = 0
 
@@ -115,6 +124,9 @@ class TrialState:
     host_procs: list[triggers.HostProcess] = field(default_factory=list)
     sampler: Sampler | None = None
     collector: Collector | None = None
+    windows: list[Window] = field(default_factory=list)  # one workload acted on at a time
+    ksm_knobs: dict[str, str] = field(default_factory=dict)  # as in force during the merge
+    guest_pattern: str = "distinct"
 
     def event(self, phase: str, event: str, detail: str = "") -> None:
         ts = time.monotonic_ns()
@@ -138,18 +150,31 @@ def merged_saving(copies: int, max_page_sharing: int) -> int:
     return copies - math.ceil(copies / max_page_sharing) if copies > 1 else 0
 
 
+def pattern_saving(pattern: str, dup_pages: int, copies: int, max_page_sharing: int) -> int:
+    """Pages saved on `copies` processes of `dup_pages` duplicate pages each: distinct
+    pages merge index by index across the copies; one-content pages all merge together
+    (within a process too), in chains of max_page_sharing."""
+    if pattern == "one-content":
+        return merged_saving(dup_pages * copies, max_page_sharing)
+    return dup_pages * merged_saving(copies, max_page_sharing)
+
+
 def predicted_saving_pages(
-    fills: list[FillResult], use_zero_pages: bool, max_page_sharing: int = 256
+    fills: list[FillResult],
+    use_zero_pages: bool,
+    max_page_sharing: int = 256,
+    pattern: str = "distinct",
 ) -> int:
     """Pages KSM should save for this pattern across the fleet.
 
     Duplicate page i is identical in every guest and distinct from the guest's other
-    pages, so each index merges its N copies. Zero pages all merge together (or, with
-    use_zero_pages, each maps the zero page). Unique and volatile pages never merge.
+    pages, so each index merges its N copies (or, one-content, every duplicate page
+    merges with every other). Zero pages all merge together (or, with use_zero_pages,
+    each maps the zero page). Unique and volatile pages never merge.
     """
     if not fills:
         return 0
-    dup = min(f.dup_pages for f in fills) * merged_saving(len(fills), max_page_sharing)
+    dup = pattern_saving(pattern, min(f.dup_pages for f in fills), len(fills), max_page_sharing)
     zero = sum(f.zero_pages for f in fills)
     return dup + (zero if use_zero_pages else merged_saving(zero, max_page_sharing))
 
@@ -336,12 +361,22 @@ def merge_phases(
         st.event("baseline", "settled" if b.settled else "timeout", f"{b.seconds:.1f}s")
     phase("fill")
     driver, st.fills = fill_guests(ctx, trial, st, stack, fl)
-    knobs = hostagent.read_ksm_knobs()
+    knobs = st.ksm_knobs = hostagent.read_ksm_knobs()
+    st.guest_pattern = spec.workload.pattern
     mps = int(knobs.get("max_page_sharing", 256))
-    guest_pages = predicted_saving_pages(st.fills, knobs.get("use_zero_pages") == "1", mps)
+    guest_pages = predicted_saving_pages(
+        st.fills, knobs.get("use_zero_pages") == "1", mps, spec.workload.pattern
+    )
     # Host copies share every page with each other (dup 1.0, same seed).
-    host_pages = sum(h.done["dup_pages"] for h in st.host_procs[:1]) * merged_saving(
-        len(st.host_procs), mps
+    host_pages = (
+        pattern_saving(
+            spec.host_workload.pattern,
+            int(st.host_procs[0].done["dup_pages"]),
+            len(st.host_procs),
+            mps,
+        )
+        if st.host_procs
+        else 0
     )
     res.predicted_saving_mib = (guest_pages + host_pages) / PAGES_PER_MIB
     phase("merge")
@@ -353,6 +388,7 @@ def merge_phases(
         res.total_saving_mib = sharing_pages(m.sample) / PAGES_PER_MIB
         res.general_profit_mib = int(k.get("general_profit", 0)) / MIB
         res.pages_sharing, res.pages_shared = k.get("pages_sharing"), k.get("pages_shared")
+        res.mappings_per_ksm_page = measured_mappings(res.pages_sharing, res.pages_shared)
     phase("hold")
     hold(sampler, ctx.guard, spec.phases.hold.duration_s)
     trigger_phases(ctx, st, res, fl, phase)
@@ -378,7 +414,8 @@ def trigger_phases(
     plan_ = triggers.pick_latency(ctx.spec.latency.method, ctx.facts["tracing"]["value"], wanted)
     res.latency_method = plan_.method
     res.latency_notes = "; ".join(f"{t}: {n}" for t, n in plan_.notes.items()) or None
-    pids = [g.pid for g in fl.guests if g.pid] + [h.pid for h in st.host_procs]
+    targets = {g.name: g.pid for g in fl.guests if g.pid}
+    targets.update({f"host-dlfill-{i}": h.pid for i, h in enumerate(st.host_procs)})
     with TeardownStack(ctx.guard) as stack:
         if plan_.method is not None:
             st.collector = stack.enter_context(
@@ -390,10 +427,10 @@ def trigger_phases(
             )
         for i in range(p.migrate.repeats if p.migrate.enabled else 0):
             phase("migrate")
-            triggers.migrate_once(
+            st.windows += triggers.migrate_once(
                 p.migrate,
                 int(ctx.facts["numa"]["value"]),
-                pids,
+                targets,
                 i,
                 lambda e, d: st.event("migrate", e, d),
                 ctx.store.run_id,
@@ -405,10 +442,10 @@ def trigger_phases(
             )
             for _ in range(p.reclaim.repeats):
                 phase("reclaim")
-                triggers.reclaim_once(
+                st.windows += triggers.reclaim_once(
                     p.reclaim,
                     str(ctx.facts["cgroup"]["value"]),
-                    pids,
+                    targets,
                     stack,
                     lambda e, d: st.event("reclaim", e, d),
                 )
@@ -526,17 +563,38 @@ def trial_tables(st: TrialState, res: TrialResult) -> dict[str, pd.DataFrame]:
 
 
 def latency_table(st: TrialState, res: TrialResult, procs: pd.DataFrame) -> pd.DataFrame:
-    """Latency samples labelled with their trigger, method, and the precondition beside
-    them: the most mergeable VMAs any sampled process had in that phase."""
+    """Latency samples labelled with their trigger, method, and the workload whose page
+    each walk was for (see orchestrator.attribution)."""
     assert st.collector is not None
     lat = st.collector.samples()
     lat.insert(0, "trial_id", res.trial_id)
     lat.insert(1, "kernel", res.kernel)
     lat.insert(2, "trigger", sampling.label_phases(lat["ts_ns"], st.marks) if len(lat) else [])
     lat["t_s"] = (lat["ts_ns"] - st.t0_ns) / 1e9
-    vmas = procs.groupby("phase")["ram_vmas"].max() if len(procs) else pd.Series(dtype=int)
-    lat["vmas"] = lat["trigger"].map(vmas).astype("Int64")
-    return lat
+    return attribute(lat, st.windows, local_targets(st, procs))
+
+
+def local_targets(st: TrialState, procs: pd.DataFrame) -> dict[str, Target]:
+    """Guests (their mergeable VMAs as sampled) and host copies (from dlfill's done line)
+    as latency targets; host copies share a cgroup, so reclaim also names them as one."""
+    mps = int(st.ksm_knobs.get("max_page_sharing", 256))
+    own = procs.groupby("guest")["ram_vmas"].max() if len(procs) else pd.Series(dtype=int)
+    out: dict[str, Target] = {}
+    dup = min((f.dup_pages for f in st.fills), default=0)
+    for g in st.guests:
+        vmas = int(own[g.name]) if g.name in own.index and pd.notna(own[g.name]) else None
+        maps = pattern_mappings(st.guest_pattern, dup, len(st.guests), mps)
+        out[g.name] = Target(g.name, "guest", st.guest_pattern, vmas, maps)
+    copies = []
+    for i, h in enumerate(st.host_procs):
+        pattern = "one-content" if h.done.get("one_content") else "distinct"
+        maps = pattern_mappings(pattern, int(h.done["dup_pages"]), len(st.host_procs), mps)
+        copies.append(Target(f"host-dlfill-{i}", "host-copy", pattern, h.done.get("vmas"), maps))
+    out.update({t.name: t for t in copies})
+    if len(copies) > 1:
+        name = "+".join(sorted(t.name for t in copies))
+        out[name] = group_target(name, copies)
+    return out
 
 
 def ksmd_cpu_delta(samples: list[dict[str, Any]]) -> float | None:
@@ -558,6 +616,7 @@ def finish_lab_result(
     res.ksmd_cpu_s = ksmd_cpu_delta(lab.samples)
     res.settled = bool(lab.result.get("settled"))
     res.latency_method = lab.result.get("latency_method")
+    res.latency_notes = lab.result.get("latency_notes")
     res.walks = len(tables["latency"])
     res.accel = res.accel + "+labvm"
     merged = (
@@ -581,6 +640,7 @@ def finish_lab_result(
         res.measured_saving_mib = res.total_saving_mib
         res.general_profit_mib = int(k.get("general_profit", 0)) / MIB
         res.pages_sharing, res.pages_shared = k.get("pages_sharing"), k.get("pages_shared")
+        res.mappings_per_ksm_page = measured_mappings(res.pages_sharing, res.pages_shared)
     res.settle_s = lab.result.get("settle_s")
     res.predicted_saving_mib = lab_prediction(lab) / PAGES_PER_MIB
     res.ended_ns = time.monotonic_ns()
@@ -606,8 +666,12 @@ def lab_prediction(lab: labrun.LabState) -> int:
         if n.startswith("pattern-")
     ]
     copies = [d for n, d in fills.items() if n.startswith("fragmented-")]
-    host = copies[0]["dup_pages"] * merged_saving(len(copies), mps) if copies else 0
-    return predicted_saving_pages(pattern, knobs.get("use_zero_pages") == "1", mps) + host
+    patterns = lab.result.get("patterns", {})
+    copy_pattern = next((patterns[n] for n in fills if n.startswith("fragmented-")), "distinct")
+    fill_pattern = next((patterns[n] for n in fills if n.startswith("pattern-")), "distinct")
+    host = pattern_saving(copy_pattern, copies[0]["dup_pages"], len(copies), mps) if copies else 0
+    zero_pages = knobs.get("use_zero_pages") == "1"
+    return predicted_saving_pages(pattern, zero_pages, mps, fill_pattern) + host
 
 
 def run_trial(

@@ -94,6 +94,10 @@ class Workload(Strict):
     volatile: Annotated[float, Field(ge=0, le=1)] = 0.0
     volatile_rate_pps: Annotated[int, Field(ge=0)] = 0
     fragment_vmas: Annotated[int, Field(ge=0)] = 0
+    # distinct: duplicate page i differs from page j (each KSM page has one mapping per
+    # copy); one-content: every duplicate page holds one content, so KSM pages carry up
+    # to max_page_sharing mappings (the published rmap_walk_ksm benchmark's shape).
+    pattern: Literal["distinct", "one-content"] = "distinct"
     seed: int | None = None
 
     @model_validator(mode="after")
@@ -152,6 +156,10 @@ class Migrate(Strict):
     method: Literal["auto", "compaction", "numa", "offline"] = "auto"
     repeats: Annotated[int, Field(ge=1)] = 3
     settle_s: Annotated[float, Field(ge=0)] = 2
+    # numa only: move this many of each process's mergeable pages (evenly spread) with
+    # move_pages(2) instead of every page with migratepages: as many walks as the
+    # statistics need, in a fraction of the time.
+    pages: Annotated[int, Field(gt=0)] | None = None
 
 
 class Reclaim(Strict):
@@ -207,6 +215,7 @@ class HostWorkload(Strict):
     copies: Annotated[int, Field(ge=0)] = 0
     mib: PositiveInt = 64
     fragment_vmas: Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]] = 2000
+    pattern: Literal["distinct", "one-content"] = "distinct"  # see Workload.pattern
 
     @property
     def vma_counts(self) -> list[int]:

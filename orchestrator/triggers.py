@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import hostagent, images, proc
+from orchestrator.attribution import Window
 from orchestrator.errors import HostError
 from orchestrator.spec import HostWorkload, Migrate, Reclaim
 
@@ -110,7 +111,9 @@ def start_host_workload(
         out = out_dir / f"host-dlfill-{i}.out"
         with open(out, "wb") as f:
             p = proc.spawn_group(
-                images.fragmented_copy_argv(str(dlfill), w.mib, vmas, seed, i),
+                images.fragmented_copy_argv(
+                    str(dlfill), w.mib, vmas, seed, i, one_content=w.pattern == "one-content"
+                ),
                 stdout=f.fileno(),
                 # Join the cgroup before exec: memory is charged where it is first
                 # touched, and moving a process later does not move its charge (v1).
@@ -137,24 +140,41 @@ def wait_done(out: Path, p: subprocess.Popen[bytes], timeout_s: float) -> dict[s
 
 
 def migrate_once(
-    cfg: Migrate, numa_nodes: int, pids: list[int], repeat: int, event: EventFn, run_id: str
-) -> None:
-    """One migration pass: NUMA migrate_pages between nodes, memory-block offline/online
-    of the blocks holding the mergeable memory, or host-wide compaction."""
+    cfg: Migrate,
+    numa_nodes: int,
+    targets: dict[str, int],
+    repeat: int,
+    event: EventFn,
+    run_id: str,
+) -> list[Window]:
+    """One migration pass: NUMA migrate_pages between nodes (one process at a time, each
+    in a window of its own), memory-block offline/online of the blocks holding the
+    mergeable memory, or host-wide compaction (neither of which can say whose page a
+    walk was for: no windows). `targets` maps workload names to pids."""
     method = cfg.method if cfg.method != "auto" else ("numa" if numa_nodes >= 2 else "compaction")
+    pids = list(targets.values())
     if method == "offline":
         offline_blocks(pids, run_id, event)
-    elif method == "numa":
-        if numa_nodes < 2:
-            raise HostError("phases.migrate.method: numa needs two NUMA nodes, host has one")
-        src, dst = (0, 1) if repeat % 2 == 0 else (1, 0)
-        for pid in pids:
-            proc.run(["migratepages", str(pid), str(src), str(dst)], timeout_s=600)
-        event("migrated", f"numa {src}->{dst} for {len(pids)} processes")
-    else:
+        return []
+    if method != "numa":
         t0 = time.monotonic()
         hostagent.compact_memory()
         event("compacted", f"{time.monotonic() - t0:.2f}s")
+        return []
+    if numa_nodes < 2:
+        raise HostError("phases.migrate.method: numa needs two NUMA nodes, host has one")
+    src, dst = (0, 1) if repeat % 2 == 0 else (1, 0)
+    windows = []
+    for name, pid in targets.items():
+        start = time.monotonic_ns()
+        if cfg.pages is None:
+            proc.run(["migratepages", str(pid), str(src), str(dst)], timeout_s=600)
+        else:
+            addrs = hostagent.sample_page_addresses(hostagent.mergeable_ranges(pid), cfg.pages)
+            hostagent.move_pages(pid, addrs, dst)
+        windows.append(Window(start, time.monotonic_ns(), name, "migrate"))
+    event("migrated", f"numa {src}->{dst} for {len(pids)} processes")
+    return windows
 
 
 def offline_blocks(pids: list[int], run_id: str, event: EventFn) -> None:
@@ -189,16 +209,24 @@ def offline_blocks(pids: list[int], run_id: str, event: EventFn) -> None:
 # ---------------------------------------------------------------- reclaim
 
 
-def memory_cgroups(pids: list[int]) -> list[Path]:
-    """The memory cgroups holding mergeable memory, largest usage first.
+def memory_cgroups(targets: dict[str, int]) -> list[tuple[Path, list[str]]]:
+    """The memory cgroups holding mergeable memory with the workloads in each, largest
+    usage first.
 
     A KSM page stays charged to the cgroup of the page KSM kept, which for pages merged
     across guests can be any of them: each cgroup is reclaimed in turn."""
     mounts = hostagent.read_text(hostagent.PROC / "self" / "mounts")
-    cgs = {hostagent.memory_cgroup_of(pid, mounts) for pid in pids}
+    cgs: dict[Path, list[str]] = {}
+    for name, pid in targets.items():
+        cgs.setdefault(hostagent.memory_cgroup_of(pid, mounts), []).append(name)
     if not cgs:
         raise HostError("no process to reclaim from")
-    return sorted(cgs, key=hostagent.memcg_usage_bytes, reverse=True)
+    return sorted(cgs.items(), key=lambda kv: hostagent.memcg_usage_bytes(kv[0]), reverse=True)
+
+
+def window_target(names: list[str]) -> str:
+    """The target name of a window acting on several workloads at once (one cgroup)."""
+    return names[0] if len(names) == 1 else "+".join(sorted(names))
 
 
 def provide_swap(cfg: Reclaim, run_id: str, stack: ExitStack, event: EventFn) -> None:
@@ -226,18 +254,22 @@ V1_RETRY_PAUSE_S = 0.2
 
 
 def reclaim_once(
-    cfg: Reclaim, cgroup_kind: str, pids: list[int], stack: ExitStack, event: EventFn
-) -> None:
-    """Reclaim from every cgroup holding mergeable memory: v2 memory.reclaim, or v1
-    limits stepped down (and put back)."""
-    for cg in memory_cgroups(pids):
+    cfg: Reclaim, cgroup_kind: str, targets: dict[str, int], stack: ExitStack, event: EventFn
+) -> list[Window]:
+    """Reclaim from every cgroup holding mergeable memory, one at a time in a window of
+    its own: v2 memory.reclaim, or v1 limits stepped down (and put back)."""
+    windows = []
+    for cg, names in memory_cgroups(targets):
         method = cfg.method
         if method == "auto":
             method = "memory.reclaim" if (cg / "memory.reclaim").exists() else "v1-limit-steps"
+        start = time.monotonic_ns()
         if method == "memory.reclaim":
             reclaim_v2(cg, cfg, cgroup_kind, event)
         else:
             reclaim_v1_steps(cg, cfg, stack, event)
+        windows.append(Window(start, time.monotonic_ns(), window_target(names), "reclaim"))
+    return windows
 
 
 def reclaim_v2(cg: Path, cfg: Reclaim, cgroup_kind: str, event: EventFn) -> None:

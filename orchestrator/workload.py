@@ -79,6 +79,7 @@ def workload_vars(w: Workload, seed: int, fill_timeout_s: float) -> dict[str, An
         "volatile": w.volatile,
         "volatile_rate_pps": w.volatile_rate_pps,
         "fragment_vmas": w.fragment_vmas,
+        "pattern_flag": "--one-content" if w.pattern == "one-content" else "",
         "seed": seed,
         "fill_timeout_s": int(fill_timeout_s),
     }

@@ -25,7 +25,7 @@ host_workload: {copies: 2, mib: 8, fragment_vmas: 1000}
 ksm: {pages_to_scan: 5000, sleep_millisecs: 10}
 phases:
   merge: {timeout_s: 180, settle_scans: 3}
-  migrate: {enabled: true, repeats: 1, settle_s: 0}
+  migrate: {enabled: true, repeats: 1, settle_s: 0, pages: 1024}
   reclaim: {enabled: true, swap_mib: 256, reclaim_mib: 16, settle_s: 0}
 latency: {method: kprobe}
 """
@@ -73,14 +73,24 @@ def test_lab_host_kprobe_samples(lab_image, tmp_path: Path, host_untouched) -> N
     assert by.get("migrate", 0) > 100 and by.get("reclaim", 0) > 0, by.to_dict()
     assert not lat.lower_bound.any() and (lat.method == "kprobe").all()
     assert "collector: stopped" in next(run.glob("trials/*/lab-collector.log")).read_text()
-    # Each process migrates on its own: its walks carry its own VMA count.
-    mig = lat[lat.trigger == "migrate"]
-    assert mig.target.notna().mean() > 0.95  # walks outside a window: other kernel work
-    mig = mig[mig.target.notna()]
+    # Each process is migrated and reclaimed on its own: its walks carry its own VMA
+    # count and the mappings its pattern gives a KSM page; other walks are unattributed.
+    for trigger in ("migrate", "reclaim"):
+        rows = lat[lat.trigger == trigger]
+        assert rows.target.notna().mean() > 0.95, trigger  # the rest: other kernel work
+        loose = rows[rows.target.isna()]
+        assert (loose.target_kind == "unattributed").all() and loose.vmas.isna().all()
+        rows = rows[rows.target.notna()]
+        frag = rows[rows.target.str.startswith("fragmented")]
+        assert len(frag) > 0 and (frag.vmas == 1000).all() and (frag.mappings == 2).all()
+        assert (frag.target_kind == "host-copy").all()
+        pat = rows[rows.target.str.startswith("pattern")]
+        assert (pat.vmas == 1).all() and (pat.target_kind == "host-process").all()
     # The first of two sharers moves the shared KSM page; the second finds it moved.
-    assert {"pattern-0", "fragmented-0"} <= set(mig.target)
-    assert (mig[mig.target.str.startswith("fragmented")].vmas == 1000).all()
-    assert (mig[mig.target.str.startswith("pattern")].vmas == 1).all()
+    assert {"pattern-0", "fragmented-0"} <= set(lat[lat.trigger == "migrate"].target)
+    moved = pd.read_parquet(run / "events.parquet").query("event == 'migrated-process'")
+    assert moved.detail.str.contains("move_pages").all() and len(moved) == 4
+    assert 1.9 < t.mappings_per_ksm_page < 2.1  # every KSM page here has two mappings
     # 2 pattern processes (8 MiB, all duplicated) + 2 fragmented copies (8 MiB): 16 MiB.
     assert t.predicted_saving_mib == pytest.approx(16.0, abs=0.1)
     assert t.measured_saving_mib == pytest.approx(t.predicted_saving_mib, rel=0.10)
