@@ -257,6 +257,27 @@ class Spec(Strict):
             check_name(k)
         return self
 
+    @model_validator(mode="after")
+    def _triggers_fit_host(self) -> Spec:
+        """A lab host is a cgroup-v2 VM with NUMA cells: it migrates between nodes and
+        reclaims with memory.reclaim. Other methods are refused here, not mid-run."""
+        if self.host.kind != "labvm":
+            return self
+        m, r = self.phases.migrate, self.phases.reclaim
+        if m.enabled and m.method not in ("auto", "numa"):
+            raise ValueError(
+                f"phases.migrate.method: {m.method} is not available on host.kind labvm "
+                "(it migrates between NUMA nodes: use auto or numa)"
+            )
+        if r.enabled and r.method not in ("auto", "memory.reclaim"):
+            raise ValueError(
+                f"phases.reclaim.method: {r.method} is not available on host.kind labvm "
+                "(cgroup v2: use auto or memory.reclaim)"
+            )
+        if m.enabled and self.host.numa_cells < 2:
+            raise ValueError("host.numa_cells: migrate on a lab host needs 2 or more cells")
+        return self
+
     @field_validator("ksm")
     @classmethod
     def _ksm_knobs(cls, v: dict[str, KnobValue]) -> dict[str, KnobValue]:

@@ -83,3 +83,18 @@ def test_cli_exits_2_with_one_line(tmp_path: Path) -> None:
 def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"nope\.yaml: cannot read"):
         load_spec(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("phases", "field"),
+    [
+        ("migrate: {enabled: true, method: compaction}", "phases.migrate.method"),
+        ("migrate: {enabled: true, method: offline}", "phases.migrate.method"),
+        ("reclaim: {enabled: true, method: v1-limit-steps}", "phases.reclaim.method"),
+    ],
+)
+def test_lab_host_refuses_trigger_methods_it_cannot_run(phases: str, field: str) -> None:
+    text = f"name: x\nhost: {{kind: labvm}}\nkernels: ['7.3']\nphases:\n  {phases}\n"
+    with pytest.raises(UsageError) as e:
+        load_spec_text(text, "x.yaml")
+    assert str(e.value).startswith(f"x.yaml: {field}: ") and "labvm" in str(e.value)
