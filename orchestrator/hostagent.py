@@ -843,7 +843,7 @@ def sample_page_addresses(ranges: list[tuple[int, int]], count: int, page: int =
     return [pages[int(i * step)] for i in range(count)]
 
 
-def move_pages(pid: int, addresses: list[int], node: int) -> dict[str, int]:
+def move_pages(pid: int, addresses: list[int], node: int) -> dict[str, Any]:
     """move_pages(2) of another process's pages to `node` (needs CAP_SYS_NICE).
 
     Moving a sample of pages instead of every page (migratepages) walks as many KSM
@@ -868,7 +868,24 @@ def move_pages(pid: int, addresses: list[int], node: int) -> dict[str, int]:
     ok = [s == node for s in status]
     already = sum(1 for b, o in zip(before, ok, strict=True) if o and b == node)
     moved = sum(ok) - already
-    return {"requested": n, "moved": moved, "already": already, "failed": n - sum(ok)}
+    # Why pages stayed: a KSM page being merged or under writeback is EBUSY, a page not
+    # faulted in (or swapped out) ENOENT.
+    why: dict[str, int] = {}
+    for s in status:
+        if s < 0:
+            name = errno_name(-s)
+            why[name] = why.get(name, 0) + 1
+    out: dict[str, Any] = {"requested": n, "moved": moved, "already": already}
+    out["failed"] = n - sum(ok)
+    if why:
+        out["failed_because"] = why
+    return out
+
+
+def errno_name(code: int) -> str:
+    import errno
+
+    return errno.errorcode.get(code, str(code))
 
 
 def page_nodes(pid: int, addresses: list[int]) -> list[int]:
@@ -1127,6 +1144,7 @@ def main(argv: list[str] | None = None) -> int:
     rc = sub.add_parser("reclaim", help="cgroup v2 memory.reclaim on a cgroup of ours")
     rc.add_argument("--cgroup", required=True)
     rc.add_argument("--mib", type=int, required=True)
+    rc.add_argument("--json", action="store_true", help="print the result and its window")
     rm = sub.add_parser("cgroup-remove", help="remove a cgroup of ours")
     rm.add_argument("--cgroup", required=True)
     mp = sub.add_parser("move-pages", help="move a sample of a process's mergeable pages")
@@ -1162,13 +1180,19 @@ def main(argv: list[str] | None = None) -> int:
             if args.cmd == "cgroup-remove":
                 memcg_remove(cg)
             else:
+                start = time.monotonic_ns()
                 ok = memcg_reclaim_v2(cg, args.mib << 20)
-                print("all" if ok else "partly")
+                result = "all" if ok else "partly"
+                window = {"start_ns": start, "end_ns": time.monotonic_ns()}
+                print(json.dumps({"result": result, **window}) if args.json else result)
         elif args.cmd == "move-pages":
             ranges = mergeable_ranges(args.pid)
             total = sum((hi - lo) // 4096 for lo, hi in ranges)
             addrs = sample_page_addresses(ranges, args.pages or total)
-            print(json.dumps(move_pages(args.pid, addrs, args.node)))
+            start = time.monotonic_ns()
+            moved = move_pages(args.pid, addrs, args.node)
+            # The window on this host's clock, so the caller needs no round trips for it.
+            print(json.dumps({**moved, "start_ns": start, "end_ns": time.monotonic_ns()}))
         elif args.cmd == "ksm-apply":
             apply_ksm(dict(x.split("=", 1) for x in args.settings), args.saved)
         elif args.cmd == "ksm-restore":

@@ -310,65 +310,83 @@ def lab_triggers(
 
 def lab_migrate(host: LabHost, spec: Spec, st: LabState, nodes: int, repeat: int) -> None:
     """One NUMA pass (0 -> 1, then back), one process at a time, each window on the lab
-    host's clock: every walk in it is for that process's pages."""
-    if spec.phases.migrate.method not in ("auto", "numa"):
-        raise HostError(
-            f"phases.migrate.method: {spec.phases.migrate.method} is not available in a "
-            "lab host (numa only)"
-        )
+    host's clock: every walk in it is for that process's pages. The agent reports its
+    own window: each extra agent call costs seconds in a TCG lab host."""
     if nodes < 2:
         raise HostError("lab host has one NUMA node: host.numa_cells must be 2 or more")
     src, dst = (0, 1) if repeat % 2 == 0 else (1, 0)
     pages = spec.phases.migrate.pages
     t0 = time.monotonic()
     for name, pid in st.procs.items():
-        start = host.now_ns()
         if pages is None:
+            start = host.now_ns()
             host.run(["/usr/bin/migratepages", str(pid), str(src), str(dst)], timeout_s=3600)
-            detail = f"{name}: all pages"
+            end, detail = host.now_ns(), f"{name}: all pages"
         else:
-            out = host.agent(
-                "move-pages", "--pid", str(pid), "--pages", str(pages), "--node", str(dst),
-                timeout_s=3600,
-            )  # fmt: skip
-            detail = f"{name}: move_pages {out.strip()}"
-        st.windows.append(Window(start, host.now_ns(), name, "migrate"))
-        st.events.append(lab_event(host, "migrate", "migrated-process", detail))
-    st.events.append(
-        lab_event(host, "migrate", "migrated", f"numa {src}->{dst} in {time.monotonic() - t0:.2f}s")
-    )
+            out = json.loads(
+                host.agent(
+                    "move-pages",
+                    "--pid",
+                    str(pid),
+                    "--pages",
+                    str(pages),
+                    "--node",
+                    str(dst),
+                    timeout_s=3600,
+                )
+            )
+            start, end = out.pop("start_ns"), out.pop("end_ns")
+            detail = f"{name}: move_pages {json.dumps(out)}"
+        st.windows.append(Window(start, end, name, "migrate"))
+        st.events.append(lab_event(end, "migrate", "migrated-process", detail))
+    took = f"numa {src}->{dst} in {time.monotonic() - t0:.2f}s"
+    st.events.append(lab_event(st.windows[-1].end_ns, "migrate", "migrated", took))
 
 
 def lab_reclaim(host: LabHost, spec: Spec, st: LabState, cgroup: str) -> None:
     """memory.reclaim on one workload's cgroup at a time, in recorded windows."""
     r = spec.phases.reclaim
-    if r.method not in ("auto", "memory.reclaim"):
-        raise HostError(
-            f"phases.reclaim.method: {r.method} is not available in a lab host "
-            "(cgroup v2: memory.reclaim only)"
-        )
     for name in st.procs:
-        start = host.now_ns()
-        out = host.agent(
-            "reclaim", "--cgroup", f"{cgroup}-{name}", "--mib", str(r.reclaim_mib),
-            timeout_s=3600,
-        )  # fmt: skip
-        st.windows.append(Window(start, host.now_ns(), name, "reclaim"))
-        detail = f"{name}: memory.reclaim {r.reclaim_mib} MiB: {out.strip()}"
-        st.events.append(lab_event(host, "reclaim", "reclaimed", detail))
+        out = json.loads(
+            host.agent(
+                "reclaim",
+                "--json",
+                "--cgroup",
+                f"{cgroup}-{name}",
+                "--mib",
+                str(r.reclaim_mib),
+                timeout_s=3600,
+            )
+        )
+        st.windows.append(Window(out["start_ns"], out["end_ns"], name, "reclaim"))
+        detail = f"{name}: memory.reclaim {r.reclaim_mib} MiB: {out['result']}"
+        st.events.append(lab_event(out["end_ns"], "reclaim", "reclaimed", detail))
 
 
-def lab_event(host: LabHost, phase: str, event: str, detail: str) -> dict[str, Any]:
-    return {"ts_ns": host.now_ns(), "phase": phase, "event": event, "detail": detail}
+def lab_event(ts_ns: int, phase: str, event: str, detail: str) -> dict[str, Any]:
+    return {"ts_ns": ts_ns, "phase": phase, "event": event, "detail": detail}
 
 
 def start_collector(host: LabHost, method: str, tag: str, out: str, log: str) -> None:
     """Start the host agent's latency collector (pidfile beside its log) and wait until
     its probes are in place."""
     host.agent(
-        "spawn", "--out", log, "--pidfile", log.removesuffix(".log") + ".pid", "--",
-        "/usr/bin/python3", AGENT_PATH, "trace", "--method", method, "--out", out, "--tag", tag,
-    )  # fmt: skip
+        "spawn",
+        "--out",
+        log,
+        "--pidfile",
+        log.removesuffix(".log") + ".pid",
+        "--",
+        "/usr/bin/python3",
+        AGENT_PATH,
+        "trace",
+        "--method",
+        method,
+        "--out",
+        out,
+        "--tag",
+        tag,
+    )
     deadline = time.monotonic() + 60
     while "collector: ready" not in host.read(log):
         if time.monotonic() > deadline:

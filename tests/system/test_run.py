@@ -219,7 +219,9 @@ def test_reclaim_and_migrate_with_latency(tiny_image, tmp_path: Path, host_untou
     assert (events.event == "offlined").any() or (events.event == "offline-refused").any()
     migrated = deltas_of(run, "migrate")["pgmigrate_success"]
     assert len(mig) > 1000, (len(mig), f"pgmigrate_success {migrated}")
-    assert (mig.vmas >= 2000).all(), "the precondition (VMAs) stands beside each sample"
+    # Offlining a block or compacting moves whatever lies there, several workloads at
+    # once: such walks are unattributed and never carry someone's VMA count.
+    assert (mig.target_kind == "unattributed").all() and mig.vmas.isna().all()
     # The collector drained and removed its probes itself (a killed one never says so).
     assert "collector: stopped" in next(run.glob("trials/*/latency.stderr")).read_text()
     if t.latency_method == "tracepoint-proxy":
