@@ -106,7 +106,8 @@ def summary_table(results: Sequence[TrialResult]) -> Table:
 
 
 def latency_summary(run_dir: Path) -> Table | None:
-    """rmap_walk_ksm latency per trial, trigger and method, with the VMA precondition."""
+    """rmap_walk_ksm latency per trial, trigger, method and workload walked, with that
+    workload's VMAs and mappings per KSM page; unattributed walks in rows of their own."""
     path = run_dir / "latency.parquet"
     if not path.exists():
         return None
@@ -114,22 +115,29 @@ def latency_summary(run_dir: Path) -> Table | None:
     if lat.empty:
         return None
     t = Table(title="rmap_walk_ksm latency (us)")
-    for c in ("trial", "trigger", "method", "walks", "p50", "p99", "max", "VMAs"):
-        t.add_column(c, justify="left" if c in ("trial", "trigger", "method") else "right")
+    cols = ("trial", "trigger", "method", "workload", "walks", "p50", "p99", "max", "VMAs", "maps")
+    for c in cols:
+        t.add_column(c, justify="left" if c in cols[:4] else "right")
     lat = lat[lat.trigger.isin(["migrate", "reclaim"])]
-    lat = lat.assign(vmas_key=lat.vmas.fillna(-1).astype(int))
-    keys = ["trial_id", "trigger", "method", "lower_bound", "vmas_key"]
-    for (trial, trigger, method, lower, vmas), g in lat.groupby(keys, sort=True):
+    if "target_kind" not in lat:  # runs from before per-workload attribution
+        lat = lat.assign(target_kind="unattributed", mappings=pd.NA)
+    lat = lat.assign(
+        vmas_key=lat.vmas.fillna(-1).astype(int), maps_key=lat.mappings.fillna(-1).astype(int)
+    )
+    keys = ["trial_id", "trigger", "method", "lower_bound", "target_kind", "vmas_key", "maps_key"]
+    for (trial, trigger, method, lower, kind, vmas, maps), g in lat.groupby(keys, sort=True):
         us = g.duration_ns / 1000
         label = f"{method} (lower bound)" if lower else method
         t.add_row(
             str(trial),
             str(trigger),
             label,
+            str(kind),
             str(len(g)),
             f"{us.quantile(0.5):.1f}",
             f"{us.quantile(0.99):.1f}",
             f"{us.max():.1f}",
             "-" if vmas < 0 else str(vmas),
+            "-" if maps < 0 else str(maps),
         )
     return t
