@@ -60,6 +60,14 @@ def check_host_ram_gib(value: float | None) -> None:
         )
 
 
+def check_runs(runs: list[Path]) -> None:
+    """Every run directory's manifest, validated before the analysis stack is loaded."""
+    from orchestrator.manifest import load_manifest
+
+    for run_dir in runs:
+        load_manifest(run_dir)
+
+
 def default_report_dir(runs: list[Path]) -> Path:
     """reports/out/<run names>: the names of the resolved folders (`x/..` is x's parent,
     not `..`), cut to characters a folder name may hold."""
@@ -204,12 +212,13 @@ def report(
     host_ram_gib: Annotated[float | None, typer.Option(help="for the capacity model")] = None,
 ) -> None:
     """Write reports/<name>/index.html and summary.md from run directories."""
-    from orchestrator import report as rep
-
     try:
         check_host_ram_gib(host_ram_gib)
+        check_runs(runs)
         target = out_dir or default_report_dir(runs)
         check_results_dir(target, "--out")
+        from orchestrator import report as rep  # pandas, seaborn: only for valid input
+
         paths = rep.write_report(runs, target, host_ram_gib=host_ram_gib)
     except DensitylabError as e:
         fail(e)
@@ -220,13 +229,15 @@ def report(
 @app.command()
 def compare(run_a: Path, run_b: Path) -> None:
     """Compare two runs of the same spec."""
-    from orchestrator import analysis
-
     try:
+        check_runs([run_a, run_b])
+        from orchestrator import analysis
+
         result = analysis.compare_runs(run_a, run_b)
     except DensitylabError as e:
         fail(e)
-    out.print(analysis.render_comparison(result, fmt="text"), markup=False, highlight=False)
+    text = analysis.render_comparison(result, fmt="text")
+    out.print(text, markup=False, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,8 +28,11 @@ from orchestrator.errors import UsageError, printable, shorten, shown
 # fullmatch, not match with `$`: `$` also matches before a trailing newline.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}")
 SHARE_TOLERANCE = 1e-6
-# A spec is a page of YAML; anything larger is not one (and must not be read whole).
-MAX_SPEC_BYTES = 1 << 20
+# A spec is a page of YAML (the shipped ones: 1-2 KiB, ~100 nodes). The loader is
+# pure Python (its hooks below need that) at ~50 us a node on a busy 2-core host, so
+# both the bytes and the nodes are bounded to keep a refusal well under a second.
+MAX_SPEC_BYTES = 256 << 10
+MAX_YAML_NODES = 10_000
 MAX_YAML_DEPTH = 32  # the model nests 4 deep; Python recursion ends near 1000
 # Bounds, so that a typo cannot ask for a year, a petabyte or a billion trials.
 MAX_MIB = 1 << 20  # 1 TiB, dlfill's own limit on --mib
@@ -125,7 +128,7 @@ def check_sweep(values: Sequence[object], what: str) -> None:
 class Fleet(Strict):
     count: (
         Annotated[int, Field(gt=0, le=MAX_GUESTS)]
-        | list[Annotated[int, Field(gt=0, le=MAX_GUESTS)]]
+        | Annotated[list[Annotated[int, Field(gt=0, le=MAX_GUESTS)]], Field(max_length=MAX_SWEEP)]
     ) = 1
     vcpus: Annotated[int, Field(gt=0, le=MAX_VCPUS)] = 1
     memory_mib: Annotated[int, Field(ge=64, le=MAX_MIB)] = 256
@@ -304,7 +307,7 @@ class HostWorkload(Strict):
 
     copies: Annotated[int, Field(ge=0, le=64)] = 0
     mib: Mib = 64
-    fragment_vmas: Vmas | list[Vmas] = 2000
+    fragment_vmas: Vmas | Annotated[list[Vmas], Field(max_length=MAX_SWEEP)] = 2000
 
     @field_validator("fragment_vmas")
     @classmethod
@@ -376,7 +379,7 @@ class Spec(Strict):
     name: str
     description: Annotated[str, Field(max_length=2000)] = ""
     host: Host = Host()
-    kernels: list[str] = ["running"]
+    kernels: Annotated[list[str], Field(max_length=MAX_KERNELS)] = ["running"]
     fleet: Fleet = Fleet()
     workload: Workload = Workload()
     ksm: dict[str, KnobValue] = {"pages_to_scan": 2000, "sleep_millisecs": 20}
@@ -463,11 +466,19 @@ def error_path(e: Any) -> list[str]:
     return path
 
 
+def pick_error(errors: Sequence[Any]) -> Any:
+    """The error to show. For unions pydantic reports one error per member: the deepest
+    path is the useful one, and at that path one that is not about the type
+    (`count: [1, .. 2000]` is a list too long, not "not an integer")."""
+    deepest = max(errors, key=lambda e: len(error_path(e)))
+    same = [e for e in errors if error_path(e) == error_path(deepest)]
+    return next((e for e in same if not str(e["type"]).endswith("_type")), same[0])
+
+
 def format_validation_error(source: str, err: ValidationError) -> str:
     """One line: file, dotted key path, message, and the offending value (escaped, and
     shortened: a megabyte of YAML is not echoed)."""
-    # For unions pydantic reports one error per member; the deepest path is the useful one.
-    first = max(err.errors(), key=lambda e: len(error_path(e)))
+    first = pick_error(err.errors())
     loc = ".".join(printable(shorten(p)) for p in error_path(first))
     msg = first["msg"].removeprefix("Value error, ")
     got = first.get("input")
@@ -490,12 +501,14 @@ class SpecYAMLError(yaml.MarkedYAMLError):
 class SpecLoader(yaml.SafeLoader):
     """yaml.SafeLoader that refuses what a spec never needs and a hostile file abuses:
     aliases (a "billion laughs" expands a few lines into 10^9 nodes for the validator
-    and the error message), nesting deeper than MAX_YAML_DEPTH (Python recursion), and
-    duplicate keys (YAML keeps the last one silently)."""
+    and the error message), nesting deeper than MAX_YAML_DEPTH (Python recursion), more
+    than MAX_YAML_NODES values (time), and duplicate keys (YAML keeps the last one
+    silently)."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self.depth = 0
+        self.nodes = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         event: Any = self.peek_event()  # type: ignore[no-untyped-call]
@@ -509,7 +522,10 @@ class SpecLoader(yaml.SafeLoader):
                 mark,
             )
         self.depth += 1
+        self.nodes += 1
         try:
+            if self.nodes > MAX_YAML_NODES:
+                raise SpecYAMLError(None, None, f"more than {MAX_YAML_NODES} values", mark)
             if self.depth > MAX_YAML_DEPTH:
                 raise SpecYAMLError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
             return super().compose_node(parent, index)
