@@ -631,3 +631,56 @@ def test_default_report_folder_is_named_from_the_resolved_run(
     assert cli.main(["report", str(good_run / "sub" / "..")]) == 0, capsys.readouterr().err
     assert sorted(p.name for p in (cwd / "reports").iterdir()) == ["out"]
     assert (cwd / "reports" / "out" / "good" / "index.html").is_file()
+
+
+# --------------------------------------------------------------------------- mutations
+
+MUTATIONS: list[object] = [
+    0, -1, True, None, "abc", "a\n", "\x1b[2J", 1.5, float("inf"), float("nan"), 2**64,
+    10**30, [], [2, 2], {}, {"a": 1}, "", "x" * 200, 0.0001, "running", ["6.12", "6.12"],
+]  # fmt: skip
+
+
+def key_paths(d: dict[str, object], pre: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for k, v in d.items():
+        out.append((*pre, k))
+        if isinstance(v, dict):
+            out += key_paths(v, (*pre, k))
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_mutated_shipped_specs_never_crash() -> None:
+    """Any value anywhere in a shipped spec: accepted and planned, or one UsageError
+    line; never another exception, a raw control character, or "(top level)"."""
+    import copy
+    import random
+
+    import yaml
+
+    from orchestrator import plan
+    from orchestrator.errors import UsageError
+    from orchestrator.spec import load_spec_text
+
+    rng = random.Random(12)
+    specs = [yaml.safe_load(p.read_text()) for p in sorted((REPO / "experiments").glob("*.yaml"))]
+    refused = 0
+    for _ in range(400):
+        raw = copy.deepcopy(rng.choice(specs))
+        for _ in range(rng.randint(1, 3)):
+            *parents, last = rng.choice(key_paths(raw))
+            d = raw
+            for k in parents:
+                d = d[k]
+            d[last] = copy.deepcopy(rng.choice(MUTATIONS))
+        try:
+            spec, _ = load_spec_text(yaml.safe_dump(raw), "m.yaml")
+            for t in plan.expand(spec):
+                assert plan.estimate_s(spec, t) > 0
+        except UsageError as e:
+            refused += 1
+            msg = str(e)
+            assert msg.startswith("m.yaml: ") and msg.isprintable(), msg
+            assert "(top level)" not in msg and len(msg) < 400, msg
+    assert refused > 300  # the mutations are hostile: nearly all must be refused
