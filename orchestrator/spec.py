@@ -5,7 +5,7 @@ Unknown keys are rejected; every error names the file and the key path, in one l
 
 A spec is untrusted input, so every number has a range, the trial matrix a size limit,
 and the file itself is read as a small regular file by a YAML loader that refuses
-aliases, duplicate keys and deep nesting (see read_spec_bytes, SpecLoader).
+aliases, duplicate keys and deep nesting (see read_regular_file, SpecLoader).
 """
 
 from __future__ import annotations
@@ -72,7 +72,8 @@ QEMU_OVERHEAD_MIB = 96
 
 PositiveInt = Annotated[int, Field(gt=0)]
 Mib = Annotated[int, Field(gt=0, le=MAX_MIB)]
-TimeoutS = Annotated[float, Field(ge=1, le=MAX_TIMEOUT_S)]  # >= 1: callers pass whole seconds
+# >= 1 s: plays take whole seconds, and int(0.5) was 0, which ansible-runner reads as none
+TimeoutS = Annotated[float, Field(ge=1, le=MAX_TIMEOUT_S)]
 DelayS = Annotated[float, Field(ge=0, le=MAX_TIMEOUT_S)]
 Repeats = Annotated[int, Field(ge=1, le=MAX_REPEATS)]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
