@@ -20,7 +20,6 @@ Statistical methods (also printed in every report):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -185,18 +184,9 @@ class Run:
 
 
 def _read_manifest(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "manifest.json"
-    if not run_dir.is_dir():
-        raise UsageError(f"{run_dir}: no such run directory")
-    if not path.is_file():
-        raise UsageError(f"{path}: missing; {run_dir} is not a run directory")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path}: cannot read manifest: {e}") from e
-    if not isinstance(manifest, dict):
-        raise UsageError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
-    return manifest
+    from orchestrator.manifest import load_manifest  # validated: one line, never a traceback
+
+    return load_manifest(run_dir)
 
 
 def _read_table(path: Path, name: str) -> pd.DataFrame:

@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
-from orchestrator.errors import DensitylabError, Interrupted, UsageError
+from orchestrator.errors import DensitylabError, Interrupted, UsageError, printable, shown
+
+# The largest host RAM the capacity model is asked about (GiB): beyond any machine.
+MAX_HOST_RAM_GIB = 1 << 16
 
 app = typer.Typer(
     add_completion=False,
@@ -28,11 +34,48 @@ console = Console(stderr=True)
 out = Console(width=None if sys.stdout.isatty() else 160)
 
 
-def fail(e: BaseException) -> None:
+def fail(e: BaseException) -> NoReturn:
     """One line on stderr and the matching exit code."""
     code = 2 if isinstance(e, UsageError) else 130 if isinstance(e, Interrupted) else 1
-    print(f"densitylab: {e}", file=sys.stderr)  # one line, never wrapped
+    # printable: one line, never wrapped, and nothing a file named can do to the terminal
+    print(f"densitylab: {printable(str(e))}", file=sys.stderr)
     raise typer.Exit(code)
+
+
+def check_results_dir(path: Path, option: str) -> None:
+    """An output folder that is one, or can become one; checked before any work."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option}: {printable(str(path))} exists and is not a directory")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{option}: {printable(str(parent))} is not a directory")
+            break
+
+
+def check_host_ram_gib(value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and 0 < value <= MAX_HOST_RAM_GIB):
+        raise UsageError(
+            f"--host-ram-gib: expected a number in (0, {MAX_HOST_RAM_GIB}], got {shown(value)}"
+        )
+
+
+def check_runs(runs: list[Path]) -> None:
+    """Every run directory's manifest, validated before the analysis stack is loaded."""
+    from orchestrator.manifest import load_manifest
+
+    for run_dir in runs:
+        load_manifest(run_dir)
+
+
+def default_report_dir(runs: list[Path]) -> Path:
+    """reports/out/<run names>: the names of the resolved folders (`x/..` is x's parent,
+    not `..`), cut to characters a folder name may hold."""
+    names = []
+    for p in runs:
+        name = re.sub(r"[^A-Za-z0-9_.+-]", "_", p.resolve().name).lstrip(".")
+        names.append(name or "run")
+    return Path("reports") / "out" / "-".join(names)[:120]
 
 
 @app.callback()
@@ -68,9 +111,9 @@ def plan(spec: Path) -> None:
 
     try:
         s, _, sha = load_spec(spec)
+        trials = planmod.expand(s)
     except DensitylabError as e:
         fail(e)
-    trials = planmod.expand(s)
     t = Table(title=f"{s.name} ({len(trials)} trials, spec sha256 {sha[:12]})")
     for col in ("trial", "kernel", "guests", "repeat", "est. s"):
         t.add_column(col, justify="right" if col in ("guests", "repeat", "est. s") else "left")
@@ -98,6 +141,12 @@ def run(
 
     progress = RichProgress(console)
     try:
+        # Arguments first: a bad one is refused before the doctor or libvirt is asked.
+        check_results_dir(results, "--results")
+        if resume is not None:
+            from orchestrator.manifest import load_manifest
+
+            load_manifest(resume)
         with progress:
             outcome = runner.run_experiment(spec, results, resume, progress)
     except DensitylabError as e:
@@ -163,10 +212,13 @@ def report(
     host_ram_gib: Annotated[float | None, typer.Option(help="for the capacity model")] = None,
 ) -> None:
     """Write reports/<name>/index.html and summary.md from run directories."""
-    from orchestrator import report as rep
-
-    target = out_dir or Path("reports") / "out" / "-".join(p.name for p in runs)[:120]
     try:
+        check_host_ram_gib(host_ram_gib)
+        check_runs(runs)
+        target = out_dir or default_report_dir(runs)
+        check_results_dir(target, "--out")
+        from orchestrator import report as rep  # pandas, seaborn: only for valid input
+
         paths = rep.write_report(runs, target, host_ram_gib=host_ram_gib)
     except DensitylabError as e:
         fail(e)
@@ -177,18 +229,34 @@ def report(
 @app.command()
 def compare(run_a: Path, run_b: Path) -> None:
     """Compare two runs of the same spec."""
-    from orchestrator import analysis
-
     try:
+        check_runs([run_a, run_b])
+        from orchestrator import analysis
+
         result = analysis.compare_runs(run_a, run_b)
     except DensitylabError as e:
         fail(e)
-    out.print(analysis.render_comparison(result, fmt="text"), markup=False, highlight=False)
+    text = analysis.render_comparison(result, fmt="text")
+    out.print(text, markup=False, highlight=False)
 
 
-def main(argv: list[str] | None = None) -> Any:
-    return app(args=argv if argv is not None else sys.argv[1:], prog_name="densitylab")
+def main(argv: list[str] | None = None) -> int:
+    """The entry point; returns the exit code. A malformed command line (a missing
+    argument, `--host-ram-gib abc`) is one line and exit 2, like any other bad input."""
+    args = argv if argv is not None else sys.argv[1:]
+    try:
+        rv = app(args=args, prog_name="densitylab", standalone_mode=False)
+    except NoArgsIsHelpError as e:
+        e.show()
+        return 2
+    except ClickException as e:
+        print(f"densitylab: {printable(e.format_message())}", file=sys.stderr)
+        return e.exit_code
+    except typer.Abort:
+        print("densitylab: aborted", file=sys.stderr)
+        return 130
+    return rv if isinstance(rv, int) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

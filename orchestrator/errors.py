@@ -5,7 +5,42 @@ Only the CLI turns these into exit codes: UsageError (bad input) -> 2, others ->
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
+
+# How much of a user's value an error message echoes: enough to recognise it, never a
+# megabyte of it on one line.
+SHOWN_CHARS = 60
+
+
+def printable(text: str) -> str:
+    """text with every control or format character escaped (newline as \\n, ESC as
+    \\x1b, U+202E as \\u202e): what the user gave can neither break the one-line error
+    nor drive the terminal. Idempotent: escaped text is printable."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(c: str) -> str:
+    if c in "\n\r\t":
+        return repr(c)[1:-1]
+    n = ord(c)
+    if unicodedata.category(c) == "Zs":  # a plain (if exotic) space
+        return " "
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
+    """text cut to about `limit` characters, marked where it was cut."""
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """A user's value as an error message echoes it: repr, escaped, shortened."""
+    if isinstance(value, str) and len(value) > 4 * limit:
+        value = value[: 4 * limit]  # repr of a huge string is not worth making
+    return shorten(printable(repr(value)), limit)
 
 
 class DensitylabError(Exception):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.spec import Spec
+from orchestrator.errors import UsageError
+from orchestrator.spec import MAX_TRIALS, Spec
 
 # Rough costs measured on a 2-core TCG host (LAB-NOTES: ~5 s boot, fills of 160 MiB in
 # 14-34 s for 4 guests); used only for the estimate `plan` prints.
@@ -29,26 +30,36 @@ def expand(spec: Spec) -> list[Trial]:
     """fleet sizes x host-workload VMA counts x repeats x kernels, kernels innermost.
 
     The VMA count appears in the trial id only when it is swept or the host workload is
-    the point of the run (a lab host)."""
-    vmas = spec.host_workload.vma_counts if spec.host_workload.copies else [0]
+    the point of the run (a lab host).
+
+    Raises UsageError when the matrix would exceed MAX_TRIALS (counted before it is
+    built) or two trials would share an id (their tables would overwrite each other);
+    the spec refuses both already, this keeps a hand-built Spec honest too."""
+    if spec.trial_count > MAX_TRIALS:
+        raise UsageError(f"spec {spec.name}: {spec.matrix_too_large()}")
+    vmas = spec.vma_sweep
     show_vmas = len(vmas) > 1 or spec.host.kind == "labvm"
-    return [
+    trials = [
         Trial(f"{k}-n{n}" + (f"-v{v}" if show_vmas else "") + f"-r{r}", k, n, r, v)
         for n in spec.fleet.counts
         for v in vmas
         for r in range(spec.repeats)
         for k in spec.kernels  # innermost: kernels interleave, so host drift hits both
     ]
+    ids = [t.trial_id for t in trials]
+    if len(set(ids)) < len(ids):
+        twice = next(i for n, i in enumerate(ids) if i in ids[:n])
+        raise UsageError(f"spec {spec.name}: trial id {twice} would repeat")
+    return trials
 
 
 def full_scan_s(spec: Spec, fleet_size: int) -> float:
     """Seconds for one KSM full scan over every guest's RAM at the spec's scan rate."""
     pages = fleet_size * spec.fleet.memory_mib * PAGES_PER_MIB
-    per_s = (
-        int(spec.ksm.get("pages_to_scan", 100))
-        * 1000
-        / max(1, int(spec.ksm.get("sleep_millisecs", 20)))
-    )
+    # The spec holds both knobs to integers with pages_to_scan >= 1; a zero sleep still
+    # takes about a millisecond per batch.
+    per_batch = max(1, int(spec.ksm.get("pages_to_scan", 100)))
+    per_s = per_batch * 1000 / max(1, int(spec.ksm.get("sleep_millisecs", 20)))
     return pages / per_s
 
 

@@ -40,6 +40,7 @@ from orchestrator.attribution import (
 )
 from orchestrator.errors import DensitylabError, HostError, Interrupted, UsageError
 from orchestrator.interrupts import InterruptGuard
+from orchestrator.manifest import load_manifest
 from orchestrator.sampling import Collector, PhaseMark, Sampler, sharing_pages
 from orchestrator.spec import Spec, check_fits_host, load_spec
 from orchestrator.workload import FillResult, PlayError, WorkloadDriver
@@ -934,17 +935,18 @@ def prepare(spec_path: Path, results_dir: Path, resume: Path | None) -> Prepared
         lab = labimage.find_lab_image()
         for k in spec.kernels:
             lab.kernel(k)  # UsageError naming the kernel the image lacks
+    # The resumed run is input too: checked before the doctor touches the host.
+    if resume is not None and load_manifest(resume).get("spec_sha256") != sha:
+        raise UsageError(
+            f"{spec_path}: differs from the spec of run {resume} "
+            "(a resumed run must use the same spec)"
+        )
     report = doctor.run_doctor(check_bpf=False)
     if not report.ok:
         raise HostError("host not ready: " + "; ".join(report.problems))
     domain_type = pick_domain_type(spec.fleet.accel, report.facts)
     if resume is not None:
         st = store.RunStore.open(resume)
-        if st.read_manifest().get("spec_sha256") != sha:
-            raise UsageError(
-                f"{spec_path}: differs from the spec of run {resume} "
-                "(a resumed run must use the same spec)"
-            )
     else:
         st = store.RunStore.create(results_dir, spec.name)
     return spec, raw, sha, image, report.facts, domain_type, st

@@ -2,53 +2,100 @@
 
 Unknown keys are rejected; every error names the file and the key path, in one line:
 `experiments/x.yaml: fleet.memory_mib: Input should be greater than 0, got -1`.
+
+A spec is untrusted input, so every number has a range, the trial matrix a size limit,
+and the file itself is read as a small regular file by a YAML loader that refuses
+aliases, duplicate keys and deep nesting (see read_regular_file, SpecLoader).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 import re
+import stat
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
-from orchestrator.errors import UsageError
+from orchestrator.errors import UsageError, printable, shorten, shown
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
+# fullmatch, not match with `$`: `$` also matches before a trailing newline.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}")
 SHARE_TOLERANCE = 1e-6
-# KSM knobs across the kernels densitylab supports (6.1 .. 7.x); the host agent checks
-# at run time that the running kernel really has the ones a spec names.
-KSM_KNOBS = frozenset(
-    {
-        "run",
-        "pages_to_scan",
-        "sleep_millisecs",
-        "max_page_sharing",
-        "merge_across_nodes",
-        "use_zero_pages",
-        "smart_scan",
-        "stable_node_chains_prune_millisecs",
-        "advisor_mode",
-        "advisor_max_cpu",
-        "advisor_min_pages_to_scan",
-        "advisor_max_pages_to_scan",
-        "advisor_target_scan_time",
-    }
-)
+# A spec is a page of YAML (the shipped ones: 1-2 KiB, ~100 nodes). The loader is
+# pure Python (its hooks below need that) at ~50 us a node on a busy 2-core host, so
+# both the bytes and the nodes are bounded to keep a refusal well under a second.
+MAX_SPEC_BYTES = 256 << 10
+MAX_YAML_NODES = 10_000
+MAX_YAML_DEPTH = 32  # the model nests 4 deep; Python recursion ends near 1000
+# Bounds, so that a typo cannot ask for a year, a petabyte or a billion trials.
+MAX_MIB = 1 << 20  # 1 TiB, dlfill's own limit on --mib
+MAX_TIMEOUT_S = 86_400.0
+MAX_GUESTS = 1024
+MAX_VCPUS = 64
+MAX_SWEEP = 64  # entries in one swept list
+MAX_REPEATS = 100
+MAX_TRIALS = 1000  # checked before the matrix is expanded
+MAX_KERNELS = 16
+# dlfill parses --seed as an unsigned 64-bit integer; host copies use seed + 1.
+MAX_SEED = 2**64 - 2
+# vm.max_map_count defaults to 65530; a process needs a few dozen VMAs of its own.
+MAX_FRAGMENT_VMAS = 65_000
+PAGES_PER_MIB = 256
+# KSM knobs across the kernels densitylab supports (6.1 .. 7.x), with the values each
+# accepts here; the host agent checks at run time that the running kernel really has
+# the ones a spec names. Ranges follow mm/ksm.c where it has one (max_page_sharing >= 2,
+# advisor_target_scan_time >= 1, booleans 0/1) and are sane bounds where it has none.
+KSM_KNOB_RANGES: dict[str, tuple[int, int]] = {
+    "pages_to_scan": (1, 1_000_000),  # 0 would never merge (and never settle)
+    "sleep_millisecs": (0, 60_000),
+    "max_page_sharing": (2, 1 << 20),
+    "merge_across_nodes": (0, 1),
+    "use_zero_pages": (0, 1),
+    "smart_scan": (0, 1),
+    "stable_node_chains_prune_millisecs": (0, 3_600_000),
+    "advisor_max_cpu": (1, 100),
+    "advisor_min_pages_to_scan": (1, 1_000_000),
+    "advisor_max_pages_to_scan": (1, 1_000_000),
+    "advisor_target_scan_time": (1, 3_600),
+}
+KSM_KNOB_WORDS: dict[str, tuple[str, ...]] = {"advisor_mode": ("none", "scan-time")}
+KSM_KNOBS = frozenset({"run", *KSM_KNOB_RANGES, *KSM_KNOB_WORDS})
 # Per-guest memory QEMU (TCG) takes beyond guest RAM, for the fits-on-host check (MiB).
 QEMU_OVERHEAD_MIB = 96
 
 PositiveInt = Annotated[int, Field(gt=0)]
+Mib = Annotated[int, Field(gt=0, le=MAX_MIB)]
+# >= 1 s: plays take whole seconds, and int(0.5) was 0, which ansible-runner reads as none
+TimeoutS = Annotated[float, Field(ge=1, le=MAX_TIMEOUT_S)]
+DelayS = Annotated[float, Field(ge=0, le=MAX_TIMEOUT_S)]
+Repeats = Annotated[int, Field(ge=1, le=MAX_REPEATS)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Vmas = Annotated[int, Field(ge=0, le=MAX_FRAGMENT_VMAS)]
+FIELD_ERROR = "densitylab_field"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: no bool where a number is expected (`count: true` is not 1), no "5" for 5;
+    # no inf or nan in any float.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+def field_error(path: str, message: str, value: Any = ...) -> PydanticCustomError:
+    """An error a model check raises for a field below it (`kernels.1`, `ksm.smart_scan`);
+    format_validation_error appends `path` to the error's location."""
+    ctx = {"field": path, "message": message, "shown": "" if value is ... else shown(value)}
+    return PydanticCustomError(FIELD_ERROR, "{message}", ctx)
 
 
 def check_name(value: str) -> str:
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise ValueError(
             "use letters, digits, '_', '.', '-' (at most 48, no quotes, slashes "
             "or XML metacharacters)"
@@ -61,24 +108,39 @@ class Host(Strict):
     (booted from the lab image; TCG here, KVM on real hardware)."""
 
     kind: Literal["local", "labvm"] = "local"
-    memory_mib: Annotated[int, Field(ge=512)] = 4096
-    vcpus: PositiveInt = 2
+    memory_mib: Annotated[int, Field(ge=512, le=MAX_MIB)] = 4096
+    vcpus: Annotated[int, Field(gt=0, le=MAX_VCPUS)] = 2
     numa_cells: Annotated[int, Field(ge=1, le=8)] = 2
-    boot_timeout_s: Annotated[float, Field(gt=0)] = 240
+    boot_timeout_s: TimeoutS = 240
+
+
+def check_sweep(values: Sequence[object], what: str) -> None:
+    """A swept list: 1..MAX_SWEEP entries, none twice (a repeated entry would make two
+    trials with one id, whose tables overwrite each other)."""
+    if not values:
+        raise ValueError(f"a sweep needs at least one {what}")
+    if len(values) > MAX_SWEEP:
+        raise ValueError(f"a sweep of at most {MAX_SWEEP} {what}s, got {len(values)}")
+    for i, v in enumerate(values):
+        if v in values[:i]:
+            raise field_error(str(i), f"{what} {v} is listed twice (trial ids would repeat)")
 
 
 class Fleet(Strict):
-    count: PositiveInt | list[PositiveInt] = 1
-    vcpus: PositiveInt = 1
-    memory_mib: Annotated[int, Field(ge=64)] = 256
+    count: (
+        Annotated[int, Field(gt=0, le=MAX_GUESTS)]
+        | Annotated[list[Annotated[int, Field(gt=0, le=MAX_GUESTS)]], Field(max_length=MAX_SWEEP)]
+    ) = 1
+    vcpus: Annotated[int, Field(gt=0, le=MAX_VCPUS)] = 1
+    memory_mib: Annotated[int, Field(ge=64, le=MAX_MIB)] = 256
     image: Literal["tiny"] = "tiny"
     accel: Literal["auto", "kvm", "tcg"] = "auto"
 
     @field_validator("count")
     @classmethod
-    def _nonempty_sweep(cls, v: int | list[int]) -> int | list[int]:
-        if isinstance(v, list) and not v:
-            raise ValueError("a sweep needs at least one fleet size")
+    def _sweep(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, list):
+            check_sweep(v, "fleet size")
         return v
 
     @property
@@ -86,25 +148,65 @@ class Fleet(Strict):
         return self.count if isinstance(self.count, list) else [self.count]
 
 
+def region_pages(mib: int) -> int:
+    return mib * PAGES_PER_MIB
+
+
+def check_fragment(vmas: int, mib: int, path: str) -> None:
+    """dlfill splits its region into `vmas` VMAs by protecting every other page: it needs
+    at least one page per VMA (it refuses --fragment above the region's pages)."""
+    if vmas > region_pages(mib):
+        raise field_error(
+            path, f"{vmas} VMAs need {vmas} pages; the {mib} MiB region has {region_pages(mib)}"
+        )
+
+
+def volatile_start(w: Workload) -> tuple[int, int]:
+    """(first volatile page, volatile pages) as dlfill's make_layout computes them."""
+    pages = region_pages(w.mib)
+
+    def rnd(x: float) -> int:  # llround: halves away from zero
+        return math.floor(x * pages + 0.5)
+
+    zero, unique, vol = rnd(w.zero), rnd(w.unique), rnd(w.volatile)
+    while zero + unique + vol > pages:
+        if vol:
+            vol -= 1
+        elif unique:
+            unique -= 1
+        else:
+            zero -= 1
+    return pages - vol, vol
+
+
 class Workload(Strict):
-    mib: PositiveInt = 64
+    mib: Mib = 64
     dup: Annotated[float, Field(ge=0, le=1)] = 1.0
     zero: Annotated[float, Field(ge=0, le=1)] = 0.0
     unique: Annotated[float, Field(ge=0, le=1)] = 0.0
     volatile: Annotated[float, Field(ge=0, le=1)] = 0.0
-    volatile_rate_pps: Annotated[int, Field(ge=0)] = 0
-    fragment_vmas: Annotated[int, Field(ge=0)] = 0
+    volatile_rate_pps: Annotated[int, Field(ge=0, le=10_000_000)] = 0
+    fragment_vmas: Vmas = 0
     # distinct: duplicate page i differs from page j (each KSM page has one mapping per
     # copy); one-content: every duplicate page holds one content, so KSM pages carry up
     # to max_page_sharing mappings (the published rmap_walk_ksm benchmark's shape).
     pattern: Literal["distinct", "one-content"] = "distinct"
-    seed: int | None = None
+    seed: Seed | None = None
 
     @model_validator(mode="after")
     def _shares_sum_to_one(self) -> Workload:
         total = self.dup + self.zero + self.unique + self.volatile
         if abs(total - 1.0) > SHARE_TOLERANCE:
             raise ValueError(f"dup + zero + unique + volatile must sum to 1, got {total:g}")
+        check_fragment(self.fragment_vmas, self.mib, "fragment_vmas")
+        start, vol = volatile_start(self)
+        # dlfill refuses this too: rewriting a page fragmentation made read-only faults.
+        if self.volatile_rate_pps and vol and self.fragment_vmas > start + 1:
+            raise field_error(
+                "fragment_vmas",
+                f"{self.fragment_vmas} VMAs reach the volatile pages (from page {start}); "
+                "lower it or set volatile_rate_pps: 0",
+            )
         return self
 
 
@@ -112,30 +214,30 @@ KnobValue = int | str
 
 
 class Boot(Strict):
-    timeout_s: Annotated[float, Field(gt=0)] = 120
+    timeout_s: TimeoutS = 120
 
 
 class Baseline(Strict):
     enabled: bool = True
-    timeout_s: Annotated[float, Field(gt=0)] = 90
+    timeout_s: TimeoutS = 90
 
 
 class Fill(Strict):
-    timeout_s: Annotated[float, Field(gt=0)] = 300
+    timeout_s: TimeoutS = 300
 
 
 class Merge(Strict):
-    timeout_s: Annotated[float, Field(gt=0)] = 300
+    timeout_s: TimeoutS = 300
     settle_pct: Annotated[float, Field(gt=0, le=100)] = 1.0
     # Ten, not two: with smart_scan, a page KSM has seen unmergeable for a while (boot
     # content the fill then overwrote) is skipped for up to 8 scans before its new
     # content is even looked at. Over two scans sharing looked settled 7% short of the
     # prediction on the smoke spec; over five it was within 0.1%.
-    settle_scans: Annotated[int, Field(ge=1)] = 10
+    settle_scans: Annotated[int, Field(ge=1, le=1000)] = 10
 
 
 class Hold(Strict):
-    duration_s: Annotated[float, Field(ge=0)] = 5
+    duration_s: DelayS = 5
 
 
 class Attribute(Strict):
@@ -143,7 +245,7 @@ class Attribute(Strict):
     saving that disappears is the workload's own, measured apart from boot leftovers."""
 
     enabled: bool = True
-    timeout_s: Annotated[float, Field(gt=0)] = 120
+    timeout_s: TimeoutS = 120
 
 
 class Migrate(Strict):
@@ -154,12 +256,12 @@ class Migrate(Strict):
 
     enabled: bool = False
     method: Literal["auto", "compaction", "numa", "offline"] = "auto"
-    repeats: Annotated[int, Field(ge=1)] = 3
-    settle_s: Annotated[float, Field(ge=0)] = 2
+    repeats: Repeats = 3
+    settle_s: DelayS = 2
     # numa only: move this many of each process's mergeable pages (evenly spread) with
     # move_pages(2) instead of every page with migratepages: as many walks as the
     # statistics need, in a fraction of the time.
-    pages: Annotated[int, Field(gt=0)] | None = None
+    pages: Annotated[int, Field(gt=0, le=MAX_MIB * 256)] | None = None
 
 
 class Reclaim(Strict):
@@ -172,17 +274,17 @@ class Reclaim(Strict):
     enabled: bool = False
     method: Literal["auto", "memory.reclaim", "v1-limit-steps"] = "auto"
     swap: Literal["zram", "swapfile"] = "zram"
-    swap_mib: Annotated[int, Field(gt=0)] = 2048
-    reclaim_mib: Annotated[int, Field(gt=0)] = 128
-    v1_limit_steps_mib: list[PositiveInt] = [150, 60]
-    repeats: Annotated[int, Field(ge=1)] = 1
-    settle_s: Annotated[float, Field(ge=0)] = 2
+    swap_mib: Mib = 2048
+    reclaim_mib: Mib = 128
+    v1_limit_steps_mib: list[Mib] = [150, 60]
+    repeats: Repeats = 1
+    settle_s: DelayS = 2
 
     @field_validator("v1_limit_steps_mib")
     @classmethod
     def _descending(cls, v: list[int]) -> list[int]:
-        if not v or v != sorted(v, reverse=True):
-            raise ValueError("give at least one step, in descending order")
+        if not v or len(v) > MAX_SWEEP or v != sorted(set(v), reverse=True):
+            raise ValueError(f"give 1 to {MAX_SWEEP} steps, in strictly descending order")
         return v
 
 
@@ -198,7 +300,7 @@ class Phases(Strict):
 
 
 class Sampling(Strict):
-    interval_s: Annotated[float, Field(gt=0, le=60)] = 1.0
+    interval_s: Annotated[float, Field(ge=0.1, le=60)] = 1.0
 
 
 class Latency(Strict):
@@ -212,10 +314,24 @@ class HostWorkload(Strict):
     """dlfill processes on the host itself: the fragmented mergeable memory whose KSM
     pages make the old rmap_walk_ksm walk every VMA of one anon_vma."""
 
-    copies: Annotated[int, Field(ge=0)] = 0
-    mib: PositiveInt = 64
-    fragment_vmas: Annotated[int, Field(ge=0)] | list[Annotated[int, Field(ge=0)]] = 2000
+    copies: Annotated[int, Field(ge=0, le=64)] = 0
+    mib: Mib = 64
+    fragment_vmas: Vmas | Annotated[list[Vmas], Field(max_length=MAX_SWEEP)] = 2000
     pattern: Literal["distinct", "one-content"] = "distinct"  # see Workload.pattern
+
+    @field_validator("fragment_vmas")
+    @classmethod
+    def _sweep(cls, v: int | list[int]) -> int | list[int]:
+        if isinstance(v, list):
+            check_sweep(v, "VMA count")
+        return v
+
+    @model_validator(mode="after")
+    def _fits_region(self) -> HostWorkload:
+        swept = isinstance(self.fragment_vmas, list)
+        for i, n in enumerate(self.vma_counts):
+            check_fragment(n, self.mib, f"fragment_vmas.{i}" if swept else "fragment_vmas")
+        return self
 
     @property
     def vma_counts(self) -> list[int]:
@@ -223,11 +339,57 @@ class HostWorkload(Strict):
         return v if isinstance(v, list) else [v]
 
 
+def check_kernel_labels(labels: Sequence[str], kind: str, path: str = "kernels") -> None:
+    """The kernel labels of a spec: names (they reach run ids, folders and domain names),
+    none twice (trial ids would repeat), and what the host kind can boot. Raises a
+    field error naming the entry, e.g. `kernels.1`."""
+    if not labels:
+        raise field_error(path, "name at least one kernel")
+    if len(labels) > MAX_KERNELS:
+        raise field_error(path, f"at most {MAX_KERNELS} kernels, got {len(labels)}")
+    for i, label in enumerate(labels):
+        where = f"{path}.{i}"
+        try:
+            check_name(label)
+        except ValueError as e:
+            raise field_error(where, str(e), label) from None
+        if label in labels[:i]:
+            raise field_error(where, f"kernel {label} is listed twice (trial ids would repeat)")
+        if kind == "local" and label != "running":
+            raise field_error(
+                where,
+                "a local host runs only its running kernel: use [running], or "
+                "host.kind: labvm to boot other kernels",
+                label,
+            )
+        if kind == "labvm" and label == "running":
+            raise field_error(
+                where, "a lab host boots kernels of the lab image, by label (e.g. ['6.12', '7.3'])"
+            )
+
+
+def check_ksm_knob(name: str, value: int | str) -> None:
+    """One KSM knob against the values it accepts (KSM_KNOB_RANGES, KSM_KNOB_WORDS)."""
+    if name == "run":
+        raise field_error(name, "run is set by densitylab itself per phase; leave it out")
+    if name in KSM_KNOB_WORDS:
+        words = KSM_KNOB_WORDS[name]
+        if value not in words:
+            raise field_error(name, f"expected one of {', '.join(words)}", value)
+        return
+    if name not in KSM_KNOB_RANGES:
+        known = ", ".join(sorted(KSM_KNOBS - {"run"}))
+        raise field_error(printable(shorten(name)), f"unknown KSM knob (known: {known})")
+    lo, hi = KSM_KNOB_RANGES[name]
+    if not isinstance(value, int) or not lo <= value <= hi:
+        raise field_error(name, f"expected an integer in [{lo}, {hi}]", value)
+
+
 class Spec(Strict):
     name: str
-    description: str = ""
+    description: Annotated[str, Field(max_length=2000)] = ""
     host: Host = Host()
-    kernels: list[str] = ["running"]
+    kernels: Annotated[list[str], Field(max_length=MAX_KERNELS)] = ["running"]
     fleet: Fleet = Fleet()
     workload: Workload = Workload()
     ksm: dict[str, KnobValue] = {"pages_to_scan": 2000, "sleep_millisecs": 20}
@@ -235,26 +397,26 @@ class Spec(Strict):
     sampling: Sampling = Sampling()
     latency: Latency = Latency()
     host_workload: HostWorkload = HostWorkload()
-    repeats: PositiveInt = 1
-    seed: int = 1
-    host_reserve_mib: Annotated[int, Field(ge=0)] = 2048
+    repeats: Repeats = 1
+    seed: Seed = 1
+    host_reserve_mib: Annotated[int, Field(ge=0, le=MAX_MIB)] = 2048
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
 
     @model_validator(mode="after")
     def _kernels_fit_host(self) -> Spec:
-        if self.host.kind == "local" and self.kernels != ["running"]:
-            raise ValueError(
-                "kernels: a local host runs only its running kernel: use "
-                "[running], or host.kind: labvm to boot other kernels"
-            )
-        if self.host.kind == "labvm" and (not self.kernels or "running" in self.kernels):
-            raise ValueError(
-                "kernels: a lab host boots kernels of the lab image, by label "
-                "(e.g. ['6.12', '7.3'])"
-            )
-        for k in self.kernels:
-            check_name(k)
+        check_kernel_labels(self.kernels, self.host.kind)
+        h = self.host
+        if h.kind == "labvm":
+            for what, n in (("vcpus", h.vcpus), ("memory_mib", h.memory_mib)):
+                if n % h.numa_cells:
+                    raise field_error(
+                        f"host.{what}",
+                        f"{n} does not split into {h.numa_cells} equal NUMA cells "
+                        "(host.numa_cells)",
+                    )
+        if self.trial_count > MAX_TRIALS:
+            raise field_error("repeats", self.matrix_too_large())
         return self
 
     @model_validator(mode="after")
@@ -263,6 +425,23 @@ class Spec(Strict):
         reclaims with memory.reclaim. Other methods are refused here, not mid-run."""
         if self.host.kind != "labvm":
             return self
+        m, r = self.phases.migrate, self.phases.reclaim
+        if m.enabled and m.method not in ("auto", "numa"):
+            raise field_error(
+                "phases.migrate.method",
+                "not available on host.kind labvm (it migrates between NUMA nodes: "
+                "use auto or numa)",
+                m.method,
+            )
+        if r.enabled and r.method not in ("auto", "memory.reclaim"):
+            raise field_error(
+                "phases.reclaim.method",
+                "not available on host.kind labvm (cgroup v2: use auto or memory.reclaim)",
+                r.method,
+            )
+        if m.enabled and self.host.numa_cells < 2:
+            raise field_error("host.numa_cells", "migrate on a lab host needs 2 or more cells", 1)
+        return self
         m, r = self.phases.migrate, self.phases.reclaim
         if m.enabled and m.method not in ("auto", "numa"):
             raise ValueError(
@@ -281,17 +460,30 @@ class Spec(Strict):
     @field_validator("ksm")
     @classmethod
     def _ksm_knobs(cls, v: dict[str, KnobValue]) -> dict[str, KnobValue]:
-        unknown = sorted(set(v) - KSM_KNOBS)
-        if unknown:
-            raise ValueError(
-                f"unknown KSM knob {', '.join(unknown)} (known: {', '.join(sorted(KSM_KNOBS))})"
-            )
-        if "run" in v:
-            raise ValueError("run is set by densitylab itself per phase; leave it out")
-        for k, val in v.items():
-            if isinstance(val, str) and not re.fullmatch(r"[A-Za-z0-9_-]+", val):
-                raise ValueError(f"{k}: value {val!r} is not a plain word or number")
+        for name, value in v.items():
+            check_ksm_knob(name, value)
+        lo, hi = v.get("advisor_min_pages_to_scan"), v.get("advisor_max_pages_to_scan")
+        if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
+            raise field_error("advisor_min_pages_to_scan", f"above advisor_max_pages_to_scan {hi}")
         return v
+
+    @property
+    def vma_sweep(self) -> list[int]:
+        """The host workload's VMA counts as the trial matrix sweeps them ([0]: none)."""
+        return self.host_workload.vma_counts if self.host_workload.copies else [0]
+
+    @property
+    def trial_count(self) -> int:
+        """Trials the matrix expands to, computed without expanding it."""
+        factors = (len(self.fleet.counts), len(self.vma_sweep), self.repeats, len(self.kernels))
+        return math.prod(factors)
+
+    def matrix_too_large(self) -> str:
+        return (
+            f"{len(self.fleet.counts)} fleet sizes x {len(self.vma_sweep)} VMA counts x "
+            f"{self.repeats} repeats x {len(self.kernels)} kernels make {self.trial_count} "
+            f"trials, more than {MAX_TRIALS}"
+        )
 
     @property
     def workload_seed(self) -> int:
@@ -304,41 +496,132 @@ class Spec(Strict):
         return self.workload_seed + 1
 
 
-UNION_TAG_RE = re.compile(r"^(constrained-|function-)|\[|^(int|str|float|bool)$")
+# pydantic's tags for union members (`constrained-int`, `list[constrained-int]`, `str`);
+# anchored at both ends, so that a user's key with a bracket in it is never taken for one.
+UNION_TAG_RE = re.compile(r"(constrained-|function-)[\w-]*|[\w-]+\[.*\]|int|str|float|bool")
 
 
 def clean_loc(loc: tuple[int | str, ...]) -> list[str]:
     """The key path without pydantic's union-member tags such as `list[constrained-int]`."""
-    return [str(p) for p in loc if not (isinstance(p, str) and UNION_TAG_RE.search(p))]
+    return [str(p) for p in loc if not (isinstance(p, str) and UNION_TAG_RE.fullmatch(p))]
+
+
+def error_path(e: Any) -> list[str]:
+    """Where an error is: its location, plus the field a model check named (field_error)."""
+    path = clean_loc(e["loc"])
+    if e["type"] == FIELD_ERROR:
+        path += str(e["ctx"]["field"]).split(".")
+    return path
+
+
+def pick_error(errors: Sequence[Any]) -> Any:
+    """The error to show. For unions pydantic reports one error per member: the deepest
+    path is the useful one, and at that path one that is not about the type
+    (`count: [1, .. 2000]` is a list too long, not "not an integer")."""
+    deepest = max(errors, key=lambda e: len(error_path(e)))
+    same = [e for e in errors if error_path(e) == error_path(deepest)]
+    return next((e for e in same if not str(e["type"]).endswith("_type")), same[0])
 
 
 def format_validation_error(source: str, err: ValidationError) -> str:
-    """One line: file, dotted key path, message, and the offending value."""
-    # For unions pydantic reports one error per member; the deepest path is the useful one.
-    first = max(err.errors(), key=lambda e: len(clean_loc(e["loc"])))
-    loc = ".".join(clean_loc(first["loc"]))
+    """One line: file, dotted key path, message, and the offending value (escaped, and
+    shortened: a megabyte of YAML is not echoed)."""
+    first = pick_error(err.errors())
+    loc = ".".join(printable(shorten(p)) for p in error_path(first))
     msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
     got = first.get("input")
-    shown = (
-        ""
-        if first["type"] in ("extra_forbidden", "missing") or isinstance(got, dict)
-        else f", got {got!r}"
-    )
-    if not loc and re.match(r"^[\w.]+: ", msg):  # a model check that names its own field
-        return f"{source}: {msg}"
-    return f"{source}: {loc or '(top level)'}: {msg}{shown}"
+    if first["type"] == FIELD_ERROR:
+        extra = first["ctx"]["shown"]
+        value = f", got {extra}" if extra else ""
+    elif first["type"] == "extra_forbidden":
+        msg, value = "unknown key", ""
+    elif first["type"] == "missing" or isinstance(got, dict):
+        value = ""
+    else:
+        value = f", got {shown(got)}"
+    return printable(f"{source}: {loc or '(top level)'}: {msg}{value}")
+
+
+class SpecYAMLError(yaml.MarkedYAMLError):
+    """What SpecLoader refuses, at the line of the node."""
+
+
+class SpecLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses what a spec never needs and a hostile file abuses:
+    aliases (a "billion laughs" expands a few lines into 10^9 nodes for the validator
+    and the error message), nesting deeper than MAX_YAML_DEPTH (Python recursion), more
+    than MAX_YAML_NODES values (time), and duplicate keys (YAML keeps the last one
+    silently)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.depth = 0
+        self.nodes = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+        mark: Any = event.start_mark
+        if isinstance(event, yaml.AliasEvent):
+            raise SpecYAMLError(
+                None,
+                None,
+                f"alias *{shorten(str(event.anchor))}: aliases are not allowed "
+                "in a spec (write the value out)",
+                mark,
+            )
+        self.depth += 1
+        self.nodes += 1
+        try:
+            if self.nodes > MAX_YAML_NODES:
+                raise SpecYAMLError(None, None, f"more than {MAX_YAML_NODES} values", mark)
+            if self.depth > MAX_YAML_DEPTH:
+                raise SpecYAMLError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue  # unhashable keys: the constructor refuses them itself
+            key = self.construct_object(key_node)
+            if key in seen:
+                raise SpecYAMLError(
+                    None,
+                    None,
+                    f"duplicate key {shown(key)} (first on line {seen[key] + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """The YAML document in text; every parser failure (bad syntax, an integer of 5000
+    digits, what SpecLoader refuses) is one UsageError naming the line where known."""
+    loader = None
+    try:
+        loader = SpecLoader(text)  # the reader checks every character right here
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" line {mark.line + 1}:" if mark is not None else ""
+        what = e.problem or e.context or type(e).__name__
+        raise UsageError(printable(f"{source}:{where} not valid YAML: {shorten(what, 200)}")) from e
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError, MemoryError) as e:
+        # ReaderError (a NUL or control character), int() over the digit limit, ...
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UsageError(printable(f"{source}: not valid YAML: {shorten(first, 200)}")) from e
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 def load_spec_text(text: str, source: str) -> tuple[Spec, dict[str, Any]]:
     """Parse and validate; returns the model and the raw mapping as given."""
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        where = f" line {line + 1}" if line is not None else ""
-        raise UsageError(f"{source}:{where} not valid YAML: {getattr(e, 'problem', e)}") from e
+    source = printable(source)
+    raw = parse_yaml(text, source)
     if not isinstance(raw, dict):
         raise UsageError(f"{source}: expected a mapping at the top level")
     try:
@@ -347,18 +630,56 @@ def load_spec_text(text: str, source: str) -> tuple[Spec, dict[str, Any]]:
         raise UsageError(format_validation_error(source, e)) from e
 
 
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of `path`, a regular file of at most max_bytes.
+
+    Opened with O_NONBLOCK and checked with fstat before any read: a FIFO without a
+    writer would block a plain open, /dev/zero would be read until memory runs out, a
+    directory cannot be read at all. Raises UsageError naming the file."""
+    name = printable(str(path))
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise UsageError(f"{name}: cannot read: {e.strerror}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{name}: not a regular file ({file_kind(st.st_mode)})")
+        if st.st_size > max_bytes:
+            raise UsageError(f"{name}: {st.st_size} bytes, more than {max_bytes} allowed")
+        chunks, left = [], max_bytes + 1  # the size may grow under us: read at most this
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 16))):
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as e:
+        raise UsageError(f"{name}: cannot read: {e.strerror}") from e
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > max_bytes:
+        raise UsageError(f"{name}: more than {max_bytes} bytes")
+    return data
+
+
+def file_kind(mode: int) -> str:
+    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a device"}
+    return next((k for test, k in kinds.items() if test(mode)), "a special file")
+
+
 def load_spec(path: Path) -> tuple[Spec, dict[str, Any], str]:
     """Load a spec file; returns (spec, raw mapping, sha256 of the file's bytes)."""
+    data = read_regular_file(path, MAX_SPEC_BYTES)
     try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read: {e.strerror}") from e
-    spec, raw = load_spec_text(data.decode(errors="replace"), str(path))
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{printable(str(path))}: not UTF-8 text (byte {e.start})") from e
+    spec, raw = load_spec_text(text, str(path))
     return spec, raw, hashlib.sha256(data).hexdigest()
 
 
 def check_fits_host(spec: Spec, available_mib: int, source: str) -> None:
     """Refuse a fleet (or lab host) that cannot fit next to the host reserve."""
+    source = printable(source)
     if spec.host.kind == "labvm":
         need = spec.host.memory_mib + QEMU_OVERHEAD_MIB + spec.host_reserve_mib
         if need > available_mib:

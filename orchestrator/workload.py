@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -81,7 +82,7 @@ def workload_vars(w: Workload, seed: int, fill_timeout_s: float) -> dict[str, An
         "fragment_vmas": w.fragment_vmas,
         "pattern_flag": "--one-content" if w.pattern == "one-content" else "",
         "seed": seed,
-        "fill_timeout_s": int(fill_timeout_s),
+        "fill_timeout_s": math.ceil(fill_timeout_s),  # whole seconds, never fewer
     }
 
 
@@ -120,7 +121,8 @@ def run_play(
         extravars=dict(extravars),
         forks=max(1, len(guests)),
         quiet=True,
-        timeout=int(timeout_s),
+        # Rounded up: int() made 0.5 s into 0, which ansible-runner reads as no timeout.
+        timeout=max(1, math.ceil(timeout_s)),
         event_handler=handler,
         # Always pass a cancel callback: without one, ansible-runner installs its own
         # SIGINT/SIGTERM handlers for good and ours would never run again.

@@ -31,7 +31,7 @@ def test_shipped_specs_load(path: Path) -> None:
         ('name: "a\'b"', "x.yaml: name: use letters"),
         ("name: a/b", "x.yaml: name: use letters"),
         ('name: "<x>"', "x.yaml: name: use letters"),
-        ("name: a\nksm: {frobnicate: 1}", "x.yaml: ksm: unknown KSM knob frobnicate"),
+        ("name: a\nksm: {frobnicate: 1}", "x.yaml: ksm.frobnicate: unknown KSM knob"),
         (
             "name: a\nfleet: {count: [1, 0]}",
             "x.yaml: fleet.count.1: Input should be greater than 0",
