@@ -18,7 +18,7 @@ from tests.synthetic import make_run
 
 ORCHESTRATOR = Path(report.__file__).parent
 UNIT = re.compile(r"\([^)]+\)")  # "walk duration (µs, log scale)"
-ALL_FIGURES = {"ksm_timeline", "merge_rate", "ksmd_cpu", "latency_ecdf", "latency_vmas", "density"}
+ALL_FIGURES = {"ksm_timeline", "merge_rate", "ksmd_cpu", "latency_ecdf", "walk_cost", "density"}
 
 
 @pytest.fixture(scope="module")
