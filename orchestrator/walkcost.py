@@ -77,6 +77,10 @@ def _num(v: float) -> str:
     return f"{v:.3g}"
 
 
+def _r2(r2: float) -> str:
+    return "n/a (constant)" if math.isnan(r2) else f"{r2:.2f}"
+
+
 def fit_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     """Least squares y = a + b x: (b, a, R²); R² NaN when y does not vary."""
     b, a = np.polyfit(x, y, 1)
@@ -197,7 +201,7 @@ def _trigger_clause(trigger: str, g: pd.DataFrame) -> str:
         )
         out.append(
             f"{lead}{held}: {'+' if r['slope_us'] >= 0 else ''}{_num(r['slope_us'] * per)} µs "
-            f"{unit} (R² {r['linear_r2']:.2f}, {r['n_points']} points, exponent "
+            f"{unit} (R² {_r2(r['linear_r2'])}, {r['n_points']} points, exponent "
             f"{r['exponent']:.2f}){span if x == 'vmas' else ''}"
         )
     return ", ".join(out) if out else f"{trigger}: no attributed walks with a VMA count"
