@@ -131,6 +131,9 @@ TRIAL_METRICS = {
 }
 
 
+LEVEL_TOLERANCE = 0.05  # counts within 5% of a level's smallest are one level
+
+
 METHOD_NOTES = (
     "Quantiles are the ceil(q n)-th smallest value. Intervals are 95% percentile-bootstrap "
     f"intervals over {N_BOOT:,} replicates, drawn exactly as if every sample were resampled "
@@ -151,6 +154,14 @@ METHOD_NOTES = (
     "Walk times marked 'lower-bound proxy' come from the span of tracepoint events and "
     "under-read the walk (shown with ≥); they are only compared with walks timed the same way.",
     "Failed, canceled and timed-out trials are listed but left out of every statistic.",
+    "Walks are never pooled over workloads: every latency row is one trigger and one "
+    "workload, the walked page's owner described by its kind (guest, host-process, "
+    "host-copy), pattern, own mergeable-VMA count and mappings per KSM page (counts within "
+    f"{LEVEL_TOLERANCE:.0%} are one row). Walks that could not be attributed stand in "
+    "their own 'unattributed' row, under no VMA count.",
+    "The trial-level comparison needs 2 successful trials per kernel and row for figures, "
+    "and enough to reach p < 0.05 after Holm: the exact Mann-Whitney p of n against n "
+    "trials cannot fall below 2 / C(2n, n) (3 a side: 0.1; 4: 0.029; 5: 0.0079).",
 )
 
 
@@ -830,7 +841,6 @@ LEGACY_KIND_PREFIXES = (
     ("pattern-", "host-process"),
 )
 WORKLOAD_COLUMNS = ("target_kind", "pattern", "vmas", "mappings")
-LEVEL_TOLERANCE = 0.05  # counts within 5% of a level's smallest are one level
 MAX_COUNT_LEVELS = 12  # more levels than this: a continuous count, binned by powers of two
 
 
@@ -960,6 +970,25 @@ def workload_label(kind: str, pattern: Any, vmas: int, mappings: int) -> str:
     return ", ".join(parts)
 
 
+def _combined_codes(columns: dict[str, np.ndarray]) -> tuple[np.ndarray, pd.DataFrame]:
+    """Row codes of the distinct combinations of integer columns, and the combinations:
+    one int64 key per row and one hash factorize (a MultiIndex is ~10x slower)."""
+    key = np.zeros(len(next(iter(columns.values()))), dtype=np.int64)
+    parts = {}
+    for name, col in columns.items():
+        c, uniq = pd.factorize(col)
+        parts[name] = (np.asarray(uniq), len(uniq))
+        key = key * max(len(uniq), 1) + c
+    codes, ukeys = pd.factorize(key)
+    ukeys = np.asarray(ukeys, dtype=np.int64)
+    rows = {}
+    for name in reversed(list(columns)):
+        uniq, n = parts[name]
+        rows[name] = uniq[ukeys % max(n, 1)]
+        ukeys = ukeys // max(n, 1)
+    return np.asarray(codes), pd.DataFrame({n: rows[n] for n in columns})
+
+
 def label_workloads(
     lat: pd.DataFrame, levels: dict[str, dict[int, int]] | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -972,9 +1001,7 @@ def label_workloads(
     pat_codes, patterns = _codes(lat["pattern"])
     v = _levelled(lat["vmas"], levels["vmas"])
     m = _levelled(lat["mappings"], levels["mappings"])
-    combined = pd.DataFrame({"k": kind_codes, "p": pat_codes, "v": v, "m": m})
-    codes, uniq = pd.factorize(pd.MultiIndex.from_frame(combined))
-    rows = pd.DataFrame(list(uniq), columns=["k", "p", "v", "m"])
+    codes, rows = _combined_codes({"k": kind_codes, "p": pat_codes, "v": v, "m": m})
     wl = pd.DataFrame(
         {
             "target_kind": kinds[rows["k"].to_numpy()],

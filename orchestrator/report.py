@@ -978,7 +978,7 @@ def _context(
         "guests": _opt(a.guests, "guests.csv"),
         "latency": _latency_context(a),
         "capacity": _capacity_context(a),
-        "methods": an.METHOD_NOTES,
+        "methods": (*an.METHOD_NOTES, *walkcost.FIT_NOTES),
         "model_notes": MODEL_NOTES,
         "csv_files": sorted(p.name for p in tables.values()),
     }
