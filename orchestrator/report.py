@@ -625,10 +625,13 @@ def latency_cmp_display(cmp: pd.DataFrame) -> pd.DataFrame:
     )
     out = pd.concat([keys, an.comparison_display(cmp)], axis=1)
     if "min_attainable_p" in cmp:
-        rows = len(cmp)
-        out["smallest p reachable (Holm)"] = [
-            an.fmt_value(min(1.0, p * rows), "p") for p in cmp["min_attainable_p"]
-        ]
+        # Holm multiplies the smallest p by the number of rows: with too few trials no
+        # difference can be called, and "no clear difference" would misread that.
+        reachable = (cmp["min_attainable_p"] * len(cmp)).clip(upper=1.0)
+        out["smallest p reachable (Holm)"] = reachable.map(lambda p: an.fmt_value(p, "p"))
+        short = (reachable >= an.ALPHA) & cmp["p_value"].notna()
+        need = an.trial_repeats_needed(len(cmp))
+        out.loc[short, "verdict"] = f"cannot be called: needs ≥ {need} trials a side"
     return out
 
 

@@ -256,6 +256,8 @@ def test_bench_report_states_model_published_figures_and_capacity(
     assert "TCG emulation inflates absolute times" in md and "the ratio" in md
     assert "Capacity table not applicable: the guests are host processes" in md
     assert "| unattributed |" in md  # its own row, under no VMA count
+    # 3 trials a side: figures, and a verdict that says why no difference is called.
+    assert "cannot be called: needs ≥ 6 trials a side" in md and "too few samples" not in md
     assert "density" not in bench_report.figures
 
 
