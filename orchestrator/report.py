@@ -293,7 +293,10 @@ def _draw_fit(ax: Axes, fit: pd.Series, x: str, color: Any) -> str:
     _held, _words, per = walkcost.AXES[x]
     xs = np.geomspace(fit["x_min"], fit["x_max"], 60)
     y = fit["intercept_us"] + fit["slope_us"] * xs
-    ax.plot(xs[y > 0], y[y > 0], color=color, ls="--", lw=1)
+    # A negative intercept would send the line to -inf on log axes near x = 1: draw it
+    # where it stays within a factor 2 of the smallest point it was fitted to.
+    keep = y >= min(fit["y_at_x_min_us"], fit["y_at_x_max_us"]) / 2
+    ax.plot(xs[keep], y[keep], color=color, ls="--", lw=1)
     unit = "1,000 VMAs" if x == "vmas" else "mapping"
     slope = an.fmt_value(fit["slope_us"] * per)
     return f"{fit['kernel']}: {'+' if fit['slope_us'] >= 0 else ''}{slope} µs/{unit}"
