@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from scipy import stats
 
 from orchestrator.errors import UsageError
+from orchestrator.walkcost import WalkCost, is_rmap_bench, published_comparison, walk_cost_model
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ OPTIONAL_TRIAL_COLUMNS = (
     "pages_sharing",
     "ksmd_cpu_s",
     "started_ns",
+    "mappings_per_ksm_page",
 )
 KSM_DELTA_COLUMNS = (
     "full_scans",
@@ -124,7 +126,11 @@ TRIAL_METRICS = {
     "ksmd_cpu_s_per_gib": "ksmd CPU per GiB saved (s/GiB)",
     "fill_s_median": "guest fill time, median guest (s)",
     "fill_s_max": "guest fill time, slowest guest (s)",
+    "mappings_per_ksm_page": "mappings per KSM page at the end of merge (count)",
 }
+
+
+LEVEL_TOLERANCE = 0.05  # counts within 5% of a level's smallest are one level
 
 
 METHOD_NOTES = (
@@ -147,6 +153,14 @@ METHOD_NOTES = (
     "Walk times marked 'lower-bound proxy' come from the span of tracepoint events and "
     "under-read the walk (shown with ≥); they are only compared with walks timed the same way.",
     "Failed, canceled and timed-out trials are listed but left out of every statistic.",
+    "Walks are never pooled over workloads: every latency row is one trigger and one "
+    "workload, the walked page's owner described by its kind (guest, host-process, "
+    "host-copy), pattern, own mergeable-VMA count and mappings per KSM page (counts within "
+    f"{LEVEL_TOLERANCE:.0%} are one row). Walks that could not be attributed stand in "
+    "their own 'unattributed' row, under no VMA count.",
+    "The trial-level comparison needs 2 successful trials per kernel and row for figures, "
+    "and enough to reach p < 0.05 after Holm: the exact Mann-Whitney p of n against n "
+    "trials cannot fall below 2 / C(2n, n) (3 a side: 0.1; 4: 0.029; 5: 0.0079).",
 )
 
 
@@ -247,8 +261,10 @@ def load_run(run_dir: Path | str) -> Run:
     assert trials_table is not None  # checked above
     trials = _normalise_trials(trials_table, run_id)
     latency = tables.get("latency")
-    if latency is not None and "lower_bound" not in latency.columns:
-        latency["lower_bound"] = _isin(latency["method"], {"tracepoint-proxy"})
+    if latency is not None:
+        if "lower_bound" not in latency.columns:
+            latency["lower_bound"] = _isin(latency["method"], {"tracepoint-proxy"})
+        tables["latency"] = normalise_latency(latency)
     return Run(run_dir=run_dir, manifest=manifest, trials=trials, **tables)
 
 
@@ -590,6 +606,7 @@ def trial_metrics(run: Run) -> pd.DataFrame:
     tm["saved_sharing_mib"] = sharing * page_bytes / MIB
     tm["ksmd_cpu_s"] = run.trials["ksmd_cpu_s"].astype(float)
     tm["measured_saving_mib"] = run.trials["measured_saving_mib"].astype(float)
+    tm["mappings_per_ksm_page"] = run.trials["mappings_per_ksm_page"].astype(float)
     if run.ksm is not None and len(run.ksm):
         tm = tm.merge(merge_milestones(run.ksm), on="trial_id", how="left")
         fin = _ksm_finals(run.ksm, page_bytes)
@@ -610,6 +627,7 @@ def trial_metrics(run: Run) -> pd.DataFrame:
         "saved_profit_mib",
         "saved_sharing_mib",
         "measured_saving_mib",
+        "mappings_per_ksm_page",
         "ksmd_cpu_s",
         "fill_s_median",
         "fill_s_max",
@@ -802,32 +820,245 @@ def phase_summary(deltas: pd.DataFrame, tm: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
-# --------------------------------------------------------------------------- latency
+# --------------------------------------------------------------------------- latency: attribution
+
+UNATTRIBUTED = "unattributed"
+TARGET_KINDS = ("guest", "host-process", "host-copy", UNATTRIBUTED)
+# Runs written before attribution (issue 11) named the lab's workloads this way.
+LEGACY_KIND_PREFIXES = (
+    ("fragmented-", "host-copy"),
+    ("host-dlfill-", "host-copy"),
+    ("pattern-", "host-process"),
+)
+WORKLOAD_COLUMNS = ("target_kind", "pattern", "vmas", "mappings")
+MAX_COUNT_LEVELS = 12  # more levels than this: a continuous count, binned by powers of two
+
+
+def _category(s: pd.Series) -> pd.Series:
+    """s as a categorical of strings (missing stays missing); cheap on a categorical."""
+    if isinstance(s.dtype, pd.CategoricalDtype):
+        return s.cat.rename_categories([str(c) for c in s.cat.categories])
+    return s.astype("string").astype("category")
+
+
+def _masked_category(s: pd.Series, keep: np.ndarray, categories: Sequence[str] = ()) -> pd.Series:
+    """Categorical s with rows outside keep set missing; categories listed first."""
+    s = _category(s)
+    cats = list(dict.fromkeys([*categories, *map(str, s.cat.categories)]))
+    s = s.cat.set_categories(cats)
+    codes = np.where(keep, s.cat.codes.to_numpy(), -1)
+    return pd.Series(pd.Categorical.from_codes(codes, categories=cats), index=s.index)
+
+
+def _legacy_kinds(target: pd.Series) -> pd.Series:
+    """target_kind of a run written before attribution: a named target takes the kind its
+    name implies (fragmented copies, pattern processes, else a guest), no target is
+    unattributed. Decided per category, not per row."""
+    t = _category(target)
+    kinds = [
+        next((k for p, k in LEGACY_KIND_PREFIXES if str(c).startswith(p)), "guest")
+        for c in t.cat.categories
+    ]
+    lookup = np.array([TARGET_KINDS.index(k) for k in [*kinds, UNATTRIBUTED]])  # -1: none
+    codes = lookup[t.cat.codes.to_numpy()]
+    return pd.Series(pd.Categorical.from_codes(codes, categories=TARGET_KINDS), index=t.index)
+
+
+def _na_counts(index: pd.Index) -> pd.Series:
+    """An all-missing Int64 column (no per-row Python objects)."""
+    n = len(index)
+    return pd.Series(pd.arrays.IntegerArray(np.zeros(n, np.int64), np.ones(n, bool)), index=index)
+
+
+def normalise_latency(lat: pd.DataFrame) -> pd.DataFrame:
+    """The latency table under the attribution contract, whatever run wrote it: target,
+    target_kind, pattern, vmas and mappings always present. Without target_kind (a run
+    written before attribution) a walk with a target gets the kind its name implies, one
+    without is "unattributed". An unattributed walk keeps no VMA count, mapping count or
+    pattern: before attribution `vmas` was the phase's maximum over every process, the
+    label under which reclaim pooled every workload as the fragmented copy's."""
+    n = len(lat)
+    missing = pd.Series(pd.Categorical.from_codes(np.full(n, -1), categories=[]), index=lat.index)
+    target = lat["target"] if "target" in lat.columns else missing
+    if "target_kind" in lat.columns:
+        kind = _category(lat["target_kind"])
+        if UNATTRIBUTED not in kind.cat.categories:
+            kind = kind.cat.add_categories([UNATTRIBUTED])
+        kind = kind.fillna(UNATTRIBUTED)
+    else:
+        kind = _legacy_kinds(target)
+    kind = _masked_category(kind, np.ones(n, dtype=bool), TARGET_KINDS)
+    attributed = (kind != UNATTRIBUTED).to_numpy()
+    out = {
+        "target": _masked_category(target, attributed),
+        "target_kind": kind,
+        "pattern": _masked_category(lat.get("pattern", missing), attributed),
+    }
+    for col in ("vmas", "mappings"):
+        values = lat[col] if col in lat.columns else _na_counts(lat.index)
+        out[col] = pd.to_numeric(values, errors="coerce").astype("Int64").where(attributed)
+    return lat.assign(**out)
+
+
+def count_levels(values: np.ndarray) -> np.ndarray:
+    """The level of each of the distinct non-negative counts in values (same order): counts
+    within LEVEL_TOLERANCE of a level's smallest share it (10,000 and 10,003 VMAs are one
+    row, so kernels still pair); more than MAX_COUNT_LEVELS levels is a continuous count,
+    binned by powers of two. A level is named by the lower median of its counts."""
+    values = np.asarray(values, dtype=np.int64)
+    if len(values) == 0:
+        return values
+    order = np.argsort(values, kind="stable")
+    v = values[order]
+    cluster = np.zeros(len(v), dtype=np.int64)
+    start = v[0]
+    for i in range(1, len(v)):  # distinct counts only: a few, or a few thousand at most
+        if v[i] > start * (1 + LEVEL_TOLERANCE):
+            cluster[i], start = cluster[i - 1] + 1, v[i]
+        else:
+            cluster[i] = cluster[i - 1]
+    if cluster[-1] + 1 > MAX_COUNT_LEVELS:
+        cluster = np.floor(np.log2(np.maximum(v, 1))).astype(np.int64)
+    level = np.empty(len(v), dtype=np.int64)
+    for c in np.unique(cluster):
+        members = np.flatnonzero(cluster == c)
+        level[members] = v[members[(len(members) - 1) // 2]]
+    out = np.empty(len(v), dtype=np.int64)
+    out[order] = level
+    return out
+
+
+def _level_maps(frames: Sequence[pd.DataFrame]) -> dict[str, dict[int, int]]:
+    """Per count column, distinct count -> level, over every frame (so that two runs
+    compared share their levels)."""
+    maps: dict[str, dict[int, int]] = {}
+    for col in ("vmas", "mappings"):
+        seen = [np.unique(f[col].dropna().to_numpy(dtype=np.int64)) for f in frames]
+        uniq = np.unique(np.concatenate(seen)) if seen else np.array([], dtype=np.int64)
+        maps[col] = dict(zip(uniq.tolist(), count_levels(uniq).tolist(), strict=True))
+    return maps
+
+
+def _levelled(s: pd.Series, level: dict[int, int]) -> np.ndarray:
+    """Row levels of an Int64 count column (-1: missing), one lookup per distinct value."""
+    codes, uniq = pd.factorize(s, use_na_sentinel=True)
+    lookup = np.array([level[int(u)] for u in uniq] + [-1], dtype=np.int64)
+    return np.asarray(lookup[codes])
+
+
+def workload_label(kind: str, pattern: Any, vmas: int, mappings: int) -> str:
+    """A workload row in words: "host-copy, distinct, 10,000 VMAs, 2 mappings/page"."""
+    if kind == UNATTRIBUTED:
+        return UNATTRIBUTED
+    parts = [kind]
+    if isinstance(pattern, str) and pattern:
+        parts.append(pattern)
+    if vmas >= 0:
+        parts.append(f"{vmas:,} VMA{'s' if vmas != 1 else ''}")
+    if mappings >= 0:
+        parts.append(f"{mappings:,} mappings/page")
+    return ", ".join(parts)
+
+
+def _combined_codes(columns: dict[str, np.ndarray]) -> tuple[np.ndarray, pd.DataFrame]:
+    """Row codes of the distinct combinations of integer columns, and the combinations:
+    one int64 key per row and one hash factorize (a MultiIndex is ~10x slower)."""
+    key = np.zeros(len(next(iter(columns.values()))), dtype=np.int64)
+    parts = {}
+    for name, col in columns.items():
+        c, uniq = pd.factorize(col)
+        parts[name] = (np.asarray(uniq), len(uniq))
+        key = key * max(len(uniq), 1) + c
+    codes, ukeys = pd.factorize(key)
+    ukeys = np.asarray(ukeys, dtype=np.int64)
+    rows = {}
+    for name in reversed(list(columns)):
+        uniq, n = parts[name]
+        rows[name] = uniq[ukeys % max(n, 1)]
+        ukeys = ukeys // max(n, 1)
+    return np.asarray(codes), pd.DataFrame({n: rows[n] for n in columns})
+
+
+def label_workloads(
+    lat: pd.DataFrame, levels: dict[str, dict[int, int]] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """lat (normalised) with a categorical `workload` column, and the workloads: one row
+    per label with target_kind, pattern, vmas and mappings (levels; NA: not known), in
+    display order (kinds as TARGET_KINDS, then pattern, VMAs, mappings; unattributed last).
+    """
+    levels = levels or _level_maps([lat])
+    kind_codes, kinds = _codes(lat["target_kind"])
+    pat_codes, patterns = _codes(lat["pattern"])
+    v = _levelled(lat["vmas"], levels["vmas"])
+    m = _levelled(lat["mappings"], levels["mappings"])
+    codes, rows = _combined_codes({"k": kind_codes, "p": pat_codes, "v": v, "m": m})
+    wl = pd.DataFrame(
+        {
+            "target_kind": kinds[rows["k"].to_numpy()],
+            "pattern": [patterns[p] if p >= 0 else None for p in rows["p"]],
+            "vmas": pd.array(np.where(rows["v"] >= 0, rows["v"], 0), dtype="Int64"),
+            "mappings": pd.array(np.where(rows["m"] >= 0, rows["m"], 0), dtype="Int64"),
+        }
+    )
+    wl.loc[rows["v"].to_numpy() < 0, "vmas"] = pd.NA
+    wl.loc[rows["m"].to_numpy() < 0, "mappings"] = pd.NA
+    wl["workload"] = [
+        workload_label(str(k), p, int(vv), int(mm))
+        for k, p, vv, mm in zip(wl["target_kind"], wl["pattern"], rows["v"], rows["m"], strict=True)
+    ]
+    rank = {k: i for i, k in enumerate(TARGET_KINDS)}
+    wl["_k"] = wl["target_kind"].map(lambda k: rank.get(k, len(rank) - 1) + (k == UNATTRIBUTED))
+    order = wl.sort_values(["_k", "pattern", "vmas", "mappings"], na_position="first").index
+    wl = wl.drop(columns="_k")
+    remap = np.empty(len(wl), dtype=np.int64)
+    remap[order.to_numpy()] = np.arange(len(wl))
+    labels = wl.loc[order, "workload"].tolist()
+    cat = pd.Categorical.from_codes(remap[codes], categories=labels)
+    return lat.assign(workload=cat), wl.loc[order].set_index("workload")
+
+
+# --------------------------------------------------------------------------- latency: statistics
 
 
 @dataclass(frozen=True)
 class LatencyAnalysis:
-    """rmap_walk_ksm walk times. Durations in the tables are in microseconds (µs)."""
+    """rmap_walk_ksm walk times. Durations in the tables are in microseconds (µs). Every
+    table keeps workloads apart: rows are per (kernel,) trigger, workload and method, the
+    workload being target_kind, pattern, vmas and mappings (see normalise_latency)."""
 
     n_samples: int
-    summary: pd.DataFrame  # kernel, trigger, method, lower_bound, statistic, value_us, ...
-    comparisons: pd.DataFrame  # pooled walks, kernel a vs reference b, per trigger+method
+    n_unattributed: int
+    workloads: pd.DataFrame  # index workload label: target_kind, pattern, vmas, mappings
+    summary: pd.DataFrame  # kernel, trigger, workload, ..., method, statistic, value_us, ...
+    comparisons: pd.DataFrame  # pooled walks, kernel a vs reference b, per row
     trial_comparisons: pd.DataFrame  # per-trial medians as the units
-    ecdf: pd.DataFrame  # kernel, trigger, method, duration_us, fraction
-    by_vmas: pd.DataFrame | None  # kernel, method, vmas, n, statistic, duration_us
+    ecdf: pd.DataFrame  # kernel, trigger, workload, method, duration_us, fraction
+    by_vmas: pd.DataFrame | None  # attributed walks: kernel, trigger, method, vmas bins
+    walk_cost: WalkCost | None = None
 
 
-GroupKey = tuple[str, str, str]  # kernel, trigger, method
+class LatencyKey(NamedTuple):
+    """One row of every latency table: walks of one kernel, trigger, workload and method."""
+
+    kernel: str
+    trigger: str
+    workload: str
+    method: str
 
 
-def _latency_groups(lat: pd.DataFrame) -> dict[GroupKey, np.ndarray]:
-    """Sorted walk durations (ns) per (kernel, trigger, method); one sort serves every
-    quantile, interval and ECDF point of the group."""
+LATENCY_KEYS = list(LatencyKey._fields)
+
+
+def _key(k: tuple[Any, ...]) -> LatencyKey:
+    return LatencyKey(*(str(x) for x in k))
+
+
+def _latency_groups(lat: pd.DataFrame) -> dict[LatencyKey, np.ndarray]:
+    """Sorted walk durations (ns) per LatencyKey; one sort serves every quantile, interval
+    and ECDF point of the group."""
     dur = lat["duration_ns"].to_numpy()
-    grouped = lat.groupby(["kernel", "trigger", "method"], observed=True, sort=True)
-    return {
-        (str(k[0]), str(k[1]), str(k[2])): np.sort(dur[idx]) for k, idx in grouped.indices.items()
-    }
+    grouped = lat.groupby(LATENCY_KEYS, observed=True, sort=True)
+    return {_key(k): np.sort(dur[idx]) for k, idx in grouped.indices.items()}
 
 
 def method_label(method: str) -> str:
@@ -835,18 +1066,25 @@ def method_label(method: str) -> str:
     return METHOD_LABELS.get(method, method)
 
 
+def _key_row(key: LatencyKey) -> dict[str, Any]:
+    return key._asdict() | {"method_label": method_label(key.method)}
+
+
+def with_workload_columns(df: pd.DataFrame, workloads: pd.DataFrame) -> pd.DataFrame:
+    """df (with a workload column) with target_kind, pattern, vmas and mappings after it."""
+    if df.empty:
+        return df
+    at = list(df.columns).index("workload") + 1
+    attrs = workloads.loc[df["workload"], list(WORKLOAD_COLUMNS)].reset_index(drop=True)
+    attrs.index = df.index
+    return pd.concat([df.iloc[:, :at], attrs, df.iloc[:, at:]], axis=1)
+
+
 def _latency_rows(
-    key: GroupKey, x: np.ndarray, lower_bound: bool, rng: np.random.Generator, n_boot: int
+    key: LatencyKey, x: np.ndarray, lower_bound: bool, rng: np.random.Generator, n_boot: int
 ) -> list[dict[str, Any]]:
     n, rows = len(x), []
-    base = {
-        "kernel": key[0],
-        "trigger": key[1],
-        "method": key[2],
-        "method_label": method_label(key[2]),
-        "lower_bound": lower_bound,
-        "n": n,
-    }
+    base = _key_row(key) | {"lower_bound": lower_bound, "n": n}
     for name, q in LATENCY_QUANTILES.items():
         est = quantile_interval(x, q, n_boot=n_boot, rng=rng)
         tail = n - quantile_rank(q, n)
@@ -879,34 +1117,45 @@ def _latency_rows(
 
 
 def latency_summary(
-    groups: dict[GroupKey, np.ndarray],
-    lower_bound: dict[GroupKey, bool],
+    groups: dict[LatencyKey, np.ndarray],
+    lower_bound: dict[LatencyKey, bool],
     *,
     rng: np.random.Generator,
     n_boot: int = N_BOOT,
 ) -> pd.DataFrame:
-    """Long table: per (kernel, trigger, method) and statistic (p50 .. p99.9, max), the value
-    and interval in µs, n and a note; lower_bound marks methods that under-read walks."""
+    """Long table: per LatencyKey and statistic (p50 .. p99.9, max), the value and interval
+    in µs, n and a note; lower_bound marks methods that under-read walks."""
     rows = [r for k, x in groups.items() for r in _latency_rows(k, x, lower_bound[k], rng, n_boot)]
     return pd.DataFrame(rows)
 
 
 def _latency_pairs(
-    keys: Sequence[GroupKey], kernels: Sequence[str]
-) -> Iterator[tuple[str, str, GroupKey, GroupKey]]:
-    """(trigger, method, candidate key, reference key): kernels compared only within the
-    same trigger and timing method, each against the reference kernel."""
+    keys: Sequence[LatencyKey], kernels: Sequence[str]
+) -> Iterator[tuple[LatencyKey, LatencyKey]]:
+    """(candidate key, reference key): kernels compared only within the same trigger,
+    workload and timing method, each against the reference kernel."""
     present = set(keys)
-    for trigger, method in dict.fromkeys((k[1], k[2]) for k in keys):
-        ref = (kernels[0], trigger, method)
+    for trigger, workload, method in dict.fromkeys(k[1:] for k in keys):
+        ref = LatencyKey(kernels[0], trigger, workload, method)
         for kernel in kernels[1:]:
-            cand = (kernel, trigger, method)
+            cand = LatencyKey(kernel, trigger, workload, method)
             if ref in present and cand in present:
-                yield trigger, method, cand, ref
+                yield cand, ref
+
+
+def _pair_row(cand: LatencyKey, ref: LatencyKey) -> dict[str, Any]:
+    return {
+        "trigger": cand.trigger,
+        "workload": cand.workload,
+        "method": cand.method,
+        "method_label": method_label(cand.method),
+        "kernel_a": cand.kernel,
+        "kernel_b": ref.kernel,
+    }
 
 
 def latency_comparisons(
-    groups: dict[GroupKey, np.ndarray],
+    groups: dict[LatencyKey, np.ndarray],
     kernels: Sequence[str],
     *,
     rng: np.random.Generator,
@@ -915,18 +1164,12 @@ def latency_comparisons(
     """Pooled walks: ratio of medians and of p99 (kernel a / reference b) with bootstrap
     intervals, Mann-Whitney U p (Holm-adjusted over the table) and Cliff's delta."""
     rows = []
-    for trigger, method, cand, ref in _latency_pairs(list(groups), kernels):
+    for cand, ref in _latency_pairs(list(groups), kernels):
         a, b = groups[cand], groups[ref]
         c = compare_samples(a, b, n_boot=n_boot, rng=rng)
         p99 = quantile_ratio(a, b, 0.99, n_boot=n_boot, rng=rng)
         rows.append(
-            {
-                "trigger": trigger,
-                "method": method,
-                "method_label": method_label(method),
-                "kernel_a": cand[0],
-                "kernel_b": ref[0],
-            }
+            _pair_row(cand, ref)
             | _comparison_row(c)
             | {"p99_ratio": p99.value, "p99_ratio_lo": p99.lo, "p99_ratio_hi": p99.hi}
         )
@@ -937,55 +1180,61 @@ def latency_comparisons(
     return out.rename(columns={"median_a": "median_a_us", "median_b": "median_b_us"})
 
 
+def min_attainable_p(n_a: int, n_b: int) -> float:
+    """The smallest two-sided exact Mann-Whitney p-value of n_a against n_b values without
+    ties, 2 / C(n_a + n_b, n_a): with 3 trials a side it is 0.1, so no difference can be
+    called at 0.05 however large; 4 a side gives 0.029, 5 a side 0.0079."""
+    if min(n_a, n_b) < 1:
+        return math.nan
+    return min(1.0, 2.0 / math.comb(n_a + n_b, n_a))
+
+
+def trial_repeats_needed(rows: int, alpha: float = ALPHA) -> int:
+    """Trials per kernel and row the trial-level comparison needs before its smallest
+    attainable p, Holm-adjusted over `rows` rows, can fall below alpha."""
+    n = 2
+    while min_attainable_p(n, n) * max(rows, 1) >= alpha:
+        n += 1
+    return n
+
+
 def latency_trial_comparisons(
     lat: pd.DataFrame, kernels: Sequence[str], *, rng: np.random.Generator, n_boot: int = N_BOOT
 ) -> pd.DataFrame:
     """The conservative check: walks within a trial are correlated, so here each trial's
-    median walk (µs) is one unit. Same columns as latency_comparisons minus p99."""
-    med = lat.groupby(["trial_id", "kernel", "trigger", "method"], observed=True)["duration_ns"]
+    median walk (µs) is one unit. Needs 2 trials per kernel and row for figures at all, and
+    4 to be able to call a difference (see min_attainable_p). Same columns as
+    latency_comparisons minus p99, plus min_attainable_p."""
+    med = lat.groupby(["trial_id", *LATENCY_KEYS], observed=True)["duration_ns"]
     per_trial = (med.median() / 1e3).rename("median_us").reset_index()
     groups = {
-        (str(k[0]), str(k[1]), str(k[2])): np.sort(g["median_us"].to_numpy())
-        for k, g in per_trial.groupby(["kernel", "trigger", "method"], observed=True)
+        _key(k): np.sort(g["median_us"].to_numpy())
+        for k, g in per_trial.groupby(LATENCY_KEYS, observed=True)
     }
     rows = []
-    for trigger, method, cand, ref in _latency_pairs(list(groups), kernels):
+    for cand, ref in _latency_pairs(list(groups), kernels):
         c = compare_samples(groups[cand], groups[ref], n_boot=n_boot, rng=rng)
         rows.append(
-            {
-                "trigger": trigger,
-                "method": method,
-                "method_label": method_label(method),
-                "kernel_a": cand[0],
-                "kernel_b": ref[0],
-            }
+            _pair_row(cand, ref)
             | _comparison_row(c)
+            | {"min_attainable_p": min_attainable_p(c.n_a, c.n_b)}
         )
     out = _finish_comparisons(rows)
     return out.rename(columns={"median_a": "median_a_us", "median_b": "median_b_us"})
 
 
-def latency_ecdf(groups: dict[GroupKey, np.ndarray], points: int = 400) -> pd.DataFrame:
+def latency_ecdf(groups: dict[LatencyKey, np.ndarray], points: int = 400) -> pd.DataFrame:
     """ECDF per group at a bounded number of points (dense in the upper tail), so plotting
     10 million walks draws a few hundred vertices per line. duration_us, fraction in 0..1."""
     body = np.linspace(0.0, 1.0, points)
     frames = []
-    for (kernel, trigger, method), x in groups.items():
+    for key, x in groups.items():
         n = len(x)
         tail = 1.0 - np.logspace(-1, -max(1.0, min(6.0, math.log10(n))), points // 4)
         frac = np.unique(np.concatenate([body, tail, [1.0 / n, 1.0]]))
         idx = np.clip(np.ceil(frac * n - 1e-9).astype(np.int64) - 1, 0, n - 1)
         frames.append(
-            pd.DataFrame(
-                {
-                    "kernel": kernel,
-                    "trigger": trigger,
-                    "method": method,
-                    "method_label": method_label(method),
-                    "duration_us": x[idx] / 1e3,
-                    "fraction": (idx + 1) / n,
-                }
-            )
+            pd.DataFrame(_key_row(key) | {"duration_us": x[idx] / 1e3, "fraction": (idx + 1) / n})
         )
     return pd.concat(frames, ignore_index=True).drop_duplicates()
 
@@ -1005,22 +1254,27 @@ def _binned_quantiles(bins: np.ndarray, x: np.ndarray, qs: Sequence[float]) -> p
 
 
 def latency_by_vmas(lat: pd.DataFrame, min_n: int = 20) -> pd.DataFrame | None:
-    """Walk time against VMAs over the mergeable range, binned by powers of two: per kernel,
-    method and bin, the median VMA count, n, and the median and p99 walk (µs). Bins with
-    fewer than min_n walks are dropped."""
-    if "vmas" not in lat.columns:
+    """Attributed walk time against the target's own VMAs, binned by powers of two: per
+    kernel, trigger, method and bin, the median VMA count, n, and the median and p99 walk
+    (µs). Unattributed walks have no VMA count and are left out; bins with fewer than
+    min_n walks are dropped."""
+    known = lat["vmas"].notna().to_numpy()
+    if not known.any():
         return None
+    lat = lat[known]
     frames = []
-    for (kernel, method), idx in lat.groupby(["kernel", "method"], observed=True).indices.items():
-        vmas = np.maximum(lat["vmas"].to_numpy()[idx], 0).astype(np.int64)
+    keys = ["kernel", "trigger", "method"]
+    for k, idx in lat.groupby(keys, observed=True).indices.items():
+        vmas = np.maximum(lat["vmas"].to_numpy(dtype=np.int64)[idx], 0)
         bins = np.floor(np.log2(np.maximum(vmas, 1))).astype(np.int64)
         dur = _binned_quantiles(bins, lat["duration_ns"].to_numpy()[idx], (0.5, 0.99))
         mid = _binned_quantiles(bins, vmas, (0.5,))
         frames.append(
             pd.DataFrame(
                 {
-                    "kernel": str(kernel),
-                    "method": str(method),
+                    "kernel": str(k[0]),
+                    "trigger": str(k[1]),
+                    "method": str(k[2]),
                     "vmas": mid[0.5].astype(float),
                     "n": dur["n"],
                     "median": dur[0.5] / 1e3,
@@ -1028,31 +1282,16 @@ def latency_by_vmas(lat: pd.DataFrame, min_n: int = 20) -> pd.DataFrame | None:
                 }
             )[dur["n"].to_numpy() >= min_n]
         )
-    if not frames:
-        return None
     out = pd.concat(frames, ignore_index=True).melt(
-        id_vars=["kernel", "method", "vmas", "n"],
+        id_vars=[*keys, "vmas", "n"],
         value_vars=["median", "p99"],
         var_name="statistic",
         value_name="duration_us",
     )
+    if out.empty:
+        return None
     out["method_label"] = out["method"].map(method_label)
     return out
-
-
-MAX_VMA_LEVELS = 8
-
-
-def with_vmas_in_trigger(lat: pd.DataFrame) -> pd.DataFrame:
-    """Fold the precondition into the trigger label ("migrate @10000 VMAs"), so every
-    table and comparison stands per VMA count: the old walk's cost grows with it, and
-    pooling walks over different counts would hide exactly the effect under study."""
-    if "vmas" not in lat.columns or not lat["vmas"].notna().any():
-        return lat
-    if lat["vmas"].nunique() > MAX_VMA_LEVELS:
-        return lat  # a continuous precondition: the binned latency-vs-VMAs table covers it
-    v = lat["vmas"].map(lambda x: "?" if pd.isna(x) else str(int(x)))
-    return lat.assign(trigger=lat["trigger"].astype(str) + " @" + v + " VMAs")
 
 
 def analyze_latency(
@@ -1063,24 +1302,35 @@ def analyze_latency(
     rng: np.random.Generator,
     n_boot: int = N_BOOT,
 ) -> LatencyAnalysis | None:
-    """Every latency table, over walks of successful trials only."""
+    """Every latency table, over walks of successful trials only, one row per trigger and
+    workload (unattributed walks in their own rows), and the walk-cost model."""
     ok = set(successful(tm)["trial_id"])
     keep = _isin(lat["trial_id"], ok)
     if not keep.all():
         lat = lat[keep]
     if lat.empty:
         return None
-    lat = with_vmas_in_trigger(lat)
+    lat, workloads = label_workloads(normalise_latency(lat))
     groups = _latency_groups(lat)
-    lb = lat.groupby(["kernel", "trigger", "method"], observed=True)["lower_bound"].any()
-    lower = {(str(k[0]), str(k[1]), str(k[2])): bool(v) for k, v in lb.items()}
+    lb = lat.groupby(LATENCY_KEYS, observed=True)["lower_bound"].any()
+    lower = {_key(k): bool(v) for k, v in lb.items()}
+    summary = with_workload_columns(
+        latency_summary(groups, lower, rng=rng, n_boot=n_boot), workloads
+    )
     return LatencyAnalysis(
         n_samples=len(lat),
-        summary=latency_summary(groups, lower, rng=rng, n_boot=n_boot),
-        comparisons=latency_comparisons(groups, kernels, rng=rng, n_boot=n_boot),
-        trial_comparisons=latency_trial_comparisons(lat, kernels, rng=rng, n_boot=n_boot),
+        n_unattributed=int((lat["target_kind"] == UNATTRIBUTED).sum()),
+        workloads=workloads,
+        summary=summary,
+        comparisons=with_workload_columns(
+            latency_comparisons(groups, kernels, rng=rng, n_boot=n_boot), workloads
+        ),
+        trial_comparisons=with_workload_columns(
+            latency_trial_comparisons(lat, kernels, rng=rng, n_boot=n_boot), workloads
+        ),
         ecdf=latency_ecdf(groups),
         by_vmas=latency_by_vmas(lat),
+        walk_cost=walk_cost_model(summary, kernels),
     )
 
 
@@ -1225,6 +1475,12 @@ def _latency_warnings(lat: LatencyAnalysis | None, kernels: Sequence[str]) -> li
                 f"trigger {trigger}: kernels were timed by different methods; only "
                 "walks timed the same way are compared"
             )
+    if lat.n_unattributed:
+        share = lat.n_unattributed / max(lat.n_samples, 1)
+        out.append(
+            f"{lat.n_unattributed:,} walks ({share:.1%}) could not be attributed to a "
+            "workload: they stand in their own 'unattributed' rows, under no VMA count"
+        )
     return out
 
 
@@ -1266,10 +1522,33 @@ class Analysis:
     latency: LatencyAnalysis | None
     capacity: Any  # capacity.CapacityResult | None
     warnings: list[str] = field(default_factory=list)
+    capacity_note: str | None = None  # why there is no capacity table, when it is not wanted
+    published: pd.DataFrame | None = None  # rmap-bench: the series' figures beside ours
 
     @property
     def manifests(self) -> list[dict[str, Any]]:
         return self.run.manifests
+
+
+HOST_PROCESS = "host-process"
+
+
+def capacity_trials(run: Run, tm: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """The trials a capacity projection applies to: not those whose "guests" are host
+    processes (guests.workload_kind "host-process": a lab host running guest-memory
+    patterns as processes, no VM to fit on a host). With a note when some or all are out."""
+    g = run.guests
+    if g is None or "workload_kind" not in g.columns:
+        return tm, None
+    kinds = g.assign(trial_id=g["trial_id"].astype(str)).groupby("trial_id")["workload_kind"]
+    hosted = kinds.agg(lambda k: bool((k.astype(str) == HOST_PROCESS).all()))
+    out = set(hosted[hosted].index)
+    if not out:
+        return tm, None
+    keep = tm[~tm["trial_id"].isin(out)]
+    if successful(keep).empty:
+        return keep, "not applicable: the guests are host processes (guests.workload_kind)"
+    return keep, f"{len(out)} trial(s) left out: their guests are host processes"
 
 
 def analyze(
@@ -1294,6 +1573,11 @@ def analyze(
     if run.latency is not None and len(run.latency):
         lat = analyze_latency(run.latency, tm, kernels, rng=rng, n_boot=n_boot)
     host_ram = host_ram_gib if host_ram_gib is not None else host_ram_from_manifests(run.manifests)
+    cap_tm, cap_note = capacity_trials(run, tm)
+    specs = [str(m.get("spec_name")) for m in run.manifests]
+    published = None
+    if lat is not None and is_rmap_bench(specs, lat.summary):
+        published = published_comparison(lat.summary, kernels)
     return Analysis(
         run=run,
         kernels=kernels,
@@ -1308,9 +1592,11 @@ def analyze(
         else ksm_timeline(run.ksm, tm, _page_bytes(run)),
         latency=lat,
         capacity=capacity_model(
-            tm, host_ram_gib=host_ram, reserve_gib=reserve_gib, kernels=kernels, rng=rng
+            cap_tm, host_ram_gib=host_ram, reserve_gib=reserve_gib, kernels=kernels, rng=rng
         ),
         warnings=hygiene_warnings(run, tm, lat, kernels) + _dropped_latency(run, lat),
+        capacity_note=cap_note,
+        published=published,
     )
 
 
@@ -1390,17 +1676,16 @@ def _run_latency_rows(
 ) -> pd.DataFrame | None:
     if ra.latency is None or rb.latency is None:
         return None
-    ga = _latency_groups(
-        ra.latency[_isin(ra.latency["trial_id"], set(successful(tma)["trial_id"]))]
-    )
-    gb = _latency_groups(
-        rb.latency[_isin(rb.latency["trial_id"], set(successful(tmb)["trial_id"]))]
-    )
+    la = ra.latency[_isin(ra.latency["trial_id"], set(successful(tma)["trial_id"]))]
+    lb = rb.latency[_isin(rb.latency["trial_id"], set(successful(tmb)["trial_id"]))]
+    levels = _level_maps([la, lb])  # shared, so that a workload row is the same in both
+    (la, wa), (lb, wb) = label_workloads(la, levels), label_workloads(lb, levels)
+    ga, gb = _latency_groups(la), _latency_groups(lb)
     rows = []
     for ka, kb in pairs:
-        for (_k, trigger, method), a in ga.items():
-            b = gb.get((kb, trigger, method))
-            if _k != ka or b is None:
+        for key, a in ga.items():
+            b = gb.get(key._replace(kernel=kb))
+            if key.kernel != ka or b is None:
                 continue
             c = compare_samples(b, a, n_boot=n_boot, rng=rng)
             p99 = quantile_ratio(b, a, 0.99, n_boot=n_boot, rng=rng)
@@ -1408,9 +1693,10 @@ def _run_latency_rows(
                 {
                     "kernel_a": ka,
                     "kernel_b": kb,
-                    "trigger": trigger,
-                    "method": method,
-                    "method_label": method_label(method),
+                    "trigger": key.trigger,
+                    "workload": key.workload,
+                    "method": key.method,
+                    "method_label": method_label(key.method),
                     "n_a": c.n_b,
                     "n_b": c.n_a,
                     "median_a_us": c.median_b / 1e3,
@@ -1427,7 +1713,9 @@ def _run_latency_rows(
                     "p99_ratio_hi": p99.hi,
                 }
             )
-    return _finish_comparisons(rows)
+    workloads = pd.concat([wa, wb])
+    workloads = workloads[~workloads.index.duplicated()]
+    return with_workload_columns(_finish_comparisons(rows), workloads)
 
 
 def compare_runs(
@@ -1579,6 +1867,7 @@ def _comparison_tables(result: ComparisonResult) -> list[tuple[str, pd.DataFrame
             {
                 "kernel (A → B)": lat["kernel_a"] + " → " + lat["kernel_b"],
                 "trigger": lat["trigger"],
+                "workload": lat["workload"],
                 "method": lat["method_label"],
             }
         )

@@ -1,5 +1,7 @@
-"""Reports from run directories: index.html with PNG figures beside it, summary.md and
-every table as CSV. The only module that imports seaborn and matplotlib.
+"""Reports from run directories: index.html with its figures beside it (PNG, and PDF and
+SVG for a paper), summary.md, and every table as CSV and as a LaTeX tabular (.tex; the
+tables as the report shows them also as <name>_display.tex). The only module that imports
+seaborn and matplotlib.
 
 A report is a pure function of its run directories (fixed seed, no timestamps, PNGs
 without a software stamp): it never touches the host, and the same runs give the same
@@ -10,7 +12,9 @@ series, ECDF points and VMA bins of bounded size.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,15 +23,19 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib as mpl
+import numpy as np
 import pandas as pd
 import seaborn as sns
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from orchestrator import analysis as an
+from orchestrator import walkcost
 from orchestrator.capacity import MODEL_NOTES, CapacityResult
 from orchestrator.errors import UsageError
+from orchestrator.walkcost import WalkCost
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +71,10 @@ class ReportPaths:
     out_dir: Path
     index_html: Path
     summary_md: Path
-    figures: dict[str, Path] = field(default_factory=dict)
-    tables: dict[str, Path] = field(default_factory=dict)
+    figures: dict[str, Path] = field(default_factory=dict)  # PNG, by figure name
+    tables: dict[str, Path] = field(default_factory=dict)  # CSV, by table name
+    figure_files: dict[str, list[Path]] = field(default_factory=dict)  # PNG, PDF, SVG
+    latex: dict[str, Path] = field(default_factory=dict)  # .tex tabulars, by file stem
 
 
 # --------------------------------------------------------------------------- style
@@ -209,65 +219,183 @@ def fig_ksmd_cpu(trials: pd.DataFrame, palette: dict[str, Any]) -> Figure:
     return fig
 
 
+METHOD_STYLES = {"kprobe": "-", "bpf-fentry": "-", "tracepoint-proxy": ":"}
+ECDF_COLUMNS = 4  # panels per row: a readable grid, however many workloads
+
+
+def _kernel_method_legend(fig: Figure, palette: dict[str, Any], methods: Sequence[str]) -> None:
+    """One legend for the figure: kernel colours, then timing-method line styles."""
+    handles = [Line2D([], [], color=c, lw=2, label=f"kernel {k}") for k, c in palette.items()]
+    handles += [
+        Line2D([], [], color="0.3", ls=METHOD_STYLES.get(m, "--"), label=an.method_label(m))
+        for m in methods
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 6))
+
+
 def fig_latency_ecdf(ecdf: pd.DataFrame, palette: dict[str, Any]) -> Figure:
-    """ECDF of rmap_walk_ksm walk times (µs, log x) per trigger, kernel and method."""
+    """ECDF of rmap_walk_ksm walk times (µs, log x): one block of panels per trigger, one
+    panel per workload (unattributed walks in their own panel), x shared within a trigger."""
     triggers = list(dict.fromkeys(ecdf["trigger"]))
-    fig, axes = _new_figure(len(triggers), sharey=True)
-    for i, (ax, trigger) in enumerate(zip(axes, triggers, strict=True)):
-        d = ecdf[ecdf["trigger"] == trigger].rename(columns={"method_label": "timing method"})
-        sns.lineplot(
-            data=d,
-            x="duration_us",
-            y="fraction",
-            hue="kernel",
-            style="timing method",
-            palette=palette,
-            estimator=None,
-            drawstyle="steps-post",
-            ax=ax,
-            legend=i == 0,
-        )
-        ax.set_xscale("log")
-        ax.set(
-            title=f"trigger: {trigger}",
-            xlabel="walk duration (µs, log scale)",
-            ylabel="fraction of walks ≤ duration (0-1)",
-            ylim=(0, 1.01),
-        )
-    axes[0].legend(title="kernel / timing method", loc="lower right")
-    fig.suptitle("rmap_walk_ksm walk time, ECDF")
+    per = {t: list(dict.fromkeys(ecdf.loc[ecdf["trigger"] == t, "workload"])) for t in triggers}
+    ncols = min(ECDF_COLUMNS, max(len(w) for w in per.values()))
+    nrows = {t: math.ceil(len(w) / ncols) for t, w in per.items()}
+    fig = Figure(figsize=(3.6 * ncols + 0.6, 2.9 * sum(nrows.values()) + 1.2), layout="constrained")
+    subfigs = fig.subfigures(
+        len(triggers), 1, height_ratios=[nrows[t] for t in triggers], squeeze=False
+    )
+    for sub, trigger in zip(subfigs.ravel(), triggers, strict=True):
+        axes = sub.subplots(nrows[trigger], ncols, sharex=True, sharey=True, squeeze=False)
+        for ax, workload in zip(axes.ravel(), per[trigger], strict=False):
+            d = ecdf[(ecdf["trigger"] == trigger) & (ecdf["workload"] == workload)]
+            for (kernel, method), g in d.groupby(["kernel", "method"], sort=False):
+                ax.step(
+                    g["duration_us"],
+                    g["fraction"],
+                    where="post",
+                    color=palette.get(str(kernel), "C0"),
+                    ls=METHOD_STYLES.get(str(method), "--"),
+                    lw=1.5,
+                )
+            ax.set_xscale("log")
+            ax.set(
+                title=_wrap(str(workload)),
+                xlabel="walk (µs, log scale)",
+                ylabel="fraction ≤ (0-1)",
+                ylim=(0, 1.01),
+            )
+        for ax in axes.ravel()[len(per[trigger]) :]:
+            ax.set_visible(False)
+        sub.suptitle(f"trigger: {trigger}", fontsize=11, fontweight="bold")
+    _kernel_method_legend(fig, palette, list(dict.fromkeys(ecdf["method"])))
+    fig.suptitle("rmap_walk_ksm walk time, ECDF per trigger and workload")
     return fig
 
 
-def fig_latency_vmas(by_vmas: pd.DataFrame, palette: dict[str, Any]) -> Figure:
-    """Median and p99 walk time (µs) against VMAs over the mergeable range, log-log, one
-    panel per timing method; binned by powers of two."""
-    methods = list(dict.fromkeys(by_vmas["method_label"]))
-    fig, axes = _new_figure(len(methods), sharey=True)
-    for i, (ax, method) in enumerate(zip(axes, methods, strict=True)):
-        d = by_vmas[by_vmas["method_label"] == method]
-        sns.lineplot(
-            data=d,
-            x="vmas",
-            y="duration_us",
-            hue="kernel",
-            style="statistic",
-            markers=True,
-            palette=palette,
-            estimator=None,
-            ax=ax,
-            legend=i == 0,
-        )
-        ax.set(
-            xscale="log",
-            yscale="log",
-            title=f"timed by: {method}",
-            xlabel="VMAs over the mergeable range (count, log scale)",
-            ylabel="walk duration (µs, log scale)",
-        )
-    axes[0].legend(title="kernel / statistic", loc="upper left")
-    fig.suptitle("rmap_walk_ksm walk time against VMA count")
+def _wrap(text: str, width: int = 34) -> str:
+    """A panel title on two lines when long (workload labels are)."""
+    if len(text) <= width or ", " not in text:
+        return text
+    parts = text.split(", ")
+    cut = max(1, len(parts) // 2)
+    return ", ".join(parts[:cut]) + ",\n" + ", ".join(parts[cut:])
+
+
+def _exact(points: pd.DataFrame) -> pd.DataFrame:
+    """Exact timing methods only, when there are any (proxies under-read the walk)."""
+    exact = points[points["method"] != "tracepoint-proxy"]
+    return exact if len(exact) else points
+
+
+def _draw_fit(ax: Axes, fit: pd.Series, x: str, color: Any) -> str:
+    """The linear fit y = a + b x, drawn on log-log axes over the fitted x range; returns
+    the slope in words for the panel's note."""
+    _held, _words, per = walkcost.AXES[x]
+    xs = np.geomspace(fit["x_min"], fit["x_max"], 60)
+    y = fit["intercept_us"] + fit["slope_us"] * xs
+    # A negative intercept would send the line to -inf on log axes near x = 1: draw it
+    # where it stays within a factor 2 of the smallest point it was fitted to.
+    keep = y >= min(fit["y_at_x_min_us"], fit["y_at_x_max_us"]) / 2
+    ax.plot(xs[keep], y[keep], color=color, ls="--", lw=1)
+    unit = "1,000 VMAs" if x == "vmas" else "mapping"
+    slope = an.fmt_value(fit["slope_us"] * per)
+    return f"{fit['kernel']}: {'+' if fit['slope_us'] >= 0 else ''}{slope} µs/{unit}"
+
+
+HELD_MARKERS = ("o", "s", "D", "v", "P", "X")
+
+
+def fig_walk_cost(wc: WalkCost, palette: dict[str, Any]) -> Figure:
+    """The walk-cost model: p50 (dots) and p99 (triangles) walk time against the walked
+    workload's VMAs and against mappings per KSM page, per trigger, log-log, with the
+    linear least-squares fit of p50 (dashed) where one was made."""
+    points, fits = _exact(wc.points), _exact(wc.fits)
+    triggers = list(dict.fromkeys(points["trigger"]))
+    fig, axes = _new_figure(2, len(triggers), height=3.4)
+    axes = axes.reshape(len(triggers), 2)
+    for row, trigger in zip(axes, triggers, strict=True):
+        for ax, x in zip(row, ("vmas", "mappings"), strict=True):
+            _walk_cost_panel(ax, points, fits, trigger, x, palette)
+    handles = [Line2D([], [], color=c, lw=2, label=f"kernel {k}") for k, c in palette.items()]
+    handles += [
+        Line2D([], [], ls="none", marker="o", color="0.35", label="p50 (filled)"),
+        Line2D([], [], ls="none", marker="o", mfc="none", color="0.35", label="p99 (hollow)"),
+        Line2D([], [], ls="--", color="0.35", label="linear least-squares fit of p50"),
+    ]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles))
+    fig.suptitle("rmap_walk_ksm walk cost: walk time against VMAs and mappings per KSM page")
     return fig
+
+
+def _walk_cost_panel(
+    ax: Axes,
+    points: pd.DataFrame,
+    fits: pd.DataFrame,
+    trigger: str,
+    x: str,
+    palette: dict[str, Any],
+) -> None:
+    """One panel: points by kernel (colour), statistic (p50 filled, p99 hollow) and level
+    of the other count (marker, the panel's legend); the p50 fits, their slopes noted."""
+    held, words, _per = walkcost.AXES[x]
+    p = points[(points["trigger"] == trigger) & points[x].notna()]
+    levels = sorted({int(v) for v in p[held].dropna()})
+    marker = {lv: HELD_MARKERS[i % len(HELD_MARKERS)] for i, lv in enumerate(levels)}
+    held_unit = "mappings/page" if held == "mappings" else "VMAs"
+    level_of = p[held].astype("Float64").fillna(-1)
+    for (kernel, stat, level), g in p.groupby(["kernel", "statistic", level_of], sort=False):
+        color = palette.get(str(kernel), "C0")
+        ax.plot(
+            g[x].astype(float),
+            g["value_us"],
+            ls="none",
+            marker=marker.get(int(level), "o"),
+            mfc=color if stat == "p50" else "none",
+            color=color,
+        )
+    f = fits[(fits["trigger"] == trigger) & (fits["x"] == x) & (fits["statistic"] == "p50")]
+    fitted = f[f["note"].fillna("") == ""]
+    notes = [
+        _draw_fit(ax, fit, x, palette.get(str(fit["kernel"]), "C0")) for _, fit in fitted.iterrows()
+    ]
+    note = (
+        "linear fit of p50:\n" + "\n".join(notes)
+        if notes
+        else f"not fitted: fewer than 2 distinct {words}"
+    )
+    ax.text(
+        0.98,
+        0.97,
+        note,
+        transform=ax.transAxes,
+        ha="right",
+        va="top",
+        fontsize=7,
+        color="0.25",
+        bbox={"facecolor": "white", "alpha": 0.8, "lw": 0},
+    )
+    handles = [
+        Line2D(
+            [],
+            [],
+            ls="none",
+            marker=m,
+            color="0.35",
+            label=f"{lv:,} {'VMA' if (lv, held) == (1, 'vmas') else held_unit}",
+        )
+        for lv, m in marker.items()
+    ]
+    ax.set(
+        xscale="log",
+        yscale="log",
+        title=f"{trigger}: against {words}",
+        xlabel=f"{words} (count, log scale)",
+        ylabel="walk (µs, log scale)",
+    )
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi * 1000)  # headroom for the legend and the note above the points
+    if handles:
+        ax.legend(handles=handles, loc="upper left", fontsize=7, title="at", title_fontsize=7)
 
 
 def fig_density(cap: CapacityResult, palette: dict[str, Any]) -> Figure:
@@ -344,13 +472,9 @@ def build_figures(a: an.Analysis) -> dict[str, Figure]:
     if a.latency is not None:
         lat = a.latency
         builders.append(("latency_ecdf", lambda: fig_latency_ecdf(lat.ecdf, palette), True))
-        builders.append(
-            (
-                "latency_vmas",
-                lambda: fig_latency_vmas(lat.by_vmas, palette),
-                lat.by_vmas is not None and not lat.by_vmas.empty,
-            )
-        )
+        if lat.walk_cost is not None:
+            wc = lat.walk_cost
+            builders.append(("walk_cost", lambda: fig_walk_cost(wc, palette), True))
     if a.capacity is not None:
         builders.append(("density", lambda: fig_density(a.capacity, palette), True))
     with figure_style():
@@ -476,7 +600,7 @@ def _latency_cell(row: pd.Series) -> str:
 def latency_display(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per kernel, trigger and method; values in µs, '≥' for lower-bound methods."""
     s = summary.assign(cell=summary.apply(_latency_cell, axis=1))
-    keys = ["kernel", "trigger", "method", "method_label", "n"]
+    keys = ["kernel", "trigger", "workload", "method", "method_label", "n"]
     wide = s.pivot_table(
         index=keys, columns="statistic", values="cell", aggfunc="first", sort=False
     )
@@ -490,17 +614,54 @@ def latency_display(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def latency_cmp_display(cmp: pd.DataFrame) -> pd.DataFrame:
-    """Latency comparisons per trigger and timing method (a / reference b)."""
+    """Latency comparisons per trigger, workload and timing method (a / reference b); the
+    trial-level table also says the smallest p its trial counts can reach."""
     if cmp.empty:
         return cmp
     keys = pd.DataFrame(
         {
             "trigger": cmp["trigger"],
+            "workload": cmp["workload"],
             "method": cmp["method_label"],
             "a vs b (reference)": cmp["kernel_a"] + " vs " + cmp["kernel_b"],
         }
     )
-    return pd.concat([keys, an.comparison_display(cmp)], axis=1)
+    out = pd.concat([keys, an.comparison_display(cmp)], axis=1)
+    if "min_attainable_p" in cmp:
+        # Holm multiplies the smallest p by the number of rows: with too few trials no
+        # difference can be called, and "no clear difference" would misread that.
+        reachable = (cmp["min_attainable_p"] * len(cmp)).clip(upper=1.0)
+        out["smallest p reachable (Holm)"] = reachable.map(lambda p: an.fmt_value(p, "p"))
+        short = (reachable >= an.ALPHA) & cmp["p_value"].notna()
+        need = an.trial_repeats_needed(len(cmp))
+        out.loc[short, "verdict"] = f"cannot be called: needs ≥ {need} trials a side"
+    return out
+
+
+def walk_cost_display(fits: pd.DataFrame) -> pd.DataFrame:
+    """The walk-cost fits: slope per 1,000 VMAs (or per mapping), R², exponent, shape."""
+    per = fits["x"].map({x: a[2] for x, a in walkcost.AXES.items()})
+    held = [
+        "any" if pd.isna(h) else f"{int(h):,} {'mappings/page' if x == 'vmas' else 'VMAs'}"
+        for h, x in zip(fits["held"], fits["x"], strict=True)
+    ]
+    return pd.DataFrame(
+        {
+            "kernel": fits["kernel"],
+            "trigger": fits["trigger"],
+            "method": fits["method"].map(an.method_label),
+            "statistic": fits["statistic"],
+            "against": fits["x"].map({x: a[1] for x, a in walkcost.AXES.items()}),
+            "at": held,
+            "points": fits["n_points"],
+            "slope (µs per 1,000 VMAs or per mapping)": fits.get("slope_us", np.nan) * per,
+            "linear R²": fits.get("linear_r2", np.nan),
+            "log-log exponent": fits.get("exponent", np.nan),
+            "log-log R²": fits.get("loglog_r2", np.nan),
+            "shape": fits.get("shape", pd.Series("", index=fits.index)).fillna(""),
+            "note": fits["note"].fillna(""),
+        }
+    )
 
 
 def phase_display(ps: pd.DataFrame) -> pd.DataFrame:
@@ -556,10 +717,12 @@ FIG_CAPTIONS = {
     "merge_rate": "Merge rate: pages merged per second from merge start until pages_sharing "
     "first reached 50% and 90% of its final value.",
     "ksmd_cpu": "CPU time consumed by ksmd per trial and per GiB saved.",
-    "latency_ecdf": "Distribution of rmap_walk_ksm walk times (ECDF, log x) per trigger; "
+    "latency_ecdf": "Distribution of rmap_walk_ksm walk times (ECDF, log x), one panel per "
+    "trigger and workload, unattributed walks in their own panel; dotted "
     "'lower-bound proxy' lines under-read the walk.",
-    "latency_vmas": "Median and p99 walk time against the VMAs over the mergeable range "
-    "(bins of powers of two, at least 20 walks each).",
+    "walk_cost": "The walk-cost model: p50 (dots) and p99 (triangles) per workload row "
+    "against the walked workload's own VMA count and mappings per KSM page, log-log; dashed: "
+    "the linear least-squares fit of p50 (see the fits table for slope, R² and points).",
     "density": "Host RAM used by N guests without KSM and with the measured savings "
     "(95% bootstrap band); see the capacity model below.",
 }
@@ -583,19 +746,102 @@ def _write_text(text: str, path: Path) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def _save_figure(fig: Figure, path: Path) -> dict[str, Any]:
-    # No "Software" stamp: the same runs give byte-identical PNGs.
-    _write_atomic(
-        path, lambda p: fig.savefig(p, format="png", dpi=FIG_DPI, metadata={"Software": None})
-    )
+FIGURE_FORMATS = ("png", "pdf", "svg")
+
+
+def _savefig(fig: Figure, fmt: str, path: Path) -> None:
+    fig.savefig(path, format=fmt, dpi=FIG_DPI, metadata=FIGURE_METADATA[fmt])
+
+
+# No software stamp or date in any format, and fixed SVG ids: the same runs give the same
+# bytes in every format.
+FIGURE_METADATA = {
+    "png": {"Software": None},
+    "pdf": {"Creator": None, "Producer": None, "CreationDate": None},
+    "svg": {"Creator": None, "Date": None},
+}
+
+
+def _save_figure(fig: Figure, png: Path) -> tuple[dict[str, Any], list[Path]]:
+    """Save fig as PNG (for the page), PDF and SVG (for a paper) beside each other."""
+    paths = []
+    with mpl.rc_context({"svg.hashsalt": "densitylab", "pdf.compression": 6}):
+        for fmt in FIGURE_FORMATS:
+            path = png.with_suffix(f".{fmt}")
+            _write_atomic(path, partial(_savefig, fig, fmt))
+            paths.append(path)
+            # The layout is settled by the first save; the vector formats reuse it rather
+            # than solving the constrained layout twice more (most of a figure's cost).
+            fig.set_layout_engine("none")
     width, height = (fig.get_size_inches() * FIG_DPI).round().astype(int)
-    return {
-        "src": path.name,
+    info = {
+        "src": png.name,
         "width": int(width),
         "height": int(height),
         "title": fig.get_suptitle(),
-        "caption": FIG_CAPTIONS.get(path.stem, ""),
+        "caption": FIG_CAPTIONS.get(png.stem, ""),
+        "formats": [p.name for p in paths],
     }
+    return info, paths
+
+
+# --------------------------------------------------------------------------- LaTeX
+
+LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "µ": r"\textmu{}",
+    "δ": r"$\delta$",
+    "≥": r"$\geq$",
+    "≤": r"$\leq$",
+    "→": r"$\rightarrow$",
+    "×": r"$\times$",
+    "±": r"$\pm$",
+    "∞": r"$\infty$",
+    "²": r"\textsuperscript{2}",
+    "–": "--",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",
+    "|": r"\textbar{}",
+}
+_LATEX_RE = re.compile("|".join(re.escape(k) for k in LATEX_SPECIAL))
+
+
+def latex_escape(text: str) -> str:
+    """Text safe in a LaTeX tabular cell (pdflatex with textcomp: µ, δ, ≥, → and the like
+    become commands; every special character is escaped)."""
+    return _LATEX_RE.sub(lambda m: LATEX_SPECIAL[m.group(0)], text)
+
+
+def _numeric(cells: Sequence[str]) -> bool:
+    return all(re.fullmatch(r"[-–+]?[\d,.]+(e[-+]?\d+)?|–|", c) for c in cells)
+
+
+def latex_tabular(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A LaTeX tabular of formatted cells: numeric columns right-aligned, \\hline rules
+    (no package beyond textcomp), every cell escaped."""
+    align = "".join(
+        "r" if _numeric([r[i] for r in rows]) and rows else "l" for i in range(len(columns))
+    )
+    lines = [f"\\begin{{tabular}}{{{align}}}", "\\hline"]
+    lines.append(" & ".join(latex_escape(str(c)) for c in columns) + r" \\")
+    lines.append("\\hline")
+    lines += [" & ".join(latex_escape(str(c)) for c in r) + r" \\" for r in rows]
+    lines += ["\\hline", "\\end{tabular}", ""]
+    return "\n".join(lines)
+
+
+def _write_latex(df: pd.DataFrame, path: Path) -> None:
+    v = view(df)
+    path.write_text(latex_tabular(v.columns, v.rows), encoding="utf-8")
 
 
 def _csv_tables(a: an.Analysis) -> dict[str, pd.DataFrame]:
@@ -615,7 +861,15 @@ def _csv_tables(a: an.Analysis) -> dict[str, pd.DataFrame]:
             "latency_trial_comparisons": a.latency.trial_comparisons,
             "latency_ecdf": a.latency.ecdf,
             "latency_by_vmas": a.latency.by_vmas,
+            "latency_workloads": a.latency.workloads.reset_index(),
         }
+        if a.latency.walk_cost is not None:
+            tables |= {
+                "walk_cost_fits": a.latency.walk_cost.fits,
+                "walk_cost_points": a.latency.walk_cost.points,
+            }
+    if a.published is not None:
+        tables["published_comparison"] = a.published
     if a.capacity is not None:
         tables |= {"capacity": a.capacity.table, "density_curve": a.capacity.curve}
     return {k: v for k, v in tables.items() if v is not None}
@@ -637,14 +891,61 @@ def _latency_context(a: an.Analysis) -> dict[str, Any] | None:
         "trial_comparisons": _opt(
             latency_cmp_display(lat.trial_comparisons), "latency_trial_comparisons.csv"
         ),
+        "trial_note": _trial_note(lat.trial_comparisons),
+        "walk_cost": None if lat.walk_cost is None else _walk_cost_context(lat.walk_cost),
+        "published": _published_context(a),
+    }
+
+
+def _trial_note(cmp: pd.DataFrame) -> str:
+    """How many trials the trial-level table needs, in words."""
+    rows = len(cmp)
+    need = an.trial_repeats_needed(rows)
+    if cmp.empty:
+        return (
+            "No trial-level comparison: it needs at least 2 successful trials per kernel "
+            f"and row (and {need} to be able to call a difference)."
+        )
+    n_min = int(min(cmp["n_a"].min(), cmp["n_b"].min()))
+    return (
+        f"Each trial's median walk is one unit; the fewest trials on a side is {n_min}. "
+        f"Over these {rows} rows (Holm-adjusted) a difference can be called only with "
+        f"≥ {need} trials per kernel and row: the exact Mann-Whitney p cannot fall below "
+        "2 / C(n_a + n_b, n_a)."
+    )
+
+
+def _walk_cost_context(wc: WalkCost) -> dict[str, Any]:
+    return {
+        "sentences": wc.sentences,
+        "fits": view(walk_cost_display(wc.fits), "walk_cost_fits.csv"),
+        "notes": walkcost.FIT_NOTES,
+    }
+
+
+def _published_context(a: an.Analysis) -> dict[str, Any] | None:
+    if a.published is None:
+        return None
+    pub = walkcost.PUBLISHED
+    return {
+        "table": view(a.published, "published_comparison.csv"),
+        "text": (
+            f"The series' own benchmark reports a maximum walk of ~{pub['before_max_ms']:g} ms "
+            f"before the change and ~{pub['after_max_ms']:g} ms after, with "
+            f"~{pub['vmas']:,} VMAs, on {pub['where']} (first row). TCG emulation inflates "
+            "absolute times, so compare the ratio before/after, which is what transfers; "
+            "the absolute milliseconds do not."
+        ),
     }
 
 
 def _capacity_context(a: an.Analysis) -> dict[str, Any] | None:
     cap = a.capacity
     if cap is None:
-        return None
+        return None if a.capacity_note is None else {"not_applicable": a.capacity_note}
     return {
+        "not_applicable": None,
+        "left_out": a.capacity_note,
         "table": view(capacity_display(cap), "capacity.csv"),
         "notes": cap.notes,
         "host_ram_gib": cap.host_ram_gib,
@@ -683,10 +984,21 @@ def _context(
         "guests": _opt(a.guests, "guests.csv"),
         "latency": _latency_context(a),
         "capacity": _capacity_context(a),
-        "methods": an.METHOD_NOTES,
+        "methods": (*an.METHOD_NOTES, *walkcost.FIT_NOTES),
         "model_notes": MODEL_NOTES,
         "csv_files": sorted(p.name for p in tables.values()),
     }
+
+
+def _display_views(ctx: Any) -> Iterator[tuple[str, TableView]]:
+    """(file stem, view) of every formatted table the report shows that has a CSV twin:
+    the table as it reads in the report, for a paper ("<csv stem>_display")."""
+    if isinstance(ctx, TableView):
+        if ctx.csv:
+            yield ctx.csv.removesuffix(".csv") + "_display", ctx
+    elif isinstance(ctx, dict):
+        for v in ctx.values():
+            yield from _display_views(v)
 
 
 def _environment() -> Environment:
@@ -720,18 +1032,25 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tables: dict[str, Path] = {}
+    latex: dict[str, Path] = {}
     for name, df in _csv_tables(a).items():
         tables[name] = out_dir / f"{name}.csv"
         _write_atomic(tables[name], partial(_write_csv, df))
-    figures, fig_paths = {}, {}
+        latex[name] = out_dir / f"{name}.tex"
+        _write_atomic(latex[name], partial(_write_latex, df))
+    figures, fig_paths, fig_files = {}, {}, {}
     for name, fig in build_figures(a).items():
         fig_paths[name] = out_dir / f"{name}.png"
-        figures[name] = _save_figure(fig, fig_paths[name])
+        figures[name], fig_files[name] = _save_figure(fig, fig_paths[name])
     ctx = _context(a, figures, tables)
+    for stem, table in _display_views(ctx):
+        latex[stem] = out_dir / f"{stem}.tex"
+        text = latex_tabular(table.columns, table.rows)
+        _write_atomic(latex[stem], partial(_write_text, text))
     env = _environment()
     index, summary = out_dir / "index.html", out_dir / "summary.md"
     for path, template in ((index, "report.html.j2"), (summary, "summary.md.j2")):
         text = env.get_template(template).render(**ctx)
         _write_atomic(path, partial(_write_text, text))
     log.info("report for %s written to %s", ", ".join(ctx["run_ids"]), out_dir)
-    return ReportPaths(out_dir, index, summary, fig_paths, tables)
+    return ReportPaths(out_dir, index, summary, fig_paths, tables, fig_files, latex)

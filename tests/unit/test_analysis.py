@@ -16,6 +16,7 @@ from scipy import stats
 from orchestrator import analysis as an
 from orchestrator.capacity import capacity_model, fit_savings
 from orchestrator.errors import UsageError
+from orchestrator.walkcost import walk_cost_model
 from tests.synthetic import ALL_TABLES, make_run
 
 # --------------------------------------------------------------------------- statistics
@@ -341,3 +342,138 @@ def test_all_tables_listed() -> None:
         }
         == set(ALL_TABLES)
     )
+
+
+# --------------------------------------------------------------------------- attribution
+
+
+def test_rows_never_pool_workloads(tmp_path: Path) -> None:
+    """Reclaim once pooled every workload under the fragmented copy's VMA count and read
+    "7.3 higher"; now each workload is its own row and unattributed walks stand apart."""
+    run = make_run(tmp_path, pattern_process=True, one_content=True)
+    lat = an.analyze(an.load_run(run), n_boot=300).latency
+    assert lat is not None and lat.n_unattributed > 0
+    c = lat.comparisons[lat.comparisons["method"] == "kprobe"].set_index(["trigger", "workload"])
+    assert not c.index.duplicated().any()
+    one_vma = "host-process, distinct, 1 VMA, 2 mappings/page"
+    big = "host-copy, distinct, 10,000 VMAs, 2 mappings/page"
+    for trigger in ("migrate", "reclaim", "compaction"):
+        assert 0.5 < c.loc[(trigger, one_vma), "ratio"] < 0.9  # ~2.7 µs against ~1.9 µs
+        assert c.loc[(trigger, big), "ratio"] < 0.001  # ~12 ms against ~2.5 µs
+        assert c.loc[(trigger, "unattributed"), "vmas"] is pd.NA
+    unattributed = lat.summary[lat.summary["workload"] == "unattributed"]
+    assert unattributed["vmas"].isna().all() and unattributed["mappings"].isna().all()
+    assert any(
+        "could not be attributed" in w
+        for w in an.hygiene_warnings(an.load_run(run), an.trial_metrics(an.load_run(run)), lat)
+    )
+
+
+def test_a_run_before_attribution_reads_as_unattributed(tmp_path: Path) -> None:
+    a = an.analyze(an.load_run(make_run(tmp_path, attributed=False)), n_boot=200)
+    lat = a.latency
+    assert lat is not None and list(lat.workloads.index) == ["unattributed"]
+    assert lat.n_unattributed == lat.n_samples and lat.summary["vmas"].isna().all()
+    assert lat.by_vmas is None and lat.walk_cost is None  # no VMA count to stand on
+
+
+def test_count_levels_merge_near_equal_counts_and_bin_continuous_ones() -> None:
+    assert list(an.count_levels(np.array([10003, 1, 2000, 10000, 2001]))) == [
+        10000,
+        1,
+        2000,
+        10000,
+        2000,
+    ]
+    continuous = np.arange(1, 20_000, 7)
+    levels = an.count_levels(continuous)
+    assert len(np.unique(levels)) <= 15  # powers of two, each named by a member
+    assert (np.floor(np.log2(levels)) == np.floor(np.log2(continuous))).all()
+
+
+def _summary_points(kernel: str, ys: dict[int, float], mappings: int = 2) -> list[dict]:
+    return [
+        {
+            "kernel": kernel,
+            "trigger": "migrate",
+            "method": "kprobe",
+            "workload": f"w{v}-{mappings}",
+            "target_kind": "host-copy",
+            "pattern": "distinct",
+            "vmas": v,
+            "mappings": mappings,
+            "statistic": "p50",
+            "value_us": y,
+            "n": 100,
+        }
+        for v, y in ys.items()
+    ]
+
+
+def test_walk_cost_model_fits_known_lines() -> None:
+    """Old: 2 µs + 1.2 µs per VMA exactly; new: 2 µs whatever the count."""
+    old = {v: 2.0 + 1.2 * v for v in (1, 2000, 10000)}
+    new = {v: 2.0 for v in (1, 2000, 10000)}
+    rows = _summary_points("6.12", old) + _summary_points("7.3", new)
+    rows += _summary_points("6.12", {10000: 1.2 * 10000 * 128}, mappings=256)
+    wc = walk_cost_model(pd.DataFrame(rows), ["6.12", "7.3"])
+    assert wc is not None
+    fits = wc.fits
+
+    def fit(kernel: str, x: str) -> pd.Series:
+        (row,) = [r for _, r in fits[(fits["kernel"] == kernel) & (fits["x"] == x)].iterrows()]
+        return row
+
+    old_fit = fit("6.12", "vmas")  # at 2 mappings/page: the 256 level has one VMA count
+    assert old_fit["held"] == 2 and old_fit["n_points"] == 3
+    assert old_fit["slope_us"] == pytest.approx(1.2) and old_fit["linear_r2"] == pytest.approx(1)
+    assert old_fit["shape"] == "grows ~linearly"
+    assert fit("7.3", "vmas")["shape"] == "flat"
+    assert fit("6.12", "mappings")["n_points"] == 2  # 2 and 256 at 10,000 VMAs
+    assert fit("7.3", "mappings")["note"].startswith("not fitted")  # one mapping count
+    assert wc.sentences[0].startswith("6.12") and "+1,200 µs per 1,000 VMAs" in wc.sentences[0]
+    assert wc.sentences[1].startswith("7.3") and "flat in VMAs" in wc.sentences[1]
+
+
+def test_walk_cost_refuses_a_single_vma_count() -> None:
+    wc = walk_cost_model(pd.DataFrame(_summary_points("6.12", {2000: 5.0})), ["6.12"])
+    assert wc is not None and (wc.fits["note"].str.startswith("not fitted")).all()
+    assert "not fitted" in wc.sentences[0]
+
+
+def test_trial_level_comparison_needs_two_trials_and_calls_with_enough(tmp_path: Path) -> None:
+    assert an.min_attainable_p(3, 3) == pytest.approx(0.1)
+    assert an.trial_repeats_needed(1) == 4 and an.trial_repeats_needed(6) == 5
+    one = make_run(tmp_path, run_id="one", repeats=1, fleet_sizes=(2,), failed_trials=0)
+    lat = an.analyze(an.load_run(one), n_boot=200).latency
+    assert lat is not None
+    t = lat.trial_comparisons
+    assert t["p_value"].isna().all()
+    assert set(an.comparison_display(t)["verdict"]) == {"too few samples"}
+    three = make_run(tmp_path, run_id="three", repeats=3, fleet_sizes=(2,), failed_trials=0)
+    lat = an.analyze(an.load_run(three), n_boot=200).latency
+    assert lat is not None
+    t = lat.trial_comparisons
+    assert (t["n_a"] == 3).all() and t["p_value"].notna().all() and t["ratio_hi"].lt(0.1).all()
+    assert "too few samples" not in set(an.comparison_display(t)["verdict"])
+
+
+def test_capacity_not_applicable_when_guests_are_host_processes(tmp_path: Path) -> None:
+    a = an.analyze(an.load_run(make_run(tmp_path, guest_kind="host-process")), n_boot=200)
+    assert a.capacity is None and a.capacity_note is not None
+    assert a.capacity_note.startswith("not applicable: the guests are host processes")
+    vms = an.analyze(an.load_run(make_run(tmp_path, run_id="vms", guest_kind="vm")), n_boot=200)
+    assert vms.capacity is not None and vms.capacity_note is None
+
+
+def test_rmap_bench_states_the_published_figures(tmp_path: Path) -> None:
+    run = make_run(tmp_path, spec_name="rmap-bench", one_content=True)
+    a = an.analyze(an.load_run(run), n_boot=200)
+    pub = a.published
+    assert pub is not None
+    assert list(pub.iloc[0][["VMAs", "max before (ms)", "max after (ms)"]]) == [20000, 705, 1.7]
+    ours = pub.iloc[1:]
+    assert set(ours["trigger"]) == {"migrate", "reclaim", "compaction"}
+    assert (ours["VMAs"] == 10000).all() and (ours["max ratio before/after"] > 1000).all()
+    plain = an.analyze(an.load_run(make_run(tmp_path, run_id="plain")), n_boot=200)
+    assert plain.published is None

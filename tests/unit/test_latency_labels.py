@@ -1,14 +1,41 @@
 import pandas as pd
 
-from orchestrator.analysis import with_vmas_in_trigger
+from orchestrator.analysis import label_workloads, normalise_latency
 
 
-def test_few_vma_counts_split_the_trigger() -> None:
-    lat = pd.DataFrame({"trigger": ["migrate", "migrate", "reclaim"], "vmas": [1, 2000, None]})
-    out = with_vmas_in_trigger(lat)
-    assert list(out.trigger) == ["migrate @1 VMAs", "migrate @2000 VMAs", "reclaim @? VMAs"]
+def test_unattributed_walks_never_take_a_vma_count() -> None:
+    """A run from before attribution: `vmas` was the phase maximum, so a walk without a
+    target stands as unattributed, not under that count; a named target keeps its own."""
+    lat = pd.DataFrame(
+        {
+            "trigger": ["reclaim", "reclaim", "migrate"],
+            "vmas": [10000, 10000, 2000],
+            "target": [None, "pattern-0", "fragmented-0"],
+        }
+    )
+    out, wl = label_workloads(normalise_latency(lat))
+    assert list(out.target_kind) == ["unattributed", "host-process", "host-copy"]
+    assert list(out.workload) == [
+        "unattributed",
+        "host-process, 10,000 VMAs",
+        "host-copy, 2,000 VMAs",
+    ]
+    assert pd.isna(wl.loc["unattributed", "vmas"])
 
 
-def test_continuous_vma_counts_are_left_to_the_binned_table() -> None:
-    lat = pd.DataFrame({"trigger": ["migrate"] * 20, "vmas": range(20)})
-    assert list(with_vmas_in_trigger(lat).trigger) == ["migrate"] * 20
+def test_near_equal_counts_are_one_row_so_kernels_pair() -> None:
+    lat = pd.DataFrame(
+        {
+            "target_kind": ["host-copy"] * 3 + ["guest"],
+            "pattern": ["distinct"] * 4,
+            "vmas": pd.array([10000, 10003, 2000, 1], dtype="Int64"),
+            "mappings": pd.array([2, 2, 2, 2], dtype="Int64"),
+        }
+    )
+    out, wl = label_workloads(normalise_latency(lat))
+    assert out.workload[0] == out.workload[1] == "host-copy, distinct, 10,000 VMAs, 2 mappings/page"
+    assert list(wl.index) == [  # kinds in contract order, then VMAs
+        "guest, distinct, 1 VMA, 2 mappings/page",
+        "host-copy, distinct, 2,000 VMAs, 2 mappings/page",
+        "host-copy, distinct, 10,000 VMAs, 2 mappings/page",
+    ]

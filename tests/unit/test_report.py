@@ -18,7 +18,7 @@ from tests.synthetic import make_run
 
 ORCHESTRATOR = Path(report.__file__).parent
 UNIT = re.compile(r"\([^)]+\)")  # "walk duration (µs, log scale)"
-ALL_FIGURES = {"ksm_timeline", "merge_rate", "ksmd_cpu", "latency_ecdf", "latency_vmas", "density"}
+ALL_FIGURES = {"ksm_timeline", "merge_rate", "ksmd_cpu", "latency_ecdf", "walk_cost", "density"}
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,10 @@ def test_odd_runs_still_give_a_report(tmp_path: Path) -> None:
 def test_report_is_a_pure_function_of_the_runs(run_dir: Path, tmp_path: Path) -> None:
     first = report.write_report([run_dir], tmp_path / "one")
     second = report.write_report([run_dir], tmp_path / "two")
-    for a in [first.index_html, first.summary_md, *first.figures.values(), *first.tables.values()]:
+    files = [first.index_html, first.summary_md, *first.tables.values(), *first.latex.values()]
+    files += [f for fs in first.figure_files.values() for f in fs]  # PNG, PDF and SVG
+    assert len(files) > len(first.figures) * 3
+    for a in files:
         b = second.out_dir / a.name
         assert a.read_bytes() == b.read_bytes(), a.name
 
@@ -165,3 +168,101 @@ def test_only_the_report_module_imports_plotting_libraries() -> None:
     }
     assert not offenders
     assert {"seaborn", "matplotlib"} <= _imports(ORCHESTRATOR / "report.py")
+
+
+# --------------------------------------------------------------------------- paper output
+
+
+@pytest.fixture(scope="module")
+def bench_report(tmp_path_factory: pytest.TempPathFactory) -> report.ReportPaths:
+    """The series' benchmark shape, walks attributed, "guests" run as host processes."""
+    parent = tmp_path_factory.mktemp("bench")
+    run = make_run(
+        parent,
+        run_id="bench",
+        spec_name="rmap-bench",
+        one_content=True,
+        pattern_process=True,
+        guest_kind="host-process",
+    )
+    return report.write_report([run], parent / "out")
+
+
+def test_figures_in_every_format(bench_report: report.ReportPaths) -> None:
+    magic = {".png": b"\x89PNG", ".pdf": b"%PDF", ".svg": b"<?xml"}
+    for name, files in bench_report.figure_files.items():
+        assert {p.suffix for p in files} == set(magic), name
+        for p in files:
+            assert p.read_bytes().startswith(magic[p.suffix]), p.name
+    html = bench_report.index_html.read_text()
+    assert 'href="walk_cost.pdf"' in html and 'href="walk_cost.svg"' in html
+
+
+def _braces_balanced(text: str) -> bool:
+    depth = 0
+    for m in re.finditer(r"\\.|[{}]", text):  # \{ and \} are escaped: skip them
+        tok = m.group(0)
+        if tok in "{}":
+            depth += 1 if tok == "{" else -1
+            if depth < 0:
+                return False
+    return depth == 0
+
+
+def _latex_rows(tex: str) -> tuple[str, list[list[str]]]:
+    """The column spec and the cells of a tabular, split on unescaped &."""
+    lines = tex.strip().splitlines()
+    spec = re.fullmatch(r"\\begin\{tabular\}\{([lrc]+)\}", lines[0])
+    assert spec, lines[0]
+    assert lines[-1] == r"\end{tabular}" and lines.count(r"\hline") == 3
+    body = [ln for ln in lines[1:-1] if ln != r"\hline"]
+    assert all(ln.endswith(r" \\") for ln in body)
+    return spec.group(1), [re.split(r"(?<!\\)&", ln.removesuffix(r" \\")) for ln in body]
+
+
+def test_every_table_is_also_a_latex_tabular_that_parses(bench_report: report.ReportPaths):
+    latex = bench_report.latex
+    assert set(bench_report.tables) <= set(latex)  # every CSV has its .tex
+    assert {"latency_summary_display", "walk_cost_fits_display", "published_comparison"} <= set(
+        latex
+    )
+    for name, path in latex.items():
+        tex = path.read_text()
+        assert _braces_balanced(tex), name
+        assert tex.count(r"\begin{") == tex.count(r"\end{") == 1, name
+        spec, rows = _latex_rows(tex)
+        assert rows and all(len(r) == len(spec) for r in rows), name
+        assert "µ" not in tex and "_" not in tex.replace(r"\_", ""), name
+    header = _latex_rows(latex["latency_summary_display"].read_text())[1][0]
+    assert r"p50 (\textmu{}s) [95\% CI]" in [c.strip() for c in header]
+
+
+def test_latex_escape_of_every_special_character() -> None:
+    assert report.latex_escape(r"a_b & 5% #1 $x {y} ~ ^ \ µs ≥ δ") == (
+        r"a\_b \& 5\% \#1 \$x \{y\} \textasciitilde{} \textasciicircum{} "
+        r"\textbackslash{} \textmu{}s $\geq$ $\delta$"
+    )
+
+
+def test_bench_report_states_model_published_figures_and_capacity(
+    bench_report: report.ReportPaths,
+) -> None:
+    md = bench_report.summary_md.read_text()
+    assert "### Walk-cost model" in md
+    sentences = [ln for ln in md.splitlines() if ln.startswith(("- 6.12 (", "- 7.3 ("))]
+    assert len(sentences) == 2  # one per kernel
+    assert "grows ~linearly in VMAs" in sentences[0] and "flat in VMAs" in sentences[1]
+    assert "~705 ms before the change and ~1.7 ms after" in md and "~20,000 VMAs" in md
+    assert "TCG emulation inflates absolute times" in md and "the ratio" in md
+    assert "Capacity table not applicable: the guests are host processes" in md
+    assert "| unattributed |" in md  # its own row, under no VMA count
+    # 3 trials a side: figures, and a verdict that says why no difference is called.
+    assert "cannot be called: needs ≥ 6 trials a side" in md and "too few samples" not in md
+    assert "density" not in bench_report.figures
+
+
+def test_ecdf_is_a_grid_not_a_strip(bench_report: report.ReportPaths) -> None:
+    from PIL import Image
+
+    width, height = Image.open(bench_report.figures["latency_ecdf"]).size
+    assert width <= report.ECDF_COLUMNS * 400 and height < 3 * width
