@@ -47,8 +47,7 @@ from typing import Any
 
 from orchestrator import fleet, hostagent, images
 from orchestrator.errors import DensitylabError, GuestError, Interrupted
-from orchestrator.interrupts import InterruptGuard
-from orchestrator.runner import TeardownStack
+from orchestrator.interrupts import InterruptGuard, TeardownStack
 
 log = logging.getLogger(__name__)
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from types import FrameType
+from typing import Any
 
 from orchestrator.errors import Interrupted
 
@@ -62,3 +63,15 @@ class InterruptGuard:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+
+class TeardownStack(ExitStack):
+    """An ExitStack whose unwinding a signal cannot cut short (it is only recorded)."""
+
+    def __init__(self, guard: InterruptGuard):
+        super().__init__()
+        self.guard = guard
+
+    def __exit__(self, *exc: Any) -> bool:
+        with self.guard.deferred():
+            return bool(super().__exit__(*exc))

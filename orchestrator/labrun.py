@@ -24,8 +24,8 @@ import pandas as pd
 from orchestrator import fleet, hostagent, images, labimage, plan, sampling, triggers
 from orchestrator.attribution import Target, Window, attribute, pattern_mappings
 from orchestrator.errors import GuestError, HostError
-from orchestrator.interrupts import InterruptGuard
-from orchestrator.sampling import PhaseMark, sharing_pages
+from orchestrator.interrupts import InterruptGuard, TeardownStack
+from orchestrator.sampling import PhaseMark, settled, sharing_pages
 from orchestrator.spec import Spec
 
 log = logging.getLogger(__name__)
@@ -189,8 +189,6 @@ def wait_done_line(host: LabHost, path: str, timeout_s: float = 300) -> dict[str
 
 def wait_merged(host: LabHost, spec: Spec, guard: InterruptGuard, timeout_s: float) -> bool:
     """Poll the lab host's samples until sharing settles (same rule as local trials)."""
-    from orchestrator.runner import settled
-
     m = spec.phases.merge
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
@@ -425,8 +423,6 @@ def stop_all(host: LabHost, st: LabState) -> None:
 def run_lab_trial(ctx: Any, trial: plan.Trial, res: Any, st: LabState) -> None:
     """Boot the lab host for trial.kernel, run the phases, tear it all down; what was
     measured is in `st` even when this raises."""
-    from orchestrator.runner import TeardownStack
-
     token = ctx.store.run_id.rsplit("-", 1)[-1] + f"{int(time.time()) % 100000:05d}"
     trial_dir = ctx.store.trial_dir(trial.trial_id)
     with TeardownStack(ctx.guard) as stack:

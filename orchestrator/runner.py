@@ -39,9 +39,9 @@ from orchestrator.attribution import (
     pattern_mappings,
 )
 from orchestrator.errors import DensitylabError, HostError, Interrupted, UsageError
-from orchestrator.interrupts import InterruptGuard
+from orchestrator.interrupts import InterruptGuard, TeardownStack
 from orchestrator.manifest import load_manifest
-from orchestrator.sampling import Collector, PhaseMark, Sampler, sharing_pages
+from orchestrator.sampling import Collector, PhaseMark, Sampler, settled, sharing_pages
 from orchestrator.spec import Spec, check_fits_host, load_spec
 from orchestrator.workload import FillResult, PlayError, WorkloadDriver
 
@@ -218,13 +218,6 @@ def wait_settled(
         time.sleep(min(0.25, spec.sampling.interval_s / 2))
 
 
-def settled(seen: list[tuple[int, int]], scans: int, pct: float) -> bool:
-    """True when sharing now differs by <= pct% from the newest sample >= scans back."""
-    now_scans, now_pages = seen[-1]
-    earlier = [pages for n, pages in seen if n <= now_scans - scans]
-    return bool(earlier) and abs(now_pages - earlier[-1]) <= pct / 100 * max(now_pages, 1)
-
-
 def hold(sampler: Sampler, guard: InterruptGuard, seconds: float) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -234,18 +227,6 @@ def hold(sampler: Sampler, guard: InterruptGuard, seconds: float) -> None:
 
 
 # ---------------------------------------------------------------- the run
-
-
-class TeardownStack(ExitStack):
-    """An ExitStack whose unwinding a signal cannot cut short (it is only recorded)."""
-
-    def __init__(self, guard: InterruptGuard):
-        super().__init__()
-        self.guard = guard
-
-    def __exit__(self, *exc: Any) -> bool:
-        with self.guard.deferred():
-            return bool(super().__exit__(*exc))
 
 
 @dataclass

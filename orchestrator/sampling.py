@@ -257,3 +257,10 @@ def phase_deltas(
                     }
                 )
     return pd.DataFrame(rows)
+
+
+def settled(seen: list[tuple[int, int]], scans: int, pct: float) -> bool:
+    """True when sharing now differs by <= pct% from the newest sample >= scans back."""
+    now_scans, now_pages = seen[-1]
+    earlier = [pages for n, pages in seen if n <= now_scans - scans]
+    return bool(earlier) and abs(now_pages - earlier[-1]) <= pct / 100 * max(now_pages, 1)

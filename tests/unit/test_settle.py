@@ -1,4 +1,5 @@
-from orchestrator.runner import predicted_saving_pages, settled
+from orchestrator.runner import predicted_saving_pages
+from orchestrator.sampling import settled
 from orchestrator.workload import FillResult
 
 
