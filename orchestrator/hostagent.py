@@ -56,6 +56,8 @@ VMSTAT_PREFIXES = (
     "workingset",
 )
 MEMINFO_FIELDS = ("MemTotal", "MemFree", "MemAvailable", "SwapTotal", "SwapFree")
+# How often the sampler re-reads a process's VMA layout from smaps (see read_process_ksm).
+VMAS_EVERY_S = 10.0
 PROCESS_KSM_FIELDS = ("ksm_rmap_items", "ksm_zero_pages", "ksm_merging_pages", "ksm_process_profit")
 
 
@@ -239,17 +241,39 @@ def count_mergeable_vmas(smaps_text: str) -> int:
     )
 
 
-def read_process_ksm(pid: int, proc: Path = PROC) -> dict[str, int]:
-    """Per-process KSM figures (/proc/PID/ksm_stat) and its mergeable VMA count."""
+def read_process_ksm(
+    pid: int,
+    proc: Path = PROC,
+    vmas_cache: dict[int, tuple[float, int]] | None = None,
+    vmas_every_s: float = 0.0,
+) -> dict[str, int]:
+    """Per-process KSM figures (/proc/PID/ksm_stat) and its mergeable VMA count.
+
+    The VMA count needs /proc/PID/smaps, which walks the page tables under the mmap
+    lock: its cost grows with guest memory and it disturbs what it measures. The layout
+    changes only when a workload maps or fragments its region, so with a cache the
+    count is read at most once per `vmas_every_s` per process (ksm_stat every time)."""
     base = proc / str(pid)
     stat = parse_key_values(read_text(base / "ksm_stat")) if (base / "ksm_stat").exists() else {}
     out = {k: stat[k] for k in PROCESS_KSM_FIELDS if k in stat}
+    now = time.monotonic()
+    cached = vmas_cache.get(pid) if vmas_cache is not None else None
+    if cached is not None and now - cached[0] < vmas_every_s:
+        out["ram_vmas"] = cached[1]
+        return out
     out["ram_vmas"] = count_mergeable_vmas(read_text(base / "smaps"))
+    if vmas_cache is not None:
+        vmas_cache[pid] = (now, out["ram_vmas"])
     return out
 
 
 def sample_once(
-    pids: Mapping[str, int], ksmd_pid: int | None, ksm_dir: Path = KSM_DIR, proc: Path = PROC
+    pids: Mapping[str, int],
+    ksmd_pid: int | None,
+    ksm_dir: Path = KSM_DIR,
+    proc: Path = PROC,
+    vmas_cache: dict[int, tuple[float, int]] | None = None,
+    vmas_every_s: float = 0.0,
 ) -> dict[str, Any]:
     """One sample of everything, stamped with CLOCK_MONOTONIC ns. Gone processes are skipped."""
     sample: dict[str, Any] = {"ts_ns": time.monotonic_ns(), "ksm": read_ksm_counters(ksm_dir)}
@@ -259,7 +283,7 @@ def sample_once(
     procs: dict[str, Any] = {}
     for name, pid in pids.items():
         with contextlib.suppress(AgentError):
-            procs[name] = {"pid": pid, **read_process_ksm(pid, proc)}
+            procs[name] = {"pid": pid, **read_process_ksm(pid, proc, vmas_cache, vmas_every_s)}
     sample["processes"] = procs
     return sample
 
@@ -270,6 +294,7 @@ def run_sampler(
     out: Path,
     stop_after_s: float | None = None,
     parent_pid: int | None = None,
+    vmas_every_s: float = VMAS_EVERY_S,
 ) -> None:
     """Append one JSON line per interval to `out` until SIGTERM/SIGINT (or stop_after_s).
 
@@ -285,11 +310,13 @@ def run_sampler(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     ksmd = find_pid_by_comm("ksmd")
+    vmas_cache: dict[int, tuple[float, int]] = {}
     start = time.monotonic()
     next_tick = start
     with open(out, "a") as f:
         while not stopping:
-            f.write(json.dumps(sample_once(pids, ksmd)) + "\n")
+            sample = sample_once(pids, ksmd, vmas_cache=vmas_cache, vmas_every_s=vmas_every_s)
+            f.write(json.dumps(sample) + "\n")
             f.flush()
             next_tick += interval_s
             if stop_after_s is not None and next_tick - start > stop_after_s:

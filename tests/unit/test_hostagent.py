@@ -36,6 +36,17 @@ def test_process_ksm_from_recorded_qemu(tmp_path: Path) -> None:
     assert stats["ram_vmas"] == expected > 0
 
 
+def test_vma_layout_read_once_per_interval_ksm_stat_every_time(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path)
+    cache: dict[int, tuple[float, int]] = {}
+    first = h.read_process_ksm(4242, proc, cache, vmas_every_s=3600)
+    (proc / "4242" / "smaps").write_text("")  # the layout changes behind the cache
+    (proc / "4242" / "ksm_stat").write_text("ksm_rmap_items 7\n")
+    again = h.read_process_ksm(4242, proc, cache, vmas_every_s=3600)
+    assert again["ram_vmas"] == first["ram_vmas"] > 0 and again["ksm_rmap_items"] == 7
+    assert h.read_process_ksm(4242, proc, cache, vmas_every_s=0)["ram_vmas"] == 0
+
+
 def test_vmstat_keeps_ksm_swap_migration_counters(tmp_path: Path) -> None:
     v = h.read_vmstat(fake_proc(tmp_path))
     for k in ("pswpout", "pgmigrate_success", "ksm_swpin_copy", "cow_ksm", "compact_stall"):
