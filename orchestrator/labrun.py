@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator import fleet, hostagent, images, labimage, plan, sampling
+from orchestrator import fleet, hostagent, images, kernelspec, labimage, plan, sampling
 from orchestrator.errors import GuestError, HostError
 from orchestrator.interrupts import InterruptGuard
 from orchestrator.sampling import PhaseMark, sharing_pages
@@ -87,7 +87,7 @@ def boot_lab_host(
 ) -> LabHost:
     """Define and boot the lab host with the kernel labelled `kernel`; push our tools."""
     image = labimage.find_lab_image()
-    k = image.kernel(kernel)
+    k = labimage.resolve_kernel(image, kernelspec.entry_for(spec.kernels, kernel))
     name = f"dl-{token}-lab-{kernel.replace('.', '_')}"
     gs = fleet.GuestSpec(
         name=name,

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import UsageError
+from orchestrator.kernelspec import KernelEntry, label_of
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,47}$")
 SHARE_TOLERANCE = 1e-6
@@ -218,7 +219,7 @@ class Spec(Strict):
     name: str
     description: str = ""
     host: Host = Host()
-    kernels: list[str] = ["running"]
+    kernels: list[KernelEntry] = ["running"]
     fleet: Fleet = Fleet()
     workload: Workload = Workload()
     ksm: dict[str, KnobValue] = {"pages_to_scan": 2000, "sleep_millisecs": 20}
@@ -245,7 +246,7 @@ class Spec(Strict):
                 "(e.g. ['6.12', '7.3'])"
             )
         for k in self.kernels:
-            check_name(k)
+            check_name(label_of(k))
         return self
 
     @field_validator("ksm")
