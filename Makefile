@@ -109,3 +109,16 @@ kernels: setup
 	@test -n "$(SPEC)" || { echo "usage: make kernels SPEC=experiments/<spec>.yaml"; exit 2; }
 	@scripts/apt-ensure $(APT_KBUILD)
 	$(DL) kernels build $(SPEC)
+
+# Patch A/B: Debian's linux-source-6.12 built as is and with experiments/patches/ (same
+# tree, same config), each booted in a lab host, rmap_walk_ksm timed by kprobes, then
+# the report. The two kernel builds are cached (a cold pair ~20-30 min here, then
+# seconds); the trials take about as long as ab-demo's.
+patch-ab-demo: setup images lab-images
+	@scripts/apt-ensure $(APT_KBUILD)
+	$(DL) kernels build experiments/patch-ab.yaml
+	@started=$$(scripts/labd start | grep -c '^labd: running' || true); \
+	$(DL) run experiments/patch-ab.yaml; rc=$$?; \
+	run=$$(ls -td results/*-patch-ab-* | head -1); \
+	[ $$rc -eq 0 ] && $(DL) report $$run --out reports/out/patch-ab; rc2=$$?; \
+	[ "$$started" = 1 ] && scripts/labd stop >/dev/null; [ $$rc -eq 0 ] && exit $$rc2; exit $$rc
