@@ -213,11 +213,15 @@ def kernels_build(
 ) -> None:
     """Build (or find in the cache) every `source:` kernel of SPEC; check the others."""
     from orchestrator import kbuild
+    from orchestrator.interrupts import InterruptGuard
     from orchestrator.spec import load_spec
 
     try:
         s, _, _ = load_spec(spec)
-        results = kbuild.build_all(s.kernels, force=force, progress=build_progress)
+        # SIGTERM too becomes an exception: make's process group goes, and the staged
+        # build directory with it (nothing half-built enters the cache)
+        with InterruptGuard().installed():
+            results = kbuild.build_all(s.kernels, force=force, progress=build_progress)
     except DensitylabError as e:
         fail(e)
     for r in results:

@@ -323,7 +323,10 @@ def write_state(work: Path, digest: str, applied: Sequence[str], clean: bool) ->
 
 
 def populate(work: Path, source: SourceTree) -> None:
-    """A fresh copy of the source at work/src (the old one and the build dir go)."""
+    """A fresh copy of the source at work/src (the old one and the build dir go). The
+    state goes first: a kill from here on leaves no state, so the next build starts over
+    instead of trusting a list of applied patches that no longer holds."""
+    (work / "state.json").unlink(missing_ok=True)
     for d in ("src", "build", "applied", ".populate"):
         shutil.rmtree(work / d, ignore_errors=True)
     tmp = work / ".populate"
