@@ -619,6 +619,33 @@ def build(
     return BuiltKernel(entry.label, key, final, meta, False)
 
 
+def bindeb(
+    entry: SourceKernel, dest: Path, *, cache: Path | None = None, jobs: int | None = None
+) -> list[Path]:
+    """`make bindeb-pkg` from a source entry's tree, patches and config (the build the
+    cache holds, so make finds little to do): the .debs, copied into dest. They boot as
+    a `deb:` entry (everything is built in: no modules, no initramfs)."""
+    cache = (cache or cache_root()).resolve()
+    plan = make_plan(entry, cache, fetch=True)
+    work = cache / "work" / plan.source.ident
+    env = build_env(cache)
+    dest.mkdir(parents=True, exist_ok=True)
+    with locked(cache / "work" / f"{plan.source.ident}.lock"):
+        prepare_source(work, plan.source, plan.patches)
+        configure(plan, work, env)
+        for old in work.glob("linux-*"):  # the last packaging's .debs, .buildinfo, .changes
+            if old.is_file():
+                old.unlink()
+        argv = make_argv(plan, work, ["bindeb-pkg"], jobs or os.cpu_count() or 1)
+        run_build(argv, dest / "bindeb-pkg.log", env, None, None)
+        debs = sorted(work.glob("linux-*.deb"))
+        for d in debs:
+            shutil.copyfile(d, dest / d.name)
+    if not any(d.name.startswith("linux-image-") for d in debs):
+        raise HostError(f"make bindeb-pkg made no linux-image .deb in {work}")
+    return [dest / d.name for d in debs]
+
+
 def last_steps(work: Path) -> int | None:
     """Steps of the last full build in this tree: the denominator shown in progress."""
     try:
@@ -708,8 +735,13 @@ def deb_kernel(entry: DebKernel, cache: Path | None = None) -> Bootable:
 
 
 def deb_release(deb: Path) -> str:
-    """The release a linux-image .deb installs: the name of its boot/vmlinuz-<release>."""
-    for member in kernels.deb_members(deb):
+    """The release a linux-image .deb installs: the name of its boot/vmlinuz-<release>.
+    UsageError when it ships modules: those need an initramfs or the lab image rebuilt
+    with the package installed, which this direct boot does not do."""
+    members = kernels.deb_members(deb)
+    if any(m.endswith((".ko", ".ko.xz", ".ko.zst")) for m in members):
+        raise UsageError(f"{deb}: ships modules: only kernels with everything built in boot here")
+    for member in members:
         if m := re.fullmatch(r"boot/vmlinuz-(.+)", member):
             return m[1]
     raise UsageError(f"{deb}: holds no boot/vmlinuz-*: not a linux-image package")

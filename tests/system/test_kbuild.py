@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from subprocess import Popen
 
@@ -20,7 +21,14 @@ import pytest
 
 from orchestrator import fleet, kbuild, labimage
 from orchestrator.errors import HostError
-from orchestrator.kernelspec import BuildKernel, DebianSource, KernelConfig, SourceKernel
+from orchestrator.kernelspec import (
+    BuildKernel,
+    DebianSource,
+    DebKernel,
+    KernelConfig,
+    KernelEntry,
+    SourceKernel,
+)
 from orchestrator.proc import spawn_group, stop_group
 from tests.qga import Agent, wait_for_marker
 
@@ -68,13 +76,12 @@ def boot(plan: labimage.BootPlan, console: Path) -> Popen[bytes]:
     raise AssertionError("unreachable")
 
 
-@pytest.fixture(scope="module")
-def booted(
-    built: kbuild.BuiltKernel, image: labimage.LabImage, tmp_path_factory: pytest.TempPathFactory
+@contextmanager
+def boot_entry(
+    image: labimage.LabImage, entry: KernelEntry, tmp: Path
 ) -> Iterator[tuple[labimage.LabKernel, Agent, Path]]:
-    entry = BuildKernel(label="built", build=str(built.directory))
+    """Boot the lab rootfs with an entry's kernel; always killed, overlay deleted."""
     kernel = labimage.resolve_kernel(image, entry)
-    tmp = tmp_path_factory.mktemp("kbuild-boot")
     console = tmp / "console.log"
     plan = labimage.BootPlan(image, kernel, tmp / "overlay.qcow2", tmp / "qga.sock")
     qemu = boot(plan, console)
@@ -88,6 +95,15 @@ def booted(
     finally:
         stop_group(qemu)
         plan.overlay.unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="module")
+def booted(
+    built: kbuild.BuiltKernel, image: labimage.LabImage, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[labimage.LabKernel, Agent, Path]]:
+    entry = BuildKernel(label="built", build=str(built.directory))
+    with boot_entry(image, entry, tmp_path_factory.mktemp("kbuild-boot")) as b:
+        yield b
 
 
 def test_build_entry_boots_the_lab_rootfs_without_initrd(
@@ -138,3 +154,18 @@ def test_config_lacking_ksm_is_one_line_and_leaves_nothing(tmp_path: Path) -> No
     assert str(e.value).startswith("kernel base: config lacks CONFIG_KSM=y after olddefconfig")
     assert "\n" not in str(e.value)
     assert not (cache / "builds").exists() or not any((cache / "builds").iterdir())
+
+
+def test_bindeb_pkg_of_the_same_tree_boots_as_a_deb_entry(
+    built: kbuild.BuiltKernel, image: labimage.LabImage, tmp_path: Path
+) -> None:
+    """make bindeb-pkg from the tree and config the cache entry was built from: the
+    linux-image .deb boots the lab rootfs as a `deb:` entry, same `uname -r`."""
+    debs = kbuild.bindeb(BASE, tmp_path / "debs")
+    names = [d.name for d in debs]
+    assert any(n.startswith(f"linux-image-{built.release}_") for n in names), names
+    entry = DebKernel(label="pkg", deb=[str(d) for d in debs])
+    with boot_entry(image, entry, tmp_path) as (kernel, a, _console):
+        assert kernel.initrd is None and kernel.origin.startswith("deb:")
+        assert a.ok("uname -r").strip() == built.release
+        assert a.ok("cat /sys/kernel/mm/ksm/run").strip() in ("0", "1")
