@@ -226,7 +226,13 @@ def kernels_build(
         fail(e)
     for r in results:
         if isinstance(r, kbuild.BuiltKernel):
-            how = "cache hit" if r.cache_hit else f"built in {r.meta['build_s']:.0f} s"
+            cc = r.meta.get("ccache", {})
+            how = (
+                "cache hit"
+                if r.cache_hit
+                else f"built in {r.meta['build_s']:.0f} s, ccache {cc.get('hits', 0)} hits "
+                f"{cc.get('misses', 0)} misses"
+            )
             out.print(
                 f"{r.label}: {r.release} ({how}, {r.meta['steps']} build steps) {r.directory}",
                 markup=False,

@@ -571,6 +571,14 @@ def collect(plan: BuildPlan, work: Path, stage: Path, stats: dict[str, Any]) -> 
     }
 
 
+def ccache_counts(env: dict[str, str]) -> dict[str, int]:
+    """Hits and misses so far in CCACHE_DIR (`ccache --print-stats`, ccache >= 3.7)."""
+    cp = run(["ccache", "--print-stats"], env=env, timeout_s=60, check=False)
+    got = dict(ln.split("\t", 1) for ln in cp.stdout.splitlines() if "\t" in ln)
+    hits = sum(int(got.get(k, 0)) for k in ("direct_cache_hit", "preprocessed_cache_hit"))
+    return {"hits": hits, "misses": int(got.get("cache_miss", 0))}
+
+
 def build(
     entry: SourceKernel,
     *,
@@ -602,13 +610,16 @@ def build(
             stage = Path(t)
             expected = last_steps(work)
             t1 = time.monotonic()
+            before = ccache_counts(env)
             argv = make_argv(plan, work, ["bzImage"], jobs or os.cpu_count() or 1)
             steps = run_build(argv, stage / "build.log", env, progress, expected)
             (work / "last-steps").write_text(f"{steps}\n")
+            after = ccache_counts(env)
             stats = {
                 "build_s": round(time.monotonic() - t1, 1),
                 "total_s": round(time.monotonic() - t0, 1),
                 "steps": steps,
+                "ccache": {k: after[k] - before[k] for k in after},
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             }
             meta = collect(plan, work, stage, stats)
