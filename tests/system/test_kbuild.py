@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +38,7 @@ from tests.qga import Agent, wait_for_marker
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
+REPO = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 120.0
 BASE = SourceKernel(label="base", source=DebianSource(debian="linux-source-6.12"))
 
@@ -169,3 +174,53 @@ def test_bindeb_pkg_of_the_same_tree_boots_as_a_deb_entry(
         assert kernel.initrd is None and kernel.origin.startswith("deb:")
         assert a.ok("uname -r").strip() == built.release
         assert a.ok("cat /sys/kernel/mm/ksm/run").strip() in ("0", "1")
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Pids whose command line mentions text (to check that nothing is left running)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+def test_sigterm_mid_build_leaves_nothing_half_built(tmp_path: Path) -> None:
+    """SIGTERM while make compiles: exit 130, make's whole group gone, no cache entry."""
+    need_tools()
+    debs = sorted((kbuild.cache_root() / "src").glob("linux-source-6.12_*_all.deb"))
+    if not debs:
+        pytest.skip("no linux-source-6.12 .deb cached yet")
+    cache = tmp_path / "cache"
+    (cache / "src").mkdir(parents=True)
+    os.symlink(debs[-1], cache / "src" / debs[-1].name)
+    spec = tmp_path / "k.yaml"
+    spec.write_text(
+        "name: k\nhost: {kind: labvm}\n"
+        "kernels: [{label: base, source: {debian: linux-source-6.12}}]\n"
+    )
+    env = {**os.environ, kbuild.CACHE_ENV: str(cache), "PYTHONPATH": str(REPO)}
+    cli = [sys.executable, "-m", "orchestrator.cli", "kernels", "build", str(spec)]
+    proc = subprocess.Popen(cli, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            logs = list((cache / "builds").glob(".tmp-*/build.log"))
+            if logs and logs[0].read_text().count("  CC ") >= 5:
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"no compile started (rc {proc.poll()})")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "densitylab: interrupted by signal 15"
+    assert list((cache / "builds").iterdir()) == []
+    assert processes_mentioning(str(cache)) == []
