@@ -488,7 +488,7 @@ def run_build(
     output teed to log_path; returns the number of build steps it printed."""
     t0 = time.monotonic()
     steps = 0
-    with log_path.open("w") as logf:
+    with log_path.open("w", buffering=1) as logf:  # line-buffered: tail -f works
         child = spawn_group(["nice", "-n", "19", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, env=env)  # fmt: skip
         try:
