@@ -11,7 +11,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -238,6 +238,62 @@ def compare(run_a: Path, run_b: Path) -> None:
         fail(e)
     text = analysis.render_comparison(result, fmt="text")
     out.print(text, markup=False, highlight=False)
+
+
+kernels_app = typer.Typer(no_args_is_help=True, help="Kernels built from source for a spec.")
+app.add_typer(kernels_app, name="kernels")
+
+
+def build_progress(label: str) -> Any:
+    """A status line per kernel on a terminal; off one, a line every 60 s (CI logs)."""
+    last = [0.0]
+
+    def show(steps: int, expected: int | None, elapsed_s: float) -> None:
+        of = f"/~{expected}" if expected else ""
+        text = f"kernel {label}: {steps}{of} build steps, {elapsed_s:.0f} s"
+        if console.is_terminal:
+            console.print(text, end="\r", markup=False, highlight=False)
+        elif elapsed_s - last[0] >= 60:
+            last[0] = elapsed_s
+            print(text, file=sys.stderr, flush=True)
+
+    return show
+
+
+@kernels_app.command("build")
+def kernels_build(
+    spec: Path,
+    force: Annotated[bool, typer.Option(help="rebuild even on a cache hit")] = False,
+) -> None:
+    """Build (or find in the cache) every `source:` kernel of SPEC; check the others."""
+    from orchestrator import kbuild
+    from orchestrator.interrupts import InterruptGuard
+    from orchestrator.spec import load_spec
+
+    try:
+        s, _, _ = load_spec(spec)
+        # SIGTERM too becomes an exception: make's process group goes, and the staged
+        # build directory with it (nothing half-built enters the cache)
+        with InterruptGuard().installed():
+            results = kbuild.build_all(s.kernels, force=force, progress=build_progress)
+    except DensitylabError as e:
+        fail(e)
+    for r in results:
+        if isinstance(r, kbuild.BuiltKernel):
+            cc = r.meta.get("ccache", {})
+            how = (
+                "cache hit"
+                if r.cache_hit
+                else f"built in {r.meta['build_s']:.0f} s, ccache {cc.get('hits', 0)} hits "
+                f"{cc.get('misses', 0)} misses"
+            )
+            out.print(
+                f"{r.label}: {r.release} ({how}, {r.meta['steps']} build steps) {r.directory}",
+                markup=False,
+                highlight=False,
+            )
+        else:
+            out.print(f"{r.label}: {r.release} ({r.origin})", markup=False, highlight=False)
 
 
 def main(argv: list[str] | None = None) -> int:

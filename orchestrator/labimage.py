@@ -48,7 +48,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from orchestrator import kernels
+from orchestrator import kbuild, kernels
 from orchestrator.errors import CommandError, DensitylabError, HostError, UsageError
 from orchestrator.images import (
     DEFAULT_CACHE_ROOT,
@@ -63,6 +63,7 @@ from orchestrator.images import (
     source_digests,
 )
 from orchestrator.kernels import KernelArtifact, PrivateApt
+from orchestrator.kernelspec import KernelEntry, label_of
 from orchestrator.proc import STDERR_TAIL_CHARS, run, spawn_group, stop_group
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class LabKernel:
     label: str
     release: str
     vmlinuz: Path
-    initrd: Path
+    initrd: Path | None  # None: a built kernel with everything it needs built in
     origin: str
 
 
@@ -538,6 +539,19 @@ def build_lab_image(
     return LabImage(image.rootfs, image.kernels, image.manifest, key, False, image.cmdline)
 
 
+def resolve_kernel(image: LabImage, entry: KernelEntry) -> LabKernel:
+    """What a lab host boots for a spec's kernel entry: a kernel of the image by label,
+    or one built from source (the kbuild cache), a built tree, or a bindeb-pkg .deb;
+    those boot the image's rootfs without an initramfs (everything built in).
+
+    Raises UsageError (no such kernel in the image, bad paths) or HostError (a source
+    kernel not built yet)."""
+    b = kbuild.bootable(entry)
+    if b is None:
+        return image.kernel(label_of(entry))
+    return LabKernel(b.label, b.release, b.vmlinuz, b.initrd, b.origin)
+
+
 def find_lab_image(out_root: Path = DEFAULT_OUT_ROOT) -> LabImage:
     """The image `current` points at, without apt, rebuilding or hashing.
 
@@ -595,8 +609,8 @@ def numa_args(plan: BootPlan) -> list[str]:
 
 def kernel_args(plan: BootPlan) -> list[str]:
     cmdline = " ".join(filter(None, [plan.image.cmdline, plan.extra_cmdline]))
-    return ["-kernel", str(plan.kernel.vmlinuz), "-initrd", str(plan.kernel.initrd),
-            "-append", cmdline]  # fmt: skip
+    initrd = [] if plan.kernel.initrd is None else ["-initrd", str(plan.kernel.initrd)]
+    return ["-kernel", str(plan.kernel.vmlinuz), *initrd, "-append", cmdline]
 
 
 def disk_args(plan: BootPlan) -> list[str]:
@@ -627,7 +641,7 @@ def describe(image: LabImage) -> str:
     lines = [f"key      {image.key}", f"rootfs   {image.rootfs}"]
     for k in image.kernels:
         lines.append(f"kernel   {k.label:6} {k.release}  ({k.origin})")
-        lines += [f"         {k.vmlinuz}", f"         {k.initrd}"]
+        lines += [f"         {k.vmlinuz}", f"         {k.initrd or '(no initrd)'}"]
     lines += [f"cmdline  {image.cmdline}", f"manifest {image.manifest}"]
     return "\n".join(lines)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator import fleet, hostagent, images, labimage, plan, sampling, triggers
+from orchestrator import fleet, hostagent, images, kernelspec, labimage, plan, sampling, triggers
 from orchestrator.attribution import Target, Window, attribute, pattern_mappings
 from orchestrator.errors import GuestError, HostError
 from orchestrator.interrupts import InterruptGuard, TeardownStack
@@ -88,7 +88,7 @@ def boot_lab_host(
 ) -> LabHost:
     """Define and boot the lab host with the kernel labelled `kernel`; push our tools."""
     image = labimage.find_lab_image()
-    k = image.kernel(kernel)
+    k = labimage.resolve_kernel(image, kernelspec.entry_for(spec.kernels, kernel))
     name = f"dl-{token}-lab-{kernel.replace('.', '_')}"
     gs = fleet.GuestSpec(
         name=name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from orchestrator.errors import UsageError
+from orchestrator.kernelspec import labels
 from orchestrator.spec import MAX_TRIALS, Spec
 
 # Rough costs measured on a 2-core TCG host (LAB-NOTES: ~5 s boot, fills of 160 MiB in
@@ -44,7 +45,7 @@ def expand(spec: Spec) -> list[Trial]:
         for n in spec.fleet.counts
         for v in vmas
         for r in range(spec.repeats)
-        for k in spec.kernels  # innermost: kernels interleave, so host drift hits both
+        for k in labels(spec.kernels)  # innermost: kernels interleave, so host drift hits both
     ]
     ids = [t.trial_id for t in trials]
     if len(set(ids)) < len(ids):

@@ -40,6 +40,7 @@ from orchestrator.attribution import (
 )
 from orchestrator.errors import DensitylabError, HostError, Interrupted, UsageError
 from orchestrator.interrupts import InterruptGuard, TeardownStack
+from orchestrator.kernelspec import label_of, labels
 from orchestrator.manifest import load_manifest
 from orchestrator.sampling import Collector, PhaseMark, Sampler, settled, sharing_pages
 from orchestrator.spec import Spec, check_fits_host, load_spec
@@ -810,23 +811,29 @@ def kernel_records(spec: Spec) -> tuple[list[dict[str, Any]], list[str]]:
     if spec.host.kind != "labvm":
         return [
             {"name": k, "release": os.uname().release, "origin": "running", "config_sha256": None}
-            for k in spec.kernels
+            for k in labels(spec.kernels)
         ], []
     import json
 
-    from orchestrator import labimage
+    from orchestrator import kbuild, labimage
 
-    built = json.loads(labimage.find_lab_image().manifest.read_text())["kernels"]
-    recs = [
-        {
-            "name": k["label"],
-            "release": k["release"],
-            "origin": k["origin"],
-            "config_sha256": k.get("config_sha256"),
-        }
-        for k in built
-        if k["label"] in spec.kernels
-    ]
+    built = {
+        k["label"]: k for k in json.loads(labimage.find_lab_image().manifest.read_text())["kernels"]
+    }
+    recs = []
+    for entry in spec.kernels:
+        local = kbuild.bootable(entry)
+        if local is not None:  # origin, tree hash, patch sha256s, config sha256
+            recs.append(dict(local.record))
+        elif (k := built.get(label_of(entry))) is not None:
+            recs.append(
+                {
+                    "name": k["label"],
+                    "release": k["release"],
+                    "origin": k["origin"],
+                    "config_sha256": k.get("config_sha256"),
+                }
+            )
     warnings = []
     for a, b in itertools.pairwise(recs):
         diffs = []
@@ -834,6 +841,10 @@ def kernel_records(spec: Spec) -> tuple[list[dict[str, Any]], list[str]]:
             diffs.append(f"versions {a['release']} vs {b['release']}")
         if a["config_sha256"] != b["config_sha256"]:
             diffs.append("configs differ")
+        if a.get("tree_sha256") and b.get("tree_sha256"):
+            b["differs_from"] = source_pair_diff(a, b)
+            if a["tree_sha256"] != b["tree_sha256"]:
+                diffs.append("source trees differ")
         if diffs:
             warnings.append(
                 f"kernels {a['name']} and {b['name']} differ by more than the "
@@ -841,6 +852,19 @@ def kernel_records(spec: Spec) -> tuple[list[dict[str, Any]], list[str]]:
                 "them can move these numbers too"
             )
     return recs, warnings
+
+
+def source_pair_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """What separates two kernels built from source: the change under study, stated."""
+    pa = {p["sha256"]: p["name"] for p in a.get("patches", [])}
+    pb = {p["sha256"]: p["name"] for p in b.get("patches", [])}
+    return {
+        "kernel": a["name"],
+        "patches_added": [n for h, n in pb.items() if h not in pa],
+        "patches_removed": [n for h, n in pa.items() if h not in pb],
+        "same_tree": a["tree_sha256"] == b["tree_sha256"],
+        "same_config": a["config_sha256"] == b["config_sha256"],
+    }
 
 
 def lab_image_record(spec: Spec) -> dict[str, Any]:
@@ -915,7 +939,8 @@ def prepare(spec_path: Path, results_dir: Path, resume: Path | None) -> Prepared
 
         lab = labimage.find_lab_image()
         for k in spec.kernels:
-            lab.kernel(k)  # UsageError naming the kernel the image lacks
+            # UsageError naming the kernel the image lacks; HostError for one not built
+            labimage.resolve_kernel(lab, k)
     # The resumed run is input too: checked before the doctor touches the host.
     if resume is not None and load_manifest(resume).get("spec_sha256") != sha:
         raise UsageError(

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from orchestrator.errors import UsageError, printable, shorten, shown
+from orchestrator.kernelspec import KernelEntry, label_of
 
 # fullmatch, not match with `$`: `$` also matches before a trailing newline.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}")
@@ -389,7 +390,7 @@ class Spec(Strict):
     name: str
     description: Annotated[str, Field(max_length=2000)] = ""
     host: Host = Host()
-    kernels: Annotated[list[str], Field(max_length=MAX_KERNELS)] = ["running"]
+    kernels: Annotated[list[KernelEntry], Field(max_length=MAX_KERNELS)] = ["running"]
     fleet: Fleet = Fleet()
     workload: Workload = Workload()
     ksm: dict[str, KnobValue] = {"pages_to_scan": 2000, "sleep_millisecs": 20}
@@ -405,7 +406,7 @@ class Spec(Strict):
 
     @model_validator(mode="after")
     def _kernels_fit_host(self) -> Spec:
-        check_kernel_labels(self.kernels, self.host.kind)
+        check_kernel_labels([label_of(k) for k in self.kernels], self.host.kind)
         h = self.host
         if h.kind == "labvm":
             for what, n in (("vcpus", h.vcpus), ("memory_mib", h.memory_mib)):
@@ -441,20 +442,6 @@ class Spec(Strict):
             )
         if m.enabled and self.host.numa_cells < 2:
             raise field_error("host.numa_cells", "migrate on a lab host needs 2 or more cells", 1)
-        return self
-        m, r = self.phases.migrate, self.phases.reclaim
-        if m.enabled and m.method not in ("auto", "numa"):
-            raise ValueError(
-                f"phases.migrate.method: {m.method} is not available on host.kind labvm "
-                "(it migrates between NUMA nodes: use auto or numa)"
-            )
-        if r.enabled and r.method not in ("auto", "memory.reclaim"):
-            raise ValueError(
-                f"phases.reclaim.method: {r.method} is not available on host.kind labvm "
-                "(cgroup v2: use auto or memory.reclaim)"
-            )
-        if m.enabled and self.host.numa_cells < 2:
-            raise ValueError("host.numa_cells: migrate on a lab host needs 2 or more cells")
         return self
 
     @field_validator("ksm")
