@@ -1071,6 +1071,8 @@ def main(argv: list[str] | None = None) -> int:
     rc.add_argument("--mib", type=int, required=True)
     rm = sub.add_parser("cgroup-remove", help="remove a cgroup of ours")
     rm.add_argument("--cgroup", required=True)
+    mk = sub.add_parser("cgroup-create", help="make a memory cgroup of ours, print its path")
+    mk.add_argument("--cgroup", required=True)
     r = sub.add_parser("ksm-restore", help="restore KSM knobs saved by ksm-apply")
     r.add_argument("--saved", type=Path, required=True)
     args = p.parse_args(argv)
@@ -1095,9 +1097,11 @@ def main(argv: list[str] | None = None) -> int:
             for e in errors:
                 print(f"hostagent: {e}", file=sys.stderr)
             return 1 if errors else 0
-        elif args.cmd in ("reclaim", "cgroup-remove"):
+        elif args.cmd in ("reclaim", "cgroup-remove", "cgroup-create"):
             cg = memcg_create(args.cgroup, read_text(PROC / "self" / "mounts"))
-            if args.cmd == "cgroup-remove":
+            if args.cmd == "cgroup-create":
+                print(cg)
+            elif args.cmd == "cgroup-remove":
                 memcg_remove(cg)
             else:
                 ok = memcg_reclaim_v2(cg, args.mib << 20)

@@ -37,6 +37,8 @@ KSM_KNOBS = frozenset(
         "advisor_target_scan_time",
     }
 )
+# KSM correctness checks (images/checks/dlcheck subcommands) a spec can ask for.
+CheckName = Literal["mremap-swap", "smart-scan-remerge", "unmerge-intact", "zero-pages", "ksm-stat"]
 # Per-guest memory QEMU (TCG) takes beyond guest RAM, for the fits-on-host check (MiB).
 QEMU_OVERHEAD_MIB = 96
 
@@ -229,6 +231,8 @@ class Spec(Strict):
     repeats: PositiveInt = 1
     seed: int = 1
     host_reserve_mib: Annotated[int, Field(ge=0)] = 2048
+    # Run by `densitylab check` on every kernel; empty there means all of them.
+    checks: list[CheckName] = []
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
 
