@@ -68,6 +68,7 @@ class CheckResult:
     kernel_release: str = ""
     duration_s: float = 0.0
     figures: dict[str, float | str] = field(default_factory=dict)
+    line: str = ""  # dlcheck's own line, kept in the run directory as printed
 
     def short_figures(self, limit: int = 6) -> str:
         """The figures particular to this check (the merge every check starts with left
@@ -107,6 +108,7 @@ def parse_result_line(output: str, check: str, kernel: str, duration_s: float = 
         kernel_release=str(data.get("kernel_release", "")),
         duration_s=duration_s,
         figures=figures,
+        line=lines[-1],
     )
 
 
@@ -301,7 +303,8 @@ def selected(spec: Spec) -> list[str]:
 
 def run_checks(spec_path: Path, results_dir: Path) -> CheckRun:
     """`densitylab check SPEC`: the spec's checks on every kernel, in a run directory of
-    their own (manifest.json, checks.parquet, check_figures.parquet)."""
+    their own (manifest.json, checks.parquet, check_figures.parquet, checks/KERNEL.jsonl:
+    dlcheck's lines as printed)."""
     from orchestrator.spec import load_spec
 
     spec, raw, sha = load_spec(spec_path)
@@ -408,6 +411,11 @@ def write_results(
         path = st.root / f"{name}.parquet"
         store.write_parquet(path, df)
         files[path.name] = store.sha256_file(path)
+    for kernel in dict.fromkeys(r.kernel for r in results):
+        path = st.root / "checks" / f"{kernel}.jsonl"
+        lines = [r.line for r in results if r.kernel == kernel and r.line]
+        with store.atomic_path(path) as tmp:
+            tmp.write_text("".join(f"{ln}\n" for ln in lines))
     manifest["files"] = files
     manifest["results"] = [
         {"kernel": r.kernel, "check": r.check, "status": r.status, "reason": r.reason}
