@@ -26,7 +26,13 @@ from typing import Any, Literal, Protocol, get_args
 import pandas as pd
 
 from orchestrator import hostagent, proc, store
-from orchestrator.errors import CommandError, DensitylabError, GuestError, HostError
+from orchestrator.errors import (
+    CommandError,
+    DensitylabError,
+    GuestError,
+    HostError,
+    UsageError,
+)
 from orchestrator.interrupts import InterruptGuard
 from orchestrator.runner import TeardownStack
 from orchestrator.spec import CheckName, Spec
@@ -308,6 +314,15 @@ def run_checks(spec_path: Path, results_dir: Path) -> CheckRun:
     from orchestrator.spec import load_spec
 
     spec, raw, sha = load_spec(spec_path)
+    if spec.host.kind == "labvm":  # a kernel the lab image lacks: exit 2 before anything
+        from orchestrator import labimage
+
+        lab = labimage.find_lab_image()
+        for k in spec.kernels:
+            try:
+                lab.kernel(k)
+            except UsageError as e:
+                raise UsageError(f"{spec_path}: kernels: {e}") from e
     names = selected(spec)
     dlcheck = build_dlcheck()
     st = store.RunStore.create(results_dir, f"{spec.name}-checks")

@@ -117,3 +117,21 @@ def test_ksm_settings_save_what_dlcheck_writes() -> None:
     # A kernel without smart_scan (before 6.7): not named, so ksm-apply does not refuse.
     old = {"pages_to_scan": "100", "run": "0", "use_zero_pages": "0"}
     assert "smart_scan" not in checks.ksm_settings(spec, old)
+
+
+def test_bad_spec_exits_2_before_anything(tmp_path: Path) -> None:
+    """A check name or a kernel the lab image lacks: one line, exit 2, no run directory."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    spec = tmp_path / "bad.yaml"
+    spec.write_text("name: a\nchecks: [bogus]\n")
+    cp = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "check", str(spec), "--results",
+         str(tmp_path / "r")],
+        capture_output=True, text=True, cwd=repo, timeout=60,
+    )  # fmt: skip
+    assert cp.returncode == 2
+    assert cp.stderr.startswith(f"densitylab: {spec}: checks.0: Input should be")
+    assert not (tmp_path / "r").exists()
