@@ -165,20 +165,20 @@ def exists(t: Target, path: str) -> bool:
     return True
 
 
-def provide_swap(t: Target, work: str, stack: ExitStack) -> str | None:
-    """zram swap (a swap file if no zram device is free); None, with the reasons logged,
-    when neither works. Its removal is on the stack before it may exist."""
+def provide_swap(t: Target, work: str, stack: ExitStack) -> tuple[str | None, str]:
+    """zram swap (a swap file if no zram device is free): (device, "") or, when neither
+    works, (None, why). Its removal is on the stack before it may exist."""
     saved = f"{work}/swap.json"
     stack.callback(undo_if_saved, t, saved, "swap-off")
     errors = []
     for kind in ("zram", "swapfile"):
         try:
-            return t.agent("swap-on", "--kind", kind, "--mib", str(SWAP_MIB), "--saved", saved)
+            dev = t.agent("swap-on", "--kind", kind, "--mib", str(SWAP_MIB), "--saved", saved)
+            return dev.strip(), ""
         except (CommandError, GuestError) as e:
             errors.append(f"{kind}: {e}")
             undo_if_saved(t, saved, "swap-off")  # a half-made one (disksize set, no mkswap)
-    log.warning("no swap for mremap-swap: %s", "; ".join(errors))
-    return None
+    return None, "; ".join(errors)
 
 
 def undo_if_saved(t: Target, saved: str, command: str) -> None:
@@ -192,8 +192,12 @@ def run_one(t: Target, dlcheck: str, check: str, kernel: str, memcg: str | None)
     if memcg:
         argv += ["--memcg", memcg]
     t0 = time.monotonic()
-    out = t.run(argv, timeout_s=CHECK_TIMEOUT_S)
-    return parse_result_line(out, check, kernel, time.monotonic() - t0)
+    try:
+        out = t.run(argv, timeout_s=CHECK_TIMEOUT_S)
+        return parse_result_line(out, check, kernel, time.monotonic() - t0)
+    except (CommandError, GuestError, CheckOutputError) as e:
+        # A crash or a hang is the check's verdict, not the run's end: the next one runs.
+        return CheckResult(kernel, check, "FAIL", f"dlcheck: {e}", "", time.monotonic() - t0)
 
 
 def run_on_target(
@@ -214,6 +218,8 @@ def run_on_target(
     t.run(["/bin/mkdir", "-p", work])
     results = []
     with TeardownStack(guard) as stack:
+        # Last out: the folder, once what was saved in it has been undone.
+        stack.callback(t.run, ["/bin/rmdir", "--ignore-fail-on-non-empty", work])
         knobs = facts["ksm"]["knobs"]
         stack.callback(undo_if_saved, t, f"{work}/ksm.json", "ksm-restore")
         t.agent("ksm-apply", "--saved", f"{work}/ksm.json", *kv(ksm_settings(spec, knobs)))
@@ -236,8 +242,9 @@ def mremap_swap(
 ) -> CheckResult:
     """Swap and a memory cgroup of ours for the check, then the check (it joins the
     cgroup and pushes its own pages out through it)."""
-    if provide_swap(t, work, stack) is None:
-        return CheckResult(kernel, "mremap-swap", "SKIP", "no swap could be provided here")
+    dev, why = provide_swap(t, work, stack)
+    if dev is None:
+        return CheckResult(kernel, "mremap-swap", "SKIP", f"no swap could be provided: {why}")
     cgroup = f"densitylab-{tag}"
     memcg: str | None
     try:

@@ -135,3 +135,28 @@ def test_bad_spec_exits_2_before_anything(tmp_path: Path) -> None:
     assert cp.returncode == 2
     assert cp.stderr.startswith(f"densitylab: {spec}: checks.0: Input should be")
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("binary", "why"),
+    [
+        ("/bin/false", "exited 1"),
+        ("/bin/echo", "no result line"),  # prints its arguments: not a result
+        ("/nonexistent/dlcheck", "exited 127"),
+    ],
+)
+def test_a_check_that_breaks_is_its_fail_not_the_runs_end(binary: str, why: str) -> None:
+    r = checks.run_one(checks.LocalTarget(), binary, "ksm-stat", "running", None)
+    assert r.status == "FAIL" and r.check == "ksm-stat"
+    assert r.reason.startswith("dlcheck: ") and why in r.reason
+
+
+def test_dlcheck_usage_errors_exit_2() -> None:
+    """The real binary, without touching KSM: bad arguments never print a result."""
+    import subprocess
+
+    dlcheck = checks.build_dlcheck()
+    for argv in (["frobnicate"], ["ksm-stat", "--mib", "0"], ["ksm-stat", "extra"], []):
+        cp = subprocess.run([dlcheck, *argv], capture_output=True, text=True, timeout=30)
+        assert cp.returncode == 2 and cp.stdout == ""
+        assert cp.stderr.startswith("dlcheck: ")
