@@ -127,3 +127,12 @@ patch-ab-demo: setup images lab-images
 	run=$$(ls -td results/*-patch-ab-* | head -1); \
 	[ $$rc -eq 0 ] && $(DL) report $$run --out reports/out/patch-ab; rc2=$$?; \
 	[ "$$started" = 1 ] && scripts/labd stop >/dev/null; [ $$rc -eq 0 ] && exit $$rc2; exit $$rc
+
+# KSM correctness checks per kernel (kernel x check table, exit 1 on a FAIL):
+#   make checks                                  this machine's kernel
+#   make checks SPEC=experiments/checks-lab.yaml lab hosts booting 6.12 and 7.3
+.PHONY: checks
+checks: setup
+	@started=$$(scripts/labd start | grep -c '^labd: running' || true); \
+	$(DL) check $(or $(SPEC),experiments/checks.yaml); rc=$$?; \
+	[ "$$started" = 1 ] && scripts/labd stop >/dev/null; exit $$rc

@@ -15,6 +15,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
@@ -166,6 +167,49 @@ def run(
             if r.status != "successful":
                 print(f"densitylab: {r.trial_id} {r.status}: {r.reason}", file=sys.stderr)
         raise typer.Exit(1)
+
+
+@app.command()
+def check(
+    spec: Path,
+    results: Annotated[Path, typer.Option(help="where run directories go")] = Path("results"),
+) -> None:
+    """KSM correctness checks on every kernel of the spec; exit 1 if any FAILs."""
+    from orchestrator import checks
+
+    try:
+        outcome = checks.run_checks(spec, results)
+    except DensitylabError as e:
+        fail(e)
+    out.print(check_table(outcome.results))
+    out.print(f"run directory: {outcome.store.root}")
+    if not outcome.ok:
+        for r in outcome.results:
+            if r.status == "FAIL":
+                print(f"densitylab: {r.kernel} {r.check} FAIL: {r.reason}", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+def check_table(results: list[Any]) -> Table:
+    """Checks down, kernels across; each cell the status, its reason and key figures."""
+    kernels = list(dict.fromkeys(r.kernel for r in results))
+    t = Table(title="KSM checks (kernel x check)", show_lines=True)
+    t.add_column("check")
+    for k in kernels:
+        t.add_column(k)
+    style = {"PASS": "green", "FAIL": "bold red", "SKIP": "yellow"}
+    for name in dict.fromkeys(r.check for r in results):
+        cells = []
+        for k in kernels:
+            r = next((r for r in results if r.kernel == k and r.check == name), None)
+            cells.append(
+                ""
+                if r is None
+                else f"[{style[r.status]}]{r.status}[/]: {escape(r.reason)}\n"
+                f"{escape(r.short_figures())}"
+            )
+        t.add_row(name, *cells)
+    return t
 
 
 @app.command()

@@ -1178,6 +1178,8 @@ def main(argv: list[str] | None = None) -> int:
     mp.add_argument("--pid", type=int, required=True)
     mp.add_argument("--pages", type=int, required=True, help="pages to sample (0: all)")
     mp.add_argument("--node", type=int, required=True)
+    mk = sub.add_parser("cgroup-create", help="make a memory cgroup of ours, print its path")
+    mk.add_argument("--cgroup", required=True)
     r = sub.add_parser("ksm-restore", help="restore KSM knobs saved by ksm-apply")
     r.add_argument("--saved", type=Path, required=True)
     args = p.parse_args(argv)
@@ -1202,9 +1204,11 @@ def main(argv: list[str] | None = None) -> int:
             for e in errors:
                 print(f"hostagent: {e}", file=sys.stderr)
             return 1 if errors else 0
-        elif args.cmd in ("reclaim", "cgroup-remove"):
+        elif args.cmd in ("reclaim", "cgroup-remove", "cgroup-create"):
             cg = memcg_create(args.cgroup, read_text(PROC / "self" / "mounts"))
-            if args.cmd == "cgroup-remove":
+            if args.cmd == "cgroup-create":
+                print(cg)
+            elif args.cmd == "cgroup-remove":
                 memcg_remove(cg)
             else:
                 start = time.monotonic_ns()

@@ -68,6 +68,8 @@ KSM_KNOB_RANGES: dict[str, tuple[int, int]] = {
 }
 KSM_KNOB_WORDS: dict[str, tuple[str, ...]] = {"advisor_mode": ("none", "scan-time")}
 KSM_KNOBS = frozenset({"run", *KSM_KNOB_RANGES, *KSM_KNOB_WORDS})
+# KSM correctness checks (images/checks/dlcheck subcommands) a spec can ask for.
+CheckName = Literal["mremap-swap", "smart-scan-remerge", "unmerge-intact", "zero-pages", "ksm-stat"]
 # Per-guest memory QEMU (TCG) takes beyond guest RAM, for the fits-on-host check (MiB).
 QEMU_OVERHEAD_MIB = 96
 
@@ -401,6 +403,8 @@ class Spec(Strict):
     repeats: Repeats = 1
     seed: Seed = 1
     host_reserve_mib: Annotated[int, Field(ge=0, le=MAX_MIB)] = 2048
+    # Run by `densitylab check` on every kernel; empty there means all of them.
+    checks: Annotated[list[CheckName], Field(max_length=16)] = []
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
 
