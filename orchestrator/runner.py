@@ -268,7 +268,7 @@ def adopt_saved_ksm(run_id: str) -> list[str]:
     with runlock.host_mutex():
         gone = [
             p
-            for r, p in hostagent.state_files("ksm").items()
+            for r, p in hostagent.state_files("ksm", hostagent.STATE_DIR).items()
             if r != run_id and not runlock.inspect(runlock.lock_path(r)).live
         ]
         if not gone:

@@ -233,9 +233,14 @@ def test_sigkill_then_resume_finishes_and_leaves_nothing(
         finally:
             conn.close()
         assert hostagent.read_ksm_knobs()["pages_to_scan"] == "4000"
+        if phase == "reclaim":  # killed with swap on and a host workload in its cgroup
+            assert (hostagent.STATE_DIR / f"swap-{rundir.name}.json").exists()
+            assert Path(f"/sys/fs/cgroup/memory/densitylab-{rundir.name}").is_dir()
         cp = densitylab("run", str(spec), "--resume", str(rundir))
         assert cp.returncode == 0, cp.stderr
         assert "removed domain" in cp.stderr  # the sweep said what it removed
+        if phase == "reclaim":
+            assert "removed swap of run" in cp.stderr and "removed cgroup" in cp.stderr
         manifest = json.loads((rundir / "manifest.json").read_text())
         statuses = {t["trial_id"]: t["status"] for t in manifest["trials"]}
         assert set(statuses.values()) == {"successful"}, statuses

@@ -153,3 +153,30 @@ def test_collector_tag_matches_its_run_exactly() -> None:
     assert h.serves("20260101-000000-smoke-ab12")
     assert not h.serves("20260101-000000-smoke-ab1")
     assert not h.serves("")
+
+
+def saved_ksm(state: Path, run_id: str, knobs: dict[str, str]) -> Path:
+    p = state / f"ksm-{run_id}.json"
+    p.write_text(json.dumps({"ksm_dir": "/sys/kernel/mm/ksm", "knobs": knobs}))
+    return p
+
+
+def test_a_new_run_adopts_the_host_values_a_gone_run_saved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sleeper: subprocess.Popen[bytes]
+) -> None:
+    from orchestrator import runner
+
+    monkeypatch.setattr(hostagent, "STATE_DIR", tmp_path)
+    killed = "20260101-000000-killed-0001"
+    live = "20260101-000000-live-0002"
+    write_lock(tmp_path, replace(owner_of(1, killed), pid=dead_pid()))
+    write_lock(tmp_path, owner_of(sleeper.pid, live))
+    saved_ksm(tmp_path, killed, {"pages_to_scan": "123", "run": "0"})
+    saved_ksm(tmp_path, live, {"pages_to_scan": "999", "run": "1"})
+    me = "20260101-000001-me-0003"
+    assert runner.adopt_saved_ksm(me) == [killed]
+    mine = json.loads((tmp_path / f"ksm-{me}.json").read_text())["knobs"]
+    assert mine == {"pages_to_scan": "123", "run": "0"}, "the host's values, not re-read"
+    assert not (tmp_path / f"ksm-{killed}.json").exists()
+    assert (tmp_path / f"ksm-{live}.json").exists(), "a live run's save is never taken"
+    assert runner.adopt_saved_ksm(me) == []
