@@ -214,22 +214,27 @@ def check_table(results: list[Any]) -> Table:
 
 @app.command()
 def clean(
-    run_id: Annotated[list[str] | None, typer.Argument(help="only these runs")] = None,
+    run_id: Annotated[list[str] | None, typer.Argument(help="only these runs (exact ids)")] = None,
+    force: Annotated[bool, typer.Option(help="clean runs whose owner is still alive too")] = False,
 ) -> None:
-    """Remove what any earlier run left: domains, overlays, KSM settings, samplers."""
+    """Remove what killed runs left: domains, overlays, KSM settings, samplers, swap,
+    probes, cgroups. Runs whose owner is alive are skipped unless --force."""
     from orchestrator import cleanup
 
     try:
-        removed, errors = cleanup.clean(run_id or None)
+        report = cleanup.clean(run_id or None, force=force)
     except DensitylabError as e:
         fail(e)
-    for r in removed:
-        out.print(f"removed {r}", markup=False)
-    if not removed:
+    for r in report.removed:
+        out.print(f"removed {r}", markup=False, highlight=False)
+    for s in report.skipped:
+        out.print(f"skipped {s}", markup=False, highlight=False)
+    if not report.removed and not report.skipped:
         out.print("nothing to clean")
-    for err in errors:
+    for err in report.errors:
         print(f"densitylab: clean: {err}", file=sys.stderr)
-    raise typer.Exit(1 if errors else 0)
+    # Runs named on the command line that were left alone were not cleaned as asked.
+    raise typer.Exit(1 if report.errors or (run_id and report.skipped) else 0)
 
 
 @app.command()

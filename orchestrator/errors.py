@@ -85,3 +85,15 @@ class Interrupted(DensitylabError):
     def __init__(self, signum: int):
         self.signum = signum
         super().__init__(f"interrupted by signal {signum}")
+
+
+class HostBusy(UsageError):
+    """Another densitylab run (or a clean of this run) holds the host; nothing was touched.
+
+    A usage error (exit 2): the request conflicts with what is running, so waiting or
+    stopping the other run is up to the user."""
+
+    def __init__(self, run_id: str, holder: str, why: str):
+        self.run_id = run_id
+        self.holder = holder
+        super().__init__(f"{why}: {holder}")

@@ -160,8 +160,10 @@ def apply_ksm(
     """Save the current values of the named knobs to saved_path, then apply settings.
 
     The saved file is written before anything changes, so `restore_ksm` (or a later
-    `densitylab clean` after kill -9) can always put the host back. Returns the saved
-    values. Raises AgentError naming the knob on an unknown or unwritable knob.
+    `densitylab clean` after kill -9) can always put the host back. A saved file that
+    exists already is never overwritten, only completed: its values are the host's
+    original ones. Returns the saved values. Raises AgentError naming the knob on an
+    unknown or unwritable knob.
     """
     known = set(ksm_knob_names(ksm_dir))
     unknown = sorted(set(settings) - known)
@@ -170,6 +172,11 @@ def apply_ksm(
     current = read_ksm_knobs(ksm_dir)
     saved = {k: current[k] for k in settings}
     saved.setdefault("run", current.get("run", "0"))
+    if saved_path.exists():
+        # The file already holds the host's own values, saved before some run's settings
+        # took effect (that run maybe killed with SIGKILL): the knobs in force now are that
+        # run's, not the host's. Keep every saved value; add only knobs it lacks.
+        saved = {**saved, **json.loads(read_text(saved_path))["knobs"]}
     write_json_atomic(saved_path, {"ksm_dir": str(ksm_dir), "knobs": saved})
     for name, value in ordered_for_write({k: str(v) for k, v in settings.items()}):
         write_knob(ksm_dir, name, value)
@@ -1244,24 +1251,61 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------- leftovers
 
 
-def find_samplers(proc: Path = PROC, run_ids: Iterable[str] | None = None) -> list[int]:
-    """Pids of host-agent samplers and collectors still running (their orchestrator may
-    be gone); with run_ids, only those whose output lies in one of those runs."""
+def _flag(argv: list[str], name: str) -> str | None:
+    """The value after `name` in argv (the last one if repeated), None if absent."""
+    values = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == name]
+    return values[-1] if values else None
+
+
+class AgentHelper:
+    """A host-agent sampler or collector process found in /proc, and which run it serves:
+    its --out lies in results/<run-id>/trials/<trial>/, a collector's --tag is the run
+    id with '_' for '-'."""
+
+    def __init__(self, pid: int, argv: list[str]) -> None:
+        self.pid = pid
+        self.argv = argv
+        self.out = _flag(argv, "--out")
+        self.tag = _flag(argv, "--tag")
+        parent = _flag(argv, "--parent-pid")
+        self.parent_pid = int(parent) if parent and parent.isdigit() else None
+
+    @property
+    def run_id(self) -> str | None:
+        """The run whose directory holds --out, when --out has the run store's shape."""
+        if self.out is None:
+            return None
+        p = Path(self.out)
+        return p.parent.parent.parent.name if p.parent.parent.name == "trials" else None
+
+    def serves(self, run_id: str) -> bool:
+        """Exact match only: a run id that is a substring of another run's is no match."""
+        return bool(run_id) and (self.run_id == run_id or self.tag == run_id.replace("-", "_"))
+
+
+def agent_helpers(proc: Path = PROC) -> list[AgentHelper]:
+    """Every host-agent sampler and collector running here (but this process)."""
     me = os.getpid()
     found = []
     for d in proc.iterdir():
         if not d.name.isdigit() or int(d.name) == me:
             continue
         with contextlib.suppress(OSError):
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-            if not any(a.endswith(b"hostagent.py") for a in argv):
+            argv = [a.decode(errors="replace") for a in (d / "cmdline").read_bytes().split(b"\0")]
+            if not any(a.endswith("hostagent.py") for a in argv):
                 continue
-            if b"sample" not in argv and b"trace" not in argv:
-                continue
-            text = b" ".join(argv).decode(errors="replace")
-            if run_ids is None or any(r in text or r.replace("-", "_") in text for r in run_ids):
-                found.append(int(d.name))
+            if "sample" in argv or "trace" in argv:
+                found.append(AgentHelper(int(d.name), argv))
     return found
+
+
+def find_samplers(proc: Path = PROC, run_ids: Iterable[str] | None = None) -> list[int]:
+    """Pids of host-agent samplers and collectors still running (their orchestrator may
+    be gone); with run_ids, only those serving exactly one of those runs."""
+    wanted = None if run_ids is None else list(run_ids)
+    return [
+        h.pid for h in agent_helpers(proc) if wanted is None or any(h.serves(r) for r in wanted)
+    ]
 
 
 def kill_pid(pid: int) -> None:
@@ -1269,19 +1313,43 @@ def kill_pid(pid: int) -> None:
         os.kill(pid, signal.SIGTERM)
 
 
+def state_files(kind: str, state_dir: Path = STATE_DIR) -> dict[str, Path]:
+    """Run id -> saved-state file of one kind (ksm, swap, offline) in the state folder."""
+    if not state_dir.exists():
+        return {}
+    return {p.stem.removeprefix(f"{kind}-"): p for p in sorted(state_dir.glob(f"{kind}-*.json"))}
+
+
+def trace_tags(state_dir: Path = STATE_DIR) -> set[str]:
+    """Tags of our trace instances and kprobe groups present now (no tracefs: none)."""
+    if "tracefs" not in read_text(PROC / "filesystems"):
+        return set()
+    tags = set()
+    with tracefs(state_dir) as root:
+        for inst in (root / "instances").glob(TRACE_INSTANCE_PREFIX + "*"):
+            tags.add(inst.name.removeprefix(TRACE_INSTANCE_PREFIX))
+        kprobes = root / "kprobe_events"
+        if kprobes.exists():
+            for line in read_text(kprobes).splitlines():
+                m = re.match(r"^[pr]:" + KPROBE_GROUP_PREFIX + r"(\w+)/", line)
+                if m:
+                    tags.add(m.group(1))
+    return tags
+
+
 def clean_tracing(
-    state_dir: Path = STATE_DIR, run_ids: Iterable[str] | None = None
+    state_dir: Path = STATE_DIR, run_ids: Iterable[str] | None = None, tags: Iterable[str] = ()
 ) -> tuple[list[str], list[str]]:
     """Remove trace instances and kprobe events a killed collector left (all, or those
-    of the given runs: their tag is the run id with '_' for '-')."""
-    tags = None if run_ids is None else {r.replace("-", "_") for r in run_ids}
+    of the given runs: their tag is the run id with '_' for '-'; or the given tags)."""
+    wanted = None if run_ids is None else {r.replace("-", "_") for r in run_ids} | set(tags)
     removed: list[str] = []
     errors: list[str] = []
     if "tracefs" not in read_text(PROC / "filesystems"):
         return removed, errors
     with tracefs(state_dir) as root:
         for inst in sorted((root / "instances").glob(TRACE_INSTANCE_PREFIX + "*")):
-            if tags is not None and inst.name.removeprefix(TRACE_INSTANCE_PREFIX) not in tags:
+            if wanted is not None and inst.name.removeprefix(TRACE_INSTANCE_PREFIX) not in wanted:
                 continue
             with contextlib.suppress(OSError):
                 for enable in inst.glob("events/*/*/enable"):
@@ -1297,7 +1365,7 @@ def clean_tracing(
         if kprobes.exists():
             for line in read_text(kprobes).splitlines():
                 m = re.match(r"^[pr]:(" + KPROBE_GROUP_PREFIX + r"\w+)/", line)
-                if m and (tags is None or m.group(1).removeprefix(KPROBE_GROUP_PREFIX) in tags):
+                if m and (wanted is None or m.group(1).removeprefix(KPROBE_GROUP_PREFIX) in wanted):
                     groups.add(m.group(1))
         for g in sorted(groups):
             remove_kprobes(root, g)
@@ -1305,52 +1373,84 @@ def clean_tracing(
     return removed, errors
 
 
-def clean_host_state(
-    run_ids: Iterable[str] | None = None, state_dir: Path = STATE_DIR
-) -> tuple[list[str], list[str]]:
-    """Restore saved KSM knobs and unmount our tracefs; returns (removed, errors)."""
-    wanted = set(run_ids) if run_ids is not None else None
-    removed: list[str] = []
-    errors: list[str] = []
-    for saved in sorted(state_dir.glob("ksm-*.json")) if state_dir.exists() else []:
-        run_id = saved.stem.removeprefix("ksm-")
-        if wanted is not None and run_id not in wanted:
-            continue
-        errs = restore_ksm(saved)
-        errors += errs
-        if not errs:
-            removed.append(f"KSM settings of run {run_id} (restored from {saved})")
-    for saved in sorted(state_dir.glob("swap-*.json")) if state_dir.exists() else []:
-        if wanted is None or saved.stem.removeprefix("swap-") in wanted:
-            errs = swap_off(saved)
-            errors += errs
-            if not errs:
-                removed.append(f"swap of run {saved.stem.removeprefix('swap-')}")
-    for saved in sorted(state_dir.glob("offline-*.json")) if state_dir.exists() else []:
-        block = json.loads(read_text(saved))["block"]
-        try:
-            write_text(MEMORY_BLOCKS / f"memory{block}" / "state", "online")
-            saved.unlink()
-            removed.append(f"memory block {block} back online")
-        except AgentError as err:
-            errors.append(str(err))
-    r, e = clean_tracing(state_dir, wanted)
-    removed += r
-    errors += e
+def clean_ksm(run_id: str, state_dir: Path = STATE_DIR) -> tuple[list[str], list[str]]:
+    """Put back the KSM knobs a run saved before its settings took effect."""
+    saved = state_files("ksm", state_dir).get(run_id)
+    if saved is None:
+        return [], []
+    errors = restore_ksm(saved)
+    return ([] if errors else [f"KSM settings of run {run_id} (restored from {saved})"]), errors
+
+
+def clean_swap(run_id: str, state_dir: Path = STATE_DIR) -> tuple[list[str], list[str]]:
+    saved = state_files("swap", state_dir).get(run_id)
+    if saved is None:
+        return [], []
+    errors = swap_off(saved)
+    return ([] if errors else [f"swap of run {run_id}"]), errors
+
+
+def clean_offline(run_id: str, state_dir: Path = STATE_DIR) -> tuple[list[str], list[str]]:
+    """Online a memory block a killed migration left offline."""
+    saved = state_files("offline", state_dir).get(run_id)
+    if saved is None:
+        return [], []
+    block = json.loads(read_text(saved))["block"]
+    try:
+        write_text(MEMORY_BLOCKS / f"memory{block}" / "state", "online")
+        saved.unlink()
+    except AgentError as err:
+        return [], [str(err)]
+    return [f"memory block {block} back online (run {run_id})"], []
+
+
+def our_cgroups() -> dict[str, Path]:
+    """Run id -> each memory cgroup densitylab made for a run (v1 and v2 roots)."""
+    found: dict[str, Path] = {}
     for root in (Path("/sys/fs/cgroup/memory"), cgroup2_root(read_text(PROC / "self" / "mounts"))):
         for cg in sorted(root.glob("densitylab-*")) if root and root.exists() else []:
-            if wanted is not None and cg.name.removeprefix("densitylab-") not in wanted:
-                continue
-            for pid in read_text(cg / "cgroup.procs").split():
-                kill_pid(int(pid))
-            try:
-                memcg_remove(cg)
-                removed.append(f"cgroup {cg}")
-            except AgentError as err:
-                errors.append(str(err))
+            found.setdefault(cg.name.removeprefix("densitylab-"), cg)
+    return found
+
+
+def clean_cgroups(run_id: str) -> tuple[list[str], list[str]]:
+    """Stop the processes in a run's cgroups (host workloads), then remove them."""
+    removed: list[str] = []
+    errors: list[str] = []
+    for root in (Path("/sys/fs/cgroup/memory"), cgroup2_root(read_text(PROC / "self" / "mounts"))):
+        cg = root / f"densitylab-{run_id}" if root else None
+        if cg is None or not cg.is_dir():
+            continue
+        for pid in read_text(cg / "cgroup.procs").split():
+            kill_pid(int(pid))
+        try:
+            memcg_remove(cg)
+            removed.append(f"cgroup {cg}")
+        except AgentError as err:
+            errors.append(str(err))
+    return removed, errors
+
+
+def clean_run_state(run_id: str, state_dir: Path = STATE_DIR) -> tuple[list[str], list[str]]:
+    """Everything of one run the host agent made: KSM knobs, swap, offline memory
+    blocks, trace probes, cgroups; returns (removed, errors), going on past errors."""
+    removed: list[str] = []
+    errors: list[str] = []
+    for step in (clean_ksm, clean_swap, clean_offline):
+        r, e = step(run_id, state_dir)
+        removed += r
+        errors += e
+    for r, e in (clean_tracing(state_dir, [run_id]), clean_cgroups(run_id)):
+        removed += r
+        errors += e
+    return removed, errors
+
+
+def unmount_our_tracefs(state_dir: Path = STATE_DIR) -> tuple[list[str], list[str]]:
+    """Unmount the tracefs we mounted on our own mount point, if it is still mounted."""
     mnt = state_dir / "tracefs"
     mounts = read_text(PROC / "self" / "mounts").splitlines()
-    if any(ln.split()[1:3] == [str(mnt), "tracefs"] for ln in mounts):
-        cp = subprocess.run(["umount", str(mnt)], capture_output=True, text=True, timeout=30)
-        (removed if cp.returncode == 0 else errors).append(f"tracefs mount {mnt}")
-    return removed, errors
+    if not any(ln.split()[1:3] == [str(mnt), "tracefs"] for ln in mounts):
+        return [], []
+    cp = subprocess.run(["umount", str(mnt)], capture_output=True, text=True, timeout=30)
+    return ([f"tracefs mount {mnt}"], []) if cp.returncode == 0 else ([], [f"tracefs mount {mnt}"])

@@ -7,6 +7,7 @@ workload, the sampler), so teardown runs LIFO on success, on error and on Ctrl-C
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ from orchestrator import (
     images,
     labrun,
     plan,
+    runlock,
     sampling,
     store,
     triggers,
@@ -260,6 +262,37 @@ def guest_specs(ctx: RunContext, trial: plan.Trial, token: str) -> list[fleet.Gu
 
 def ksm_saved_path(run_id: str) -> Path:
     return hostagent.STATE_DIR / f"ksm-{run_id}.json"
+
+
+def adopt_saved_ksm(run_id: str) -> list[str]:
+    """Make the host's original KSM knobs, saved by runs whose owner is gone, this run's.
+
+    A killed run leaves its knobs in force and the host's own values in its saved file;
+    reading the knobs now would save the killed run's values as the host's (what a
+    resume after SIGKILL did once: the host's values were lost). So the originals are
+    moved over, never re-read: the oldest save wins per knob, and apply_ksm only adds
+    knobs no save has. Returns the run ids adopted from. Call with the run lock held.
+    """
+    mine = ksm_saved_path(run_id)
+    with runlock.host_mutex():
+        gone = [
+            p
+            for r, p in hostagent.state_files("ksm", hostagent.STATE_DIR).items()
+            if r != run_id and not runlock.inspect(runlock.lock_path(r)).live
+        ]
+        if not gone:
+            return []
+        files = sorted([*gone, *([mine] if mine.exists() else [])], key=lambda p: p.stat().st_mtime)
+        saves = [json.loads(p.read_text()) for p in files]
+        knobs: dict[str, str] = {}
+        for data in reversed(saves):  # older saves overwrite newer ones
+            knobs.update(data["knobs"])
+        hostagent.write_json_atomic(mine, {"ksm_dir": saves[0]["ksm_dir"], "knobs": knobs})
+        for p in gone:
+            p.unlink()
+    adopted = [p.stem.removeprefix("ksm-") for p in gone]
+    log.warning("KSM: adopted the host's saved knobs from run(s) %s", ", ".join(adopted))
+    return adopted
 
 
 def restore_ksm_or_raise(path: Path) -> None:
@@ -924,14 +957,14 @@ class RunOutcome:
         return all(r.status == "successful" for r in self.results)
 
 
-Prepared = tuple[Spec, dict[str, Any], str, images.TinyImage, dict[str, Any], str, store.RunStore]
+Prepared = tuple[images.TinyImage, dict[str, Any], str]
 
 
-def prepare(spec_path: Path, results_dir: Path, resume: Path | None) -> Prepared:
-    """Validate everything that can be checked before the host is touched."""
+def prepare(spec: Spec, spec_path: Path) -> Prepared:
+    """Validate everything that can be checked before the host is touched (the run lock
+    is held already, so another run's guests cannot make this host look full)."""
     from orchestrator import doctor  # imports libvirt; kept out of `plan`'s path
 
-    spec, raw, sha = load_spec(spec_path)
     check_fits_host(spec, host_available_mib(), str(spec_path))
     image = images.find_tiny_image()
     if spec.host.kind == "labvm":
@@ -941,21 +974,50 @@ def prepare(spec_path: Path, results_dir: Path, resume: Path | None) -> Prepared
         for k in spec.kernels:
             # UsageError naming the kernel the image lacks; HostError for one not built
             labimage.resolve_kernel(lab, k)
-    # The resumed run is input too: checked before the doctor touches the host.
-    if resume is not None and load_manifest(resume).get("spec_sha256") != sha:
+    report = doctor.run_doctor(check_bpf=False)
+    if not report.ok:
+        raise HostError("host not ready: " + "; ".join(report.problems))
+    return image, report.facts, pick_domain_type(spec.fleet.accel, report.facts)
+
+
+def open_resumed(resume: Path, spec_path: Path, sha: str) -> store.RunStore:
+    """The run directory to resume; reads only. UsageError when it is none, or when its
+    spec differs."""
+    # The resumed run is input too: its manifest is validated (one line on a broken one)
+    # before the lock, the sweep or the doctor touch the host.
+    if load_manifest(resume).get("spec_sha256") != sha:
         raise UsageError(
             f"{spec_path}: differs from the spec of run {resume} "
             "(a resumed run must use the same spec)"
         )
-    report = doctor.run_doctor(check_bpf=False)
-    if not report.ok:
-        raise HostError("host not ready: " + "; ".join(report.problems))
-    domain_type = pick_domain_type(spec.fleet.accel, report.facts)
-    if resume is not None:
-        st = store.RunStore.open(resume)
-    else:
-        st = store.RunStore.create(results_dir, spec.name)
-    return spec, raw, sha, image, report.facts, domain_type, st
+    return store.RunStore.open(resume)
+
+
+def sweep_killed_run(st: store.RunStore, done: set[str]) -> None:
+    """Before a resume reruns anything: remove what the killed process left on the host
+    (its domains, samplers, probes, swap, cgroups, overlays: `clean` for this run id),
+    and set aside the folders of trials it did not finish, so their console logs,
+    samples and artifacts do not mix with the rerun's. Raises HostError when something
+    could not be removed (a rerun would trip over it)."""
+    from orchestrator import cleanup
+
+    report = cleanup.sweep_owned(st.run_id)
+    for r in report.removed:
+        log.warning("resume %s: removed %s", st.run_id, r)
+    if report.errors:
+        raise HostError(
+            f"resume {st.run_id}: cannot remove what the killed run left: "
+            + "; ".join(report.errors)
+        )
+    trials = st.root / "trials"
+    for d in sorted(trials.iterdir()) if trials.is_dir() else []:
+        if d.is_dir() and d.name not in done:
+            n = 1
+            while (st.root / "unfinished" / f"{d.name}.{n}").exists():
+                n += 1
+            (st.root / "unfinished").mkdir(exist_ok=True)
+            d.rename(st.root / "unfinished" / f"{d.name}.{n}")
+            log.warning("resume %s: set aside unfinished trial folder %s", st.run_id, d.name)
 
 
 def run_experiment(
@@ -964,13 +1026,37 @@ def run_experiment(
     resume: Path | None = None,
     progress: Progress | None = None,
 ) -> RunOutcome:
-    """Run every trial of a spec (skipping finished ones when resuming)."""
-    spec, raw, sha, image, facts, domain_type, st = prepare(spec_path, results_dir, resume)
-    manifest = (
-        st.read_manifest()
-        if resume
-        else new_manifest(spec_path, raw, sha, spec, facts, image, st.run_id, domain_type)
-    )
+    """Run every trial of a spec (skipping finished ones when resuming).
+
+    The run's lock is taken before the host is touched: HostBusy (exit 2) when another
+    run is live here, or the resumed run is."""
+    spec, raw, sha = load_spec(spec_path)
+    resumed = open_resumed(resume, spec_path, sha) if resume is not None else None
+    run_id = resumed.run_id if resumed is not None else store.new_run_id(spec.name)
+    with runlock.acquire_run(run_id, spec.name):
+        adopt_saved_ksm(run_id)
+        if resumed is not None:
+            sweep_killed_run(resumed, resumed.finished_trials())
+        image, facts, domain_type = prepare(spec, spec_path)
+        st = resumed or store.RunStore.create(results_dir, spec.name, run_id)
+        manifest = (
+            st.read_manifest()
+            if resumed is not None
+            else new_manifest(spec_path, raw, sha, spec, facts, image, st.run_id, domain_type)
+        )
+        return run_trials(spec, spec_path, st, manifest, image, facts, domain_type, progress)
+
+
+def run_trials(
+    spec: Spec,
+    spec_path: Path,
+    st: store.RunStore,
+    manifest: dict[str, Any],
+    image: images.TinyImage,
+    facts: dict[str, Any],
+    domain_type: str,
+    progress: Progress | None,
+) -> RunOutcome:
     manifest["ended_at"] = None
     st.write_manifest(manifest)
     done = st.finished_trials()

@@ -98,8 +98,9 @@ class RunStore:
         self.root = root
 
     @classmethod
-    def create(cls, results: Path, spec_name: str) -> RunStore:
-        root = results.resolve() / new_run_id(spec_name)
+    def create(cls, results: Path, spec_name: str, run_id: str | None = None) -> RunStore:
+        """A new run directory (run_id chosen beforehand, e.g. to lock it first)."""
+        root = results.resolve() / (run_id or new_run_id(spec_name))
         root.mkdir(parents=True)
         return cls(root.resolve())
 

@@ -100,6 +100,22 @@ def test_apply_saves_first_then_restore_puts_values_back(tmp_path: Path) -> None
     assert not saved.exists()
 
 
+def test_a_second_apply_never_overwrites_the_saved_original(tmp_path: Path) -> None:
+    """The SIGKILL-then-resume case: a run's knobs are in force and its saved file
+    holds the host's values; applying again must keep those, not save the run's."""
+    ksm = ksm_dir_copy(tmp_path)
+    before = h.read_ksm_knobs(ksm)
+    saved = tmp_path / "state" / "ksm-run1.json"
+    h.apply_ksm({"pages_to_scan": 1234, "run": 1}, saved, ksm)  # then killed: no restore
+    h.apply_ksm({"pages_to_scan": 1234, "sleep_millisecs": 7, "run": 0}, saved, ksm)
+    knobs = json.loads(saved.read_text())["knobs"]
+    assert knobs["pages_to_scan"] == before["pages_to_scan"]
+    assert knobs["run"] == before["run"]
+    assert knobs["sleep_millisecs"] == before["sleep_millisecs"]  # added, not re-read
+    assert h.restore_ksm(saved) == []
+    assert h.read_ksm_knobs(ksm) == before
+
+
 def test_unknown_knob_changes_nothing(tmp_path: Path) -> None:
     ksm = ksm_dir_copy(tmp_path)
     before = h.read_ksm_knobs(ksm)
