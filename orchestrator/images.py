@@ -408,12 +408,18 @@ def host_dlfill() -> Path:
     return Path(WORKLOAD_DIR) / "dlfill"
 
 
-def fragmented_copy_argv(dlfill: str, mib: int, vmas: int, seed: int, instance: int) -> list[str]:
+def fragmented_copy_argv(
+    dlfill: str, mib: int, vmas: int, seed: int, instance: int, *, one_content: bool = False
+) -> list[str]:
     """dlfill holding `mib` of pages shared with every copy of the same seed, split into
-    `vmas` VMAs of one anon_vma: the shape the old rmap_walk_ksm is slow on."""
+    `vmas` VMAs of one anon_vma: the shape the old rmap_walk_ksm is slow on.
+
+    one_content: every page holds one content, so the copies merge into a few KSM pages
+    of up to max_page_sharing mappings each (the published rmap_walk_ksm benchmark)."""
     return [
         dlfill, "--mib", str(mib), "--dup", "1", "--mergeable", "--fragment", str(vmas),
         "--seed", str(seed), "--instance", str(instance), "--hold",
+        *(["--one-content"] if one_content else []),
     ]  # fmt: skip
 
 

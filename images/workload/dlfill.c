@@ -3,7 +3,8 @@
  *
  * The region is laid out as [dup][zero][unique][volatile] pages:
  *   dup      depends on (seed, index) only: identical across instances with the same
- *            seed, so KSM merges them across processes or guests, never within one.
+ *            seed, so KSM merges them across processes or guests, never within one
+ *            (unless --one-content).
  *   zero     written with zeros so that they are faulted in (KSM zero-page handling).
  *   unique   depends on (seed, instance, index): never merge.
  *   volatile depends on (seed, instance, index, generation) and, while --hold, is
@@ -13,6 +14,10 @@
  * Every page starts with a header of (kind, index, instance, generation) words, so two
  * different pages are guaranteed to differ, not just likely to; the rest of the page is
  * splitmix64 output seeded from the header, so the whole 4 KiB carries entropy.
+ *
+ * --one-content makes every dup page a copy of dup page 0 (still per seed), so each
+ * process's dup pages merge into one KSM page with up to max_page_sharing mappings (and
+ * a chain of such pages beyond): the shape of the published rmap_walk_ksm benchmark.
  *
  * --fragment N then mprotect()s every other page at the start of the region so that it
  * becomes N VMAs. They are split from one faulted VMA, so they share one anon_vma:
@@ -57,6 +62,7 @@ struct options {
 	double volatile_rate; /* pages per second */
 	uint64_t fragment;    /* VMAs wanted; 0 = leave the region whole */
 	int mergeable;
+	int one_content; /* every dup page holds dup page 0's content */
 	uint64_t seed, instance;
 	int hold;
 	const char *console;
@@ -140,7 +146,8 @@ static void usage(FILE *out)
 {
 	fputs("usage: dlfill --mib N [--dup F] [--zero F] [--unique F] [--volatile F]\n"
 	      "              [--volatile-rate PAGES_PER_S] [--fragment VMAS] [--mergeable]\n"
-	      "              [--seed S] [--instance I] [--hold] [--console PATH]\n"
+	      "              [--one-content] [--seed S] [--instance I] [--hold]\n"
+	      "              [--console PATH]\n"
 	      "fractions default to 0 and must sum to 1\n",
 	      out);
 }
@@ -148,7 +155,7 @@ static void usage(FILE *out)
 static struct options parse_args(int argc, char **argv)
 {
 	enum { O_MIB = 256, O_DUP, O_ZERO, O_UNIQUE, O_VOL, O_VRATE, O_FRAG, O_MERGE, O_SEED,
-	       O_INST, O_HOLD, O_CONSOLE, O_HELP };
+	       O_INST, O_HOLD, O_CONSOLE, O_ONE, O_HELP };
 	static const struct option longopts[] = {
 		{ "mib", required_argument, 0, O_MIB },
 		{ "dup", required_argument, 0, O_DUP },
@@ -162,6 +169,7 @@ static struct options parse_args(int argc, char **argv)
 		{ "instance", required_argument, 0, O_INST },
 		{ "hold", no_argument, 0, O_HOLD },
 		{ "console", required_argument, 0, O_CONSOLE },
+		{ "one-content", no_argument, 0, O_ONE },
 		{ "help", no_argument, 0, O_HELP },
 		{ 0, 0, 0, 0 },
 	};
@@ -184,6 +192,7 @@ static struct options parse_args(int argc, char **argv)
 		case O_INST: o.instance = parse_u64("instance", optarg); break;
 		case O_HOLD: o.hold = 1; break;
 		case O_CONSOLE: o.console = optarg; break;
+		case O_ONE: o.one_content = 1; break;
 		case O_HELP: usage(stdout); exit(0);
 		case ':':
 			die(2, "option '%s' needs a value", argv[optind - 1]);
@@ -250,7 +259,8 @@ static uint8_t *map_region(uint64_t pages)
 static void fill_region(uint8_t *region, const struct layout *l, const struct options *o)
 {
 	for (uint64_t i = 0; i < l->dup; i++)
-		fill_page((uint64_t *)(region + i * PAGE_BYTES), o->seed, KIND_DUP, i, 0, 0);
+		fill_page((uint64_t *)(region + i * PAGE_BYTES), o->seed, KIND_DUP,
+			  o->one_content ? 0 : i, 0, 0);
 	memset(region + l->zero_start * PAGE_BYTES, 0, l->zero * PAGE_BYTES);
 	for (uint64_t i = 0; i < l->unique; i++)
 		fill_page((uint64_t *)(region + (l->unique_start + i) * PAGE_BYTES), o->seed,
@@ -408,9 +418,9 @@ static void emit_done(const struct layout *l, const struct options *o, uint64_t 
 		 "DLFILL DONE {\"mib\":%" PRIu64 ",\"pages\":%" PRIu64 ",\"dup_pages\":%" PRIu64
 		 ",\"zero_pages\":%" PRIu64 ",\"unique_pages\":%" PRIu64
 		 ",\"volatile_pages\":%" PRIu64 ",\"vmas\":%" PRIu64 ",\"fill_s\":%.6f"
-		 ",\"pid\":%ld,\"addr\":\"0x%" PRIxPTR "\"}\n",
+		 ",\"pid\":%ld,\"addr\":\"0x%" PRIxPTR "\",\"one_content\":%s}\n",
 		 o->mib, l->pages, l->dup, l->zero, l->unique, l->volatile_pages, vmas, fill_s,
-		 (long)getpid(), addr);
+		 (long)getpid(), addr, o->one_content ? "true" : "false");
 	if (fputs(line, stdout) == EOF || fflush(stdout) == EOF)
 		die(1, "writing the done line to stdout failed: %s", strerror(errno));
 	if (console && (fputs(line, console) == EOF || fflush(console) == EOF))

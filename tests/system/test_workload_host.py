@@ -235,6 +235,19 @@ def test_dup_pages_match_across_instances_and_unique_pages_do_not(hold: Launcher
     assert all(p[2048:].count(0) < 64 for p in pa[:d] + pa[d + z : d + z + u])
 
 
+def test_one_content_makes_every_dup_page_one_page(hold: Launcher) -> None:
+    pattern = ["--mib", "1", "--dup", "0.5", "--unique", "0.5", "--one-content", "--seed", "5"]
+    a = hold.start(*pattern, "--instance", "1")
+    b = hold.start(*pattern, "--instance", "2")
+    plain = hold.start(*pattern[:-3], "--seed", "5", "--instance", "1")
+    assert a.done["one_content"] is True and plain.done["one_content"] is False
+    pa, pb, pp = (pages_of(h.region()) for h in (a, b, plain))
+    d = int(str(a.done["dup_pages"]))
+    assert set(pa[:d]) == {pp[0]}, "every dup page must be dup page 0 of the seed"
+    assert pa[:d] == pb[:d]
+    assert len(set(pa[d:])) == len(pa) - d, "unique pages must stay unique"
+
+
 def test_volatile_pages_change_while_held(hold: Launcher) -> None:
     held = hold.start("--mib", "1", "--dup", "0.5", "--volatile", "0.5", "--volatile-rate", "20000")
     d = int(str(held.done["dup_pages"]))
