@@ -21,7 +21,7 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator import fleet, hostagent, images, labimage, plan, sampling
+from orchestrator import fleet, hostagent, images, integrity, labimage, plan, sampling
 from orchestrator.errors import GuestError, HostError
 from orchestrator.interrupts import InterruptGuard
 from orchestrator.sampling import PhaseMark, sharing_pages
@@ -48,6 +48,7 @@ class LabState:
     windows: list[tuple[int, int, str]] = field(default_factory=list)  # per-process migrations
     facts: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] = field(default_factory=dict)
+    integrity: integrity.IntegrityLog = field(default_factory=integrity.IntegrityLog)
 
 
 class LabHost:
@@ -175,6 +176,32 @@ def wait_done_line(host: LabHost, path: str, timeout_s: float = 300) -> dict[str
     raise GuestError(host.name, f"{path}: no DLFILL DONE line within {timeout_s:.0f}s")
 
 
+def verify_lab_workloads(host: LabHost, st: LabState) -> list[integrity.Verification]:
+    """Every dlfill on the lab host checks its pages; the line lands in its .out file."""
+
+    def send(pid: int) -> None:
+        host.run(["/usr/bin/kill", "-USR2", str(pid)])
+
+    return integrity.verify_processes(
+        st.procs, send, lambda name: host.read(f"{WORK}/{name}.out"), poll_s=0.5
+    )
+
+
+def watch_integrity(host: LabHost, spec: Spec, st: LabState, stack: ExitStack) -> None:
+    """Verify the lab workloads from now on; the check after swap-in runs when the
+    triggers' stack has turned swap off (callbacks pushed now unwind after theirs), and
+    only when the trial got there without an error."""
+    st.integrity.clock = host.now_ns
+    st.integrity.add_source(lambda: verify_lab_workloads(host, st))
+
+    def after_swap_off(exc_type: type[BaseException] | None, *_: Any) -> bool:
+        if exc_type is None and spec.phases.reclaim.enabled:
+            st.integrity.check("restore")
+        return False
+
+    stack.push(after_swap_off)
+
+
 def wait_merged(host: LabHost, spec: Spec, guard: InterruptGuard, timeout_s: float) -> bool:
     """Poll the lab host's samples until sharing settles (same rule as local trials)."""
     from orchestrator.runner import settled
@@ -247,6 +274,8 @@ def lab_phases(
         **st.facts["ksm"].get("knobs", {}),
         **{k: str(v) for k, v in spec.ksm.items()},
     }
+    watch_integrity(host, spec, st, stack)
+    st.integrity.check("merge")
     lab_triggers(host, spec, st, guard, stack, phase, tag, cgroup)
     phase("teardown")
 
@@ -293,6 +322,7 @@ def lab_triggers(
             }
         )
         time.sleep(p.migrate.settle_s)
+        st.integrity.check("migrate", i)
     if p.reclaim.enabled:
         guard.check()
         host.agent(
@@ -305,7 +335,7 @@ def lab_triggers(
             f"{WORK}/swap.json",
         )
         stack.callback(host.agent, "swap-off", "--saved", f"{WORK}/swap.json", timeout_s=900)
-        for _ in range(p.reclaim.repeats):
+        for j in range(p.reclaim.repeats):
             phase("reclaim")
             out = host.agent(
                 "reclaim", "--cgroup", cgroup, "--mib", str(p.reclaim.reclaim_mib), timeout_s=3600
@@ -319,6 +349,7 @@ def lab_triggers(
                 }
             )
             time.sleep(p.reclaim.settle_s)
+            st.integrity.check("reclaim", j)
     phase("restore")
 
 
@@ -440,6 +471,7 @@ def lab_tables(st: LabState, res: Any) -> dict[str, pd.DataFrame]:
     lat["vmas"] = lat["trigger"].map(vmas).astype("Int64")
     attribute_windows(lat, st.windows, procs)
     tables["latency"] = lat
+    tables["integrity"] = st.integrity.table(tid, st.t0_ns)
     fills = st.result.get("fills", {})
     tables["guests"] = pd.DataFrame(
         [

@@ -24,6 +24,7 @@ from orchestrator import (
     fleet,
     hostagent,
     images,
+    integrity,
     labrun,
     plan,
     sampling,
@@ -115,6 +116,7 @@ class TrialState:
     host_procs: list[triggers.HostProcess] = field(default_factory=list)
     sampler: Sampler | None = None
     collector: Collector | None = None
+    integrity: integrity.IntegrityLog = field(default_factory=integrity.IntegrityLog)
 
     def event(self, phase: str, event: str, detail: str = "") -> None:
         ts = time.monotonic_ns()
@@ -284,6 +286,7 @@ def run_phases(ctx: RunContext, trial: plan.Trial, st: TrialState, res: TrialRes
             stack,
             ctx.store.trial_dir(trial.trial_id),
         )
+        st.integrity.add_source(lambda: integrity.verify_host_workload(st.host_procs))
         fl = stack.enter_context(fleet.Fleet(ctx.conn, run_id, trial.trial_id, ctx.domain_type))
         phase("boot")
         token = run_id.rsplit("-", 1)[-1] + f"{int(time.time()) % 100000:05d}"
@@ -348,6 +351,7 @@ def merge_phases(
     m = wait_settled(sampler, ctx.guard, spec, spec.phases.merge.timeout_s, on_sample)
     res.settled, res.settle_s = m.settled, m.seconds
     st.event("merge", "settled" if m.settled else "timeout", f"{m.seconds:.1f}s")
+    verify(ctx, st, "merge")
     if m.sample:
         k = m.sample["ksm"]
         res.total_saving_mib = sharing_pages(m.sample) / PAGES_PER_MIB
@@ -399,11 +403,12 @@ def trigger_phases(
                 ctx.store.run_id,
             )
             hold(st.sampler, ctx.guard, p.migrate.settle_s)
+            verify(ctx, st, "migrate", i)
         if p.reclaim.enabled:
             triggers.provide_swap(
                 p.reclaim, ctx.store.run_id, stack, lambda e, d: st.event("reclaim", e, d)
             )
-            for _ in range(p.reclaim.repeats):
+            for j in range(p.reclaim.repeats):
                 phase("reclaim")
                 triggers.reclaim_once(
                     p.reclaim,
@@ -413,7 +418,10 @@ def trigger_phases(
                     lambda e, d: st.event("reclaim", e, d),
                 )
                 hold(st.sampler, ctx.guard, p.reclaim.settle_s)
+                verify(ctx, st, "reclaim", j)
         phase("restore")
+    if p.reclaim.enabled:  # after the stack: swap is off, every swapped page came back in
+        verify(ctx, st, "restore")
 
 
 def attribute_saving(
@@ -436,10 +444,19 @@ def attribute_saving(
         st.sampler, ctx.guard, ctx.spec, ctx.spec.phases.attribute.timeout_s, on_sample
     )
     st.event("attribute", "settled" if a.settled else "timeout", f"{a.seconds:.1f}s")
+    verify(ctx, st, "attribute")
     if a.sample and res.total_saving_mib is not None:
         res.residual_saving_mib = sharing_pages(a.sample) / PAGES_PER_MIB
         res.measured_saving_mib = res.total_saving_mib - res.residual_saving_mib
         res.attributed = a.settled
+
+
+def verify(ctx: RunContext, st: TrialState, phase: str, step: int = 0) -> None:
+    """Check every workload page against its pattern; IntegrityError on a wrong page."""
+    ctx.guard.check()
+    results = st.integrity.check(phase, step)
+    pages = sum(v.pages for v in results)
+    st.event(phase, "integrity-verified", f"step {step}: {pages} pages, 0 corrupted")
 
 
 def fill_guests(
@@ -469,6 +486,7 @@ def fill_guests(
         cancel=cancel,
     )
     stack.callback(driver.stop)
+    st.integrity.add_source(driver.verify)
     seed = spec.workload_seed
     try:
         with ctx.guard.deferred():
@@ -517,6 +535,7 @@ def trial_tables(st: TrialState, res: TrialResult) -> dict[str, pd.DataFrame]:
         "guests": guests,
         "events": events,
         "phase_deltas": sampling.phase_deltas(samples, tid, st.marks),
+        "integrity": st.integrity.table(tid, st.t0_ns),
     }
     if st.collector is not None:
         tables["latency"] = latency_table(st, res, procs)
