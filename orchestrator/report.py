@@ -26,6 +26,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from orchestrator import analysis as an
+from orchestrator import integrity
 from orchestrator.capacity import MODEL_NOTES, CapacityResult
 from orchestrator.errors import UsageError
 
@@ -727,7 +728,13 @@ def write_report(
     for name, fig in build_figures(a).items():
         fig_paths[name] = out_dir / f"{name}.png"
         figures[name] = _save_figure(fig, fig_paths[name])
+    # Page integrity is read straight from the run directories (orchestrator.integrity).
+    integ = integrity.report_table([Path(d) for d in run_dirs])
+    if integ is not None:
+        tables["integrity"] = out_dir / "integrity.csv"
+        _write_atomic(tables["integrity"], partial(_write_csv, integ))
     ctx = _context(a, figures, tables)
+    ctx["integrity"] = None if integ is None else view(integ, "integrity.csv")
     env = _environment()
     index, summary = out_dir / "index.html", out_dir / "summary.md"
     for path, template in ((index, "report.html.j2"), (summary, "summary.md.j2")):
