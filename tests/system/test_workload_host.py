@@ -414,3 +414,44 @@ def test_verified_line_goes_to_the_console_too(hold: Launcher, tmp_path: Path) -
     lines = console.read_text().splitlines()
     assert lines[-1].startswith(VERIFIED_PREFIX)
     assert parse_verified(lines[-1], "t") == v
+
+
+def test_host_workload_check_fails_the_trial_with_the_page_indices(
+    dlfill: Path, tmp_path: Path
+) -> None:
+    """The runner's path for host copies: HostProcess, SIGUSR2, the .out file, the log."""
+    from orchestrator import images, integrity, proc
+    from orchestrator.errors import IntegrityError
+    from orchestrator.triggers import HostProcess, wait_done
+
+    procs = []
+    try:
+        for i in range(2):
+            out = tmp_path / f"host-dlfill-{i}.out"
+            with open(out, "wb") as f:
+                p = proc.spawn_group(
+                    images.fragmented_copy_argv(str(dlfill), 2, 51, 7, i, one_content=True),
+                    stdout=f.fileno(),
+                )
+            procs.append(HostProcess(p.pid, p, wait_done(out, p, 30), out))
+        log = integrity.IntegrityLog()
+        log.add_source(lambda: integrity.verify_host_workload(procs, timeout_s=30))
+        assert [v.mismatches for v in log.check("merge")] == [0, 0]
+        addr = int(procs[1].done["addr"], 16)
+        with open(f"/proc/{procs[1].pid}/mem", "r+b") as mem:
+            for page in (4, 300):  # a read-only fragment, then the writable rest
+                mem.seek(addr + page * PAGE_BYTES + 4000)
+                old = mem.read(1)[0]
+                mem.seek(addr + page * PAGE_BYTES + 4000)
+                mem.write(bytes([old ^ 0xFF]))
+        with pytest.raises(IntegrityError, match=r"host-dlfill-1: 2 of 512 pages corrupted"):
+            log.check("reclaim", 1)
+        df = log.table("t0", 0)
+        bad = df[df.mismatches > 0]
+        assert bad[["phase", "step", "workload", "first_mismatch_pages"]].values.tolist() == [
+            ["reclaim", 1, "host-dlfill-1", "4,300"]
+        ]
+        assert df.groupby("phase").pages_checked.sum().to_dict() == {"merge": 1024, "reclaim": 1024}
+    finally:
+        for hp in procs:
+            proc.stop_group(hp.popen)
