@@ -81,3 +81,55 @@ def test_every_page_is_verified_after_every_step(tiny_image, tmp_path: Path, hos
     assert swapped > 0
     manifest = json.loads((run / "manifest.json").read_text())
     assert "integrity.parquet" in manifest["files"]
+
+
+def test_a_guest_page_changed_behind_dlfills_back_is_reported(
+    tiny_image, tmp_path: Path, host_untouched
+) -> None:
+    """The guest path can fail: root in the guest writes into dlfill through
+    /proc/PID/mem, and the verify play reports that page by its index."""
+    from orchestrator import fleet
+    from orchestrator.spec import Workload
+    from orchestrator.workload import WorkloadDriver
+
+    if not image_verifies(tiny_image):
+        pytest.fail("the tiny image's dlfill is older than images/workload/dlfill.c: make images")
+    name = "dl-pytest-integrity-g0"
+    conn = fleet.connect()
+    try:
+        with fleet.Fleet(conn, "pytest-integrity-0001", "t0", "qemu") as fl:
+            fl.define(
+                [
+                    fleet.GuestSpec(
+                        name=name,
+                        memory_mib=192,
+                        vcpus=1,
+                        image=fleet.GuestImage(tiny_image.kernel, tiny_image.initrd),
+                        console_log=tmp_path / f"{name}.log",
+                    )
+                ]
+            )
+            fl.start_all()
+            fl.wait_ready(timeout_s=120)
+            w = Workload(mib=8, dup=0.5, zero=0.25, unique=0.25)
+            driver = WorkloadDriver([name], tmp_path / "ansible", fleet.URI)
+            try:
+                driver.start(w, 11, 120)
+                driver.wait_filled(w, 11, 120)
+                (clean,) = driver.verify(timeout_s=120)
+                assert (clean.workload, clean.pages, clean.mismatches) == (name, 2048, 0)
+                done = fl.read_file(name, "/run/dlfill.out").decode().splitlines()[0]
+                addr = int(json.loads(done.removeprefix("DLFILL DONE "))["addr"], 16)
+                for page in (5, 1030, 1600):  # dup, zero, unique
+                    poke = (
+                        "printf XXXXXXXX | dd of=/proc/$(cat /run/dlfill.pid)/mem bs=1 "
+                        f"seek={addr + page * 4096 + 512} count=8 conv=notrunc 2>/dev/null"
+                    )
+                    r = fl.guest_exec(name, ["/bin/sh", "-c", poke])
+                    assert r.rc == 0, r.stderr
+                (bad,) = driver.verify(timeout_s=120)
+                assert (bad.mismatches, bad.first, bad.seq) == (3, (5, 1030, 1600), 2)
+            finally:
+                driver.stop()
+    finally:
+        conn.close()
