@@ -89,4 +89,4 @@ def test_lab_host_kprobe_samples(lab_image, tmp_path: Path, host_untouched) -> N
     integ = pd.read_parquet(run / "integrity.parquet")
     assert set(integ.phase) == {"merge", "migrate", "reclaim", "restore"}
     assert (integ.groupby("phase").workload.nunique() == 4).all() and (integ.mismatches == 0).all()
-    assert "pages verified 16384, corrupted 0" in cp.stdout  # 4 checks x 4 x 8 MiB
+    assert "pages verified 32768, corrupted 0" in cp.stdout  # 4 checks x 4 x 2048 pages
