@@ -137,7 +137,7 @@ def run(
     results: Annotated[Path, typer.Option(help="where run directories go")] = Path("results"),
 ) -> None:
     """Run an experiment: fleet, workload, KSM, samples, run store; prints a summary."""
-    from orchestrator import runner
+    from orchestrator import integrity, runner
     from orchestrator.progress import RichProgress, latency_summary, summary_table
 
     progress = RichProgress(console)
@@ -153,6 +153,8 @@ def run(
     except DensitylabError as e:
         fail(e)
     out.print(summary_table(outcome.results))
+    for line in integrity.summary_lines(outcome.store.root):
+        out.print(line, markup=False, highlight=False)
     lat = latency_summary(outcome.store.root)
     if lat is not None:
         out.print(lat)

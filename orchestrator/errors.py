@@ -6,7 +6,7 @@ Only the CLI turns these into exit codes: UsageError (bad input) -> 2, others ->
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 # How much of a user's value an error message echoes: enough to recognise it, never a
 # megabyte of it on one line.
@@ -97,3 +97,22 @@ class HostBusy(UsageError):
         self.run_id = run_id
         self.holder = holder
         super().__init__(f"{why}: {holder}")
+
+
+class IntegrityError(DensitylabError):
+    """Workload pages did not hold what their pattern says after a step (a merge,
+    migration or swap-in gave a process the wrong content). Fails the trial loudly."""
+
+    def __init__(
+        self, phase: str, step: int, corrupted: Mapping[str, tuple[int, int, Sequence[int]]]
+    ):
+        self.phase = phase
+        self.step = step
+        # workload -> (mismatched pages, pages checked, first mismatched page indices)
+        self.corrupted = {w: (m, n, tuple(first)) for w, (m, n, first) in corrupted.items()}
+        detail = "; ".join(
+            f"{w}: {m} of {n} pages corrupted (pages {', '.join(map(str, first))}"
+            f"{', ...' if m > len(first) else ''})"
+            for w, (m, n, first) in sorted(self.corrupted.items())
+        )
+        super().__init__(f"integrity check after {phase} {step}: {detail}")

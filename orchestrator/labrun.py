@@ -21,7 +21,17 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator import fleet, hostagent, images, kernelspec, labimage, plan, sampling, triggers
+from orchestrator import (
+    fleet,
+    hostagent,
+    images,
+    integrity,
+    kernelspec,
+    labimage,
+    plan,
+    sampling,
+    triggers,
+)
 from orchestrator.attribution import Target, Window, attribute, pattern_mappings
 from orchestrator.errors import GuestError, HostError
 from orchestrator.interrupts import InterruptGuard, TeardownStack
@@ -49,6 +59,7 @@ class LabState:
     windows: list[Window] = field(default_factory=list)  # one workload acted on at a time
     facts: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] = field(default_factory=dict)
+    integrity: integrity.IntegrityLog = field(default_factory=integrity.IntegrityLog)
 
 
 class LabHost:
@@ -187,6 +198,32 @@ def wait_done_line(host: LabHost, path: str, timeout_s: float = 300) -> dict[str
     raise GuestError(host.name, f"{path}: no DLFILL DONE line within {timeout_s:.0f}s")
 
 
+def verify_lab_workloads(host: LabHost, st: LabState) -> list[integrity.Verification]:
+    """Every dlfill on the lab host checks its pages; the line lands in its .out file."""
+
+    def send(pid: int) -> None:
+        host.run(["/usr/bin/kill", "-USR2", str(pid)])
+
+    return integrity.verify_processes(
+        st.procs, send, lambda name: host.read(f"{WORK}/{name}.out"), poll_s=0.5
+    )
+
+
+def watch_integrity(host: LabHost, spec: Spec, st: LabState, stack: ExitStack) -> None:
+    """Verify the lab workloads from now on; the check after swap-in runs when the
+    triggers' stack has turned swap off (callbacks pushed now unwind after theirs), and
+    only when the trial got there without an error."""
+    st.integrity.clock = host.now_ns
+    st.integrity.add_source(lambda: verify_lab_workloads(host, st))
+
+    def after_swap_off(exc_type: type[BaseException] | None, *_: Any) -> bool:
+        if exc_type is None and spec.phases.reclaim.enabled:
+            st.integrity.check("restore")
+        return False
+
+    stack.push(after_swap_off)
+
+
 def wait_merged(host: LabHost, spec: Spec, guard: InterruptGuard, timeout_s: float) -> bool:
     """Poll the lab host's samples until sharing settles (same rule as local trials)."""
     m = spec.phases.merge
@@ -257,6 +294,8 @@ def lab_phases(
         **st.facts["ksm"].get("knobs", {}),
         **{k: str(v) for k, v in spec.ksm.items()},
     }
+    watch_integrity(host, spec, st, stack)
+    st.integrity.check("merge")
     lab_triggers(host, spec, st, guard, stack, phase, tag, cgroup)
     phase("teardown")
 
@@ -286,6 +325,7 @@ def lab_triggers(
         phase("migrate")
         lab_migrate(host, spec, st, nodes, i)
         time.sleep(p.migrate.settle_s)
+        st.integrity.check("migrate", i)
     if p.reclaim.enabled:
         guard.check()
         host.agent(
@@ -298,11 +338,12 @@ def lab_triggers(
             f"{WORK}/swap.json",
         )
         stack.callback(host.agent, "swap-off", "--saved", f"{WORK}/swap.json", timeout_s=900)
-        for _ in range(p.reclaim.repeats):
+        for j in range(p.reclaim.repeats):
             guard.check()
             phase("reclaim")
             lab_reclaim(host, spec, st, cgroup)
             time.sleep(p.reclaim.settle_s)
+            st.integrity.check("reclaim", j)
     phase("restore")
 
 
@@ -492,6 +533,7 @@ def lab_tables(st: LabState, res: Any) -> dict[str, pd.DataFrame]:
     lat["t_s"] = (lat["ts_ns"] - st.t0_ns) / 1e9
     attribute(lat, st.windows, lab_targets(st))
     tables["latency"] = lat
+    tables["integrity"] = st.integrity.table(tid, st.t0_ns)
     fills = st.result.get("fills", {})
     tables["guests"] = pd.DataFrame(
         [

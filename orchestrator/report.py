@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from orchestrator import analysis as an
-from orchestrator import walkcost
+from orchestrator import integrity, walkcost
 from orchestrator.capacity import MODEL_NOTES, CapacityResult
 from orchestrator.errors import UsageError
 from orchestrator.walkcost import WalkCost
@@ -1042,7 +1042,15 @@ def write_report(
     for name, fig in build_figures(a).items():
         fig_paths[name] = out_dir / f"{name}.png"
         figures[name], fig_files[name] = _save_figure(fig, fig_paths[name])
+    # Page integrity is read straight from the run directories (orchestrator.integrity).
+    integ = integrity.report_table([Path(d) for d in run_dirs])
+    if integ is not None:
+        tables["integrity"] = out_dir / "integrity.csv"
+        _write_atomic(tables["integrity"], partial(_write_csv, integ))
+        latex["integrity"] = out_dir / "integrity.tex"
+        _write_atomic(latex["integrity"], partial(_write_latex, integ))
     ctx = _context(a, figures, tables)
+    ctx["integrity"] = None if integ is None else view(integ, "integrity.csv")
     for stem, table in _display_views(ctx):
         latex[stem] = out_dir / f"{stem}.tex"
         text = latex_tabular(table.columns, table.rows)

@@ -25,6 +25,7 @@ from orchestrator import (
     fleet,
     hostagent,
     images,
+    integrity,
     labrun,
     plan,
     runlock,
@@ -132,6 +133,7 @@ class TrialState:
     windows: list[Window] = field(default_factory=list)  # one workload acted on at a time
     ksm_knobs: dict[str, str] = field(default_factory=dict)  # as in force during the merge
     guest_pattern: str = "distinct"
+    integrity: integrity.IntegrityLog = field(default_factory=integrity.IntegrityLog)
 
     def event(self, phase: str, event: str, detail: str = "") -> None:
         ts = time.monotonic_ns()
@@ -326,6 +328,7 @@ def run_phases(ctx: RunContext, trial: plan.Trial, st: TrialState, res: TrialRes
             stack,
             ctx.store.trial_dir(trial.trial_id),
         )
+        st.integrity.add_source(lambda: integrity.verify_host_workload(st.host_procs))
         fl = stack.enter_context(fleet.Fleet(ctx.conn, run_id, trial.trial_id, ctx.domain_type))
         phase("boot")
         token = run_id.rsplit("-", 1)[-1] + f"{int(time.time()) % 100000:05d}"
@@ -400,6 +403,7 @@ def merge_phases(
     m = wait_settled(sampler, ctx.guard, spec, spec.phases.merge.timeout_s, on_sample)
     res.settled, res.settle_s = m.settled, m.seconds
     st.event("merge", "settled" if m.settled else "timeout", f"{m.seconds:.1f}s")
+    verify(ctx, st, "merge")
     if m.sample:
         k = m.sample["ksm"]
         res.total_saving_mib = sharing_pages(m.sample) / PAGES_PER_MIB
@@ -453,11 +457,12 @@ def trigger_phases(
                 ctx.store.run_id,
             )
             hold(st.sampler, ctx.guard, p.migrate.settle_s)
+            verify(ctx, st, "migrate", i)
         if p.reclaim.enabled:
             triggers.provide_swap(
                 p.reclaim, ctx.store.run_id, stack, lambda e, d: st.event("reclaim", e, d)
             )
-            for _ in range(p.reclaim.repeats):
+            for j in range(p.reclaim.repeats):
                 phase("reclaim")
                 st.windows += triggers.reclaim_once(
                     p.reclaim,
@@ -467,7 +472,10 @@ def trigger_phases(
                     lambda e, d: st.event("reclaim", e, d),
                 )
                 hold(st.sampler, ctx.guard, p.reclaim.settle_s)
+                verify(ctx, st, "reclaim", j)
         phase("restore")
+    if p.reclaim.enabled:  # after the stack: swap is off, every swapped page came back in
+        verify(ctx, st, "restore")
 
 
 # Full scans after the scramble before the residual is read: ksmd drops a COW-broken
@@ -508,6 +516,7 @@ def attribute_saving(
         res.residual_saving_mib = sharing_pages(after.sample) / PAGES_PER_MIB
         res.measured_saving_mib = res.pre_scramble_saving_mib - res.residual_saving_mib
         res.attributed = after.settled
+    verify(ctx, st, "attribute")
 
 
 def wait_full_scans(
@@ -537,6 +546,14 @@ def wait_full_scans(
     return SettleResult(False, time.monotonic() - start, last)
 
 
+def verify(ctx: RunContext, st: TrialState, phase: str, step: int = 0) -> None:
+    """Check every workload page against its pattern; IntegrityError on a wrong page."""
+    ctx.guard.check()
+    results = st.integrity.check(phase, step)
+    pages = sum(v.pages for v in results)
+    st.event(phase, "integrity-verified", f"step {step}: {pages} pages, 0 corrupted")
+
+
 def fill_guests(
     ctx: RunContext, trial: plan.Trial, st: TrialState, stack: ExitStack, fl: fleet.Fleet
 ) -> tuple[WorkloadDriver, list[FillResult]]:
@@ -564,6 +581,7 @@ def fill_guests(
         cancel=cancel,
     )
     stack.callback(driver.stop)
+    st.integrity.add_source(driver.verify)
     seed = spec.workload_seed
     try:
         with ctx.guard.deferred():
@@ -612,6 +630,7 @@ def trial_tables(st: TrialState, res: TrialResult) -> dict[str, pd.DataFrame]:
         "guests": guests,
         "events": events,
         "phase_deltas": sampling.phase_deltas(samples, tid, st.marks),
+        "integrity": st.integrity.table(tid, st.t0_ns),
     }
     if st.collector is not None:
         tables["latency"] = latency_table(st, res, procs)

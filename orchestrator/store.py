@@ -33,6 +33,7 @@ TABLES = (
     "events",
     "latency",
     "phase_deltas",
+    "integrity",
 )
 FINISHED = ("successful",)
 

@@ -20,6 +20,7 @@ from typing import Any
 import ansible_runner
 import yaml
 
+from orchestrator import integrity
 from orchestrator.errors import DensitylabError
 from orchestrator.spec import Workload
 
@@ -175,6 +176,19 @@ def fill_results(events: Sequence[Mapping[str, Any]]) -> list[FillResult]:
     return out
 
 
+def verifications(events: Sequence[Mapping[str, Any]]) -> list[integrity.Verification]:
+    """Each guest's DLFILL VERIFIED line from the verify play's ok events."""
+    out = []
+    for ev in events:
+        if ev.get("event") != "runner_on_ok":
+            continue
+        data = ev.get("event_data", {})
+        lines = integrity.verified_lines(str(data.get("res", {}).get("stdout", "")))
+        if lines:
+            out.append(integrity.parse_verified(lines[-1], data["host"]))
+    return out
+
+
 class WorkloadDriver:
     """Start, wait for and stop the fill workload on a set of guests."""
 
@@ -226,6 +240,18 @@ class WorkloadDriver:
     def scramble(self, timeout_s: float = 180) -> None:
         """Make every workload page unique to its guest (breaks the workload's sharing)."""
         self._play("workload-scramble", {}, timeout_s=timeout_s)
+
+    def verify(self, timeout_s: float = integrity.VERIFY_TIMEOUT_S) -> list[integrity.Verification]:
+        """Every guest's workload checks each of its pages against its pattern."""
+        extravars = {"max_polls": int(timeout_s / 0.2)}
+        events = self._play("workload-verify", extravars, timeout_s=timeout_s + 60)
+        results = verifications(events)
+        missing = sorted(set(self.guests) - {v.workload for v in results})
+        if missing:
+            raise PlayError(
+                "workload-verify", "incomplete", 0, {g: "no DLFILL VERIFIED line" for g in missing}
+            )
+        return results
 
     def stop(self) -> None:
         if self.started:

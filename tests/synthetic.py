@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator import store
+from orchestrator import integrity, store
 
 PAGE_BYTES = 4096
 PAGES_PER_MIB = (1 << 20) // PAGE_BYTES
@@ -280,6 +280,35 @@ def _events_table(trial: _Trial) -> pd.DataFrame:
     )
 
 
+def _integrity_table(syn: Synthetic, trial: _Trial) -> pd.DataFrame:
+    """What the runner's checks record: every guest verified after merge and each
+    trigger, no page corrupted. A failed trial (boot) got to no check."""
+    b = _phase_bounds(trial)
+    checks = [(p, 0) for p in ("merge", "migrate", "reclaim") if p in b]
+    if trial.status != "successful":
+        checks = []
+    pages = syn.workload_mib * PAGES_PER_MIB
+    rows = [
+        {
+            "trial_id": trial.trial_id,
+            "phase": phase,
+            "step": step,
+            "workload": f"{trial.trial_id}-g{g}",
+            "pages_checked": pages,
+            "mismatches": 0,
+            "first_mismatch_pages": "",
+            "verify_s": 0.5,
+            "ts_ns": trial.start_ns + int(b[phase][1] * NS),
+            "t_s": b[phase][1],
+        }
+        for phase, step in checks
+        for g in range(trial.fleet_size)
+    ]
+    return pd.DataFrame(rows, columns=list(integrity.COLUMNS)).astype(
+        {"step": "int64", "pages_checked": "int64", "mismatches": "int64", "ts_ns": "int64"}
+    )
+
+
 def _dict_array(value: str, n: int) -> pa.DictionaryArray:
     return pa.DictionaryArray.from_arrays(np.zeros(n, np.int32), pa.array([value]))
 
@@ -516,6 +545,7 @@ def _per_trial_tables(syn: Synthetic, trials: list[_Trial], rng) -> dict[str, pd
         parts["process_samples"].append(_process_table(syn, trial, ksm))
         parts["guests"].append(_guests_table(syn, trial, rng))
         parts["events"].append(_events_table(trial))
+        parts["integrity"].append(_integrity_table(syn, trial))
         ok = trial.status == "successful"
         parts["trials"].append(pd.DataFrame([_trial_row(syn, trial, ksm if ok else None, rng)]))
     tables = {k: pd.concat(v, ignore_index=True) for k, v in parts.items() if k != "phase_deltas"}

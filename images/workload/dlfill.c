@@ -28,8 +28,16 @@
  * write). The saving that disappears is the saving the workload's pages were giving,
  * which is how densitylab tells it apart from sharing elsewhere in a guest.
  *
- * Output: one line "DLFILL DONE {json}" on stdout (and --console PATH) when ready, and
- * "DLFILL SCRAMBLED {json}" after each scramble.
+ * While holding, SIGUSR2 verifies the region: every page is read back through the
+ * mapping (which faults swapped pages in) and compared with what the pattern says it
+ * holds now: dup, zero, unique, volatile pages by the generation last written to each,
+ * scrambled pages after a scramble. Verification runs in the thread that rewrites the
+ * volatile pages, so a rewrite can never race it into a false mismatch. A page changed
+ * behind our back (a wrong merge, migration or swap-in) is reported by its index.
+ *
+ * Output: one line "DLFILL DONE {json}" on stdout (and --console PATH) when ready,
+ * "DLFILL SCRAMBLED {json}" after each scramble and "DLFILL VERIFIED {json}" after each
+ * verification (pages, mismatches, the first mismatched page indices, a sequence number).
  * Exit status: 0 ok, 1 runtime failure, 2 bad arguments; errors are one "dlfill: " line.
  */
 #define _GNU_SOURCE
@@ -76,6 +84,23 @@ struct layout {
 
 static volatile sig_atomic_t stop_requested;
 static volatile sig_atomic_t scramble_requested;
+static volatile sig_atomic_t verify_requested;
+
+#define MAX_REPORTED 16     /* mismatched page indices named in the verified line */
+#define VOL_SCRAMBLED UINT64_MAX /* a volatile page last written by a scramble */
+
+/* What the region holds now, beyond the layout: what a verification expects. */
+struct history {
+	uint64_t scramble_gen; /* generation of the last scramble; 0: never scrambled */
+	uint64_t *vol_gen;     /* per volatile page: last generation written, or VOL_SCRAMBLED */
+	uint64_t verify_seq;   /* verifications done */
+};
+
+/* The identity of a page's content: fill_page's arguments (kind 0: all zeros). */
+struct content {
+	enum page_kind kind;
+	uint64_t index, instance, generation;
+};
 
 __attribute__((noreturn, format(printf, 2, 3)))
 static void die(int status, const char *fmt, ...)
@@ -323,6 +348,8 @@ static void on_signal(int sig)
 {
 	if (sig == SIGUSR1)
 		scramble_requested = 1;
+	else if (sig == SIGUSR2)
+		verify_requested = 1;
 	else
 		stop_requested = 1;
 }
@@ -337,51 +364,132 @@ static void install_handlers(void)
 	sigaction(SIGTERM, &sa, NULL);
 	sigaction(SIGINT, &sa, NULL);
 	sigaction(SIGUSR1, &sa, NULL);
+	sigaction(SIGUSR2, &sa, NULL);
+}
+
+/* The console first: whoever waits on stdout then finds the line on the console too. */
+static void emit_line(const char *line, FILE *console)
+{
+	if (console) {
+		fputs(line, console);
+		fflush(console);
+	}
+	fputs(line, stdout);
+	fflush(stdout);
 }
 
 /* Make every page of the region unique to this instance (see the header comment).
  * Fragmented pages are read-only, so the region is made writable first: the VMAs merge
  * back into one, which is fine at the end of a trial, where scrambling happens. */
 static void scramble_region(uint8_t *region, const struct layout *l, const struct options *o,
-			    FILE *console)
+			    struct history *h, FILE *console)
 {
-	static uint64_t generation;
 	double t0 = now_s();
 	size_t bytes = (size_t)l->pages * PAGE_BYTES;
 	if (mprotect(region, bytes, PROT_READ | PROT_WRITE) != 0)
 		die(1, "mprotect before scrambling failed: %s", strerror(errno));
-	generation++;
+	uint64_t generation = ++h->scramble_gen;
 	for (uint64_t i = 0; i < l->pages; i++)
 		fill_page((uint64_t *)(region + i * PAGE_BYTES), o->seed, KIND_SCRAMBLED, i,
 			  o->instance, generation);
+	for (uint64_t k = 0; k < l->volatile_pages; k++)
+		h->vol_gen[k] = VOL_SCRAMBLED;
 	char line[160];
 	snprintf(line, sizeof(line),
 		 "DLFILL SCRAMBLED {\"pages\":%" PRIu64 ",\"generation\":%" PRIu64
 		 ",\"scramble_s\":%.6f}\n", l->pages, generation, now_s() - t0);
-	fputs(line, stdout);
-	fflush(stdout);
-	if (console) {
-		fputs(line, console);
-		fflush(console);
+	emit_line(line, console);
+}
+
+/* What page i of the region holds now, by the pattern and its history. */
+static struct content expected_content(uint64_t i, const struct layout *l,
+				       const struct options *o, const struct history *h)
+{
+	if (i >= l->volatile_start && h->vol_gen[i - l->volatile_start] != VOL_SCRAMBLED)
+		return (struct content){ KIND_VOLATILE, i - l->volatile_start, o->instance,
+					 h->vol_gen[i - l->volatile_start] };
+	if (h->scramble_gen)
+		return (struct content){ KIND_SCRAMBLED, i, o->instance, h->scramble_gen };
+	if (i < l->zero_start)
+		return (struct content){ KIND_DUP, o->one_content ? 0 : i, 0, 0 };
+	if (i < l->unique_start)
+		return (struct content){ 0, 0, 0, 0 };
+	return (struct content){ KIND_UNIQUE, i - l->unique_start, o->instance, 0 };
+}
+
+static int same_content(const struct content *a, const struct content *b)
+{
+	return a->kind == b->kind && a->index == b->index && a->instance == b->instance &&
+	       a->generation == b->generation;
+}
+
+/* Compare every page with its expected content and print the verified line. The
+ * expected page is regenerated only when its identity changes (zero pages, one-content
+ * dup pages), so a verification costs about one fill. */
+static void verify_region(const uint8_t *region, const struct layout *l,
+			  const struct options *o, struct history *h, FILE *console)
+{
+	static uint64_t want[WORDS_PER_PAGE];
+	struct content have = { .kind = KIND_SCRAMBLED, .generation = UINT64_MAX };
+	uint64_t mismatches = 0, first[MAX_REPORTED];
+	double t0 = now_s();
+	for (uint64_t i = 0; i < l->pages; i++) {
+		struct content c = expected_content(i, l, o, h);
+		if (!same_content(&c, &have)) {
+			if (c.kind == 0)
+				memset(want, 0, sizeof(want));
+			else
+				fill_page(want, o->seed, c.kind, c.index, c.instance, c.generation);
+			have = c;
+		}
+		if (memcmp(region + i * PAGE_BYTES, want, PAGE_BYTES) == 0)
+			continue;
+		if (mismatches < MAX_REPORTED)
+			first[mismatches] = i;
+		mismatches++;
+	}
+	char line[160 + MAX_REPORTED * 22];
+	int n = snprintf(line, sizeof(line),
+			 "DLFILL VERIFIED {\"pages\":%" PRIu64 ",\"mismatches\":%" PRIu64
+			 ",\"first\":[", l->pages, mismatches);
+	for (uint64_t k = 0; k < mismatches && k < MAX_REPORTED; k++)
+		n += snprintf(line + n, sizeof(line) - (size_t)n, "%s%" PRIu64, k ? "," : "",
+			      first[k]);
+	snprintf(line + n, sizeof(line) - (size_t)n,
+		 "],\"seq\":%" PRIu64 ",\"verify_s\":%.6f}\n", ++h->verify_seq, now_s() - t0);
+	emit_line(line, console);
+}
+
+/* Serve the requests the signal handler noted; runs between rewrites, never during. */
+static void serve_requests(uint8_t *region, const struct layout *l, const struct options *o,
+			   struct history *h, FILE *console)
+{
+	if (scramble_requested) {
+		scramble_requested = 0;
+		scramble_region(region, l, o, h, console);
+	}
+	if (verify_requested) {
+		verify_requested = 0;
+		verify_region(region, l, o, h, console);
 	}
 }
 
 /* Rewrite volatile pages round robin at rate pages/s until a signal; each full pass
  * bumps the generation so a page never returns to content KSM has seen before. */
 static void hold_region(uint8_t *region, const struct layout *l, const struct options *o,
-			FILE *console)
+			struct history *h, FILE *console)
 {
 	sigset_t block, old;
 	sigemptyset(&block);
 	sigaddset(&block, SIGTERM);
 	sigaddset(&block, SIGINT);
 	sigaddset(&block, SIGUSR1);
+	sigaddset(&block, SIGUSR2);
 	if (o->volatile_rate <= 0 || l->volatile_pages == 0) {
 		sigprocmask(SIG_BLOCK, &block, &old);
 		while (!stop_requested) {
-			if (scramble_requested) {
-				scramble_requested = 0;
-				scramble_region(region, l, o, console);
+			if (scramble_requested || verify_requested) {
+				serve_requests(region, l, o, h, console);
 				continue;
 			}
 			sigsuspend(&old); /* no lost wake-up between the check and the wait */
@@ -392,14 +500,12 @@ static void hold_region(uint8_t *region, const struct layout *l, const struct op
 	uint64_t written = 0, next = 0, generation = 1;
 	double t0 = now_s();
 	while (!stop_requested) {
-		if (scramble_requested) {
-			scramble_requested = 0;
-			scramble_region(region, l, o, console);
-		}
+		serve_requests(region, l, o, h, console);
 		uint64_t due = (uint64_t)((now_s() - t0) * o->volatile_rate);
 		for (; written < due && !stop_requested; written++) {
 			fill_page((uint64_t *)(region + (l->volatile_start + next) * PAGE_BYTES),
 				  o->seed, KIND_VOLATILE, next, o->instance, generation);
+			h->vol_gen[next] = generation;
 			if (++next == l->volatile_pages) {
 				next = 0;
 				generation++;
@@ -464,7 +570,15 @@ int main(int argc, char **argv)
 	if (vmas == 0) /* no /proc: report what we built */
 		vmas = o.fragment > 1 ? o.fragment : 1;
 	emit_done(&l, &o, vmas, fill_s, start, console);
-	if (o.hold)
-		hold_region(region, &l, &o, console);
+	if (o.hold) {
+		/* Every volatile page starts at generation 0 (calloc's zeros, never touched
+		 * until a rewrite or a verification reads them). */
+		struct history h = { .vol_gen = calloc(l.volatile_pages ? l.volatile_pages : 1,
+						       sizeof(uint64_t)) };
+		if (!h.vol_gen)
+			die(1, "cannot allocate the volatile page history: %s", strerror(errno));
+		hold_region(region, &l, &o, &h, console);
+		free(h.vol_gen);
+	}
 	return 0;
 }

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.integrity import VERIFIED_PREFIX, Verification, parse_verified
 from orchestrator.proc import run
 
 pytestmark = pytest.mark.system
@@ -320,3 +321,137 @@ def test_runtime_failure_exits_1(dlfill: Path, tmp_path: Path) -> None:
     cp = run_once(dlfill, "--mib", "1", "--dup", "1", "--console", str(tmp_path / "no/such"))
     assert cp.returncode == 1
     assert cp.stderr.startswith("dlfill: ") and cp.stdout == ""
+
+
+# ---------------------------------------------------------------- integrity (SIGUSR2)
+
+
+def next_line(held: Held, prefix: str, timeout_s: float = DONE_TIMEOUT_S) -> str:
+    """The next stdout line of a held dlfill, which must start with prefix."""
+    assert held.proc.stdout is not None
+    ready, _, _ = select.select([held.proc.stdout], [], [], timeout_s)
+    assert ready, f"no {prefix!r} line within {timeout_s} s"
+    line = held.proc.stdout.readline()
+    assert line.startswith(prefix), f"unexpected output {line!r}"
+    return line
+
+
+def verify(held: Held) -> Verification:
+    held.proc.send_signal(signal.SIGUSR2)
+    return parse_verified(next_line(held, VERIFIED_PREFIX).rstrip("\n"), "t")
+
+
+def poke(held: Held, page: int, offset: int = 100) -> None:
+    """Change one byte of a page behind dlfill's back, as a wrong merge, migration or
+    swap-in would: root writes through /proc/PID/mem (which breaks a KSM page's sharing
+    and writes into read-only fragments too, like ptrace)."""
+    with open(f"/proc/{held.proc.pid}/mem", "r+b") as mem:
+        mem.seek(held.addr + page * PAGE_BYTES + offset)
+        old = mem.read(1)
+        mem.seek(held.addr + page * PAGE_BYTES + offset)
+        mem.write(bytes([old[0] ^ 0x5A]))
+
+
+MIXED = ["--mib", "4", "--dup", "0.5", "--zero", "0.25", "--unique", "0.125", "--volatile", "0.125"]
+
+
+@pytest.mark.parametrize("one_content", [False, True])
+def test_verify_finds_pages_changed_behind_its_back(hold: Launcher, one_content: bool) -> None:
+    held = hold.start(*MIXED, "--fragment", "101", "--mergeable", "--seed", "9",
+                      *(["--one-content"] if one_content else []))  # fmt: skip
+    clean = verify(held)
+    assert (clean.pages, clean.mismatches, clean.first, clean.seq) == (1024, 0, (), 1)
+    d, z, u = (int(str(held.done[k])) for k in ("dup_pages", "zero_pages", "unique_pages"))
+    # one page of each kind: a read-only fragment of dup, zero, unique, volatile (rate 0)
+    pages = [3, d + 7, d + z + 1, d + z + u + 5]
+    for p in pages:
+        poke(held, p)
+    found = verify(held)
+    assert (found.mismatches, found.first, found.seq) == (4, tuple(pages), 2)
+    for p in pages:  # put the bytes back: the same pages verify clean again
+        poke(held, p)
+    assert verify(held).mismatches == 0
+
+
+def test_verify_names_the_first_16_of_many_mismatches(hold: Launcher) -> None:
+    held = hold.start("--mib", "1", "--dup", "1")
+    pages = list(range(10, 250, 8))  # 30 pages
+    for p in pages:
+        poke(held, p, offset=PAGE_BYTES - 1)  # the last byte, past the header
+    found = verify(held)
+    assert found.mismatches == 30 and found.first == tuple(pages[:16])
+
+
+def test_verify_is_clean_while_volatile_pages_are_rewritten(hold: Launcher) -> None:
+    held = hold.start(*MIXED, "--volatile-rate", "50000")
+    first = pages_of(held.region())
+    results = []
+    for _ in range(5):
+        results.append(verify(held))
+        time.sleep(0.05)
+    assert [r.mismatches for r in results] == [0] * 5
+    assert [r.seq for r in results] == [1, 2, 3, 4, 5]
+    v0 = int(str(held.done["pages"])) - int(str(held.done["volatile_pages"]))
+    assert pages_of(held.region())[v0:] != first[v0:], "volatile pages were not rewritten"
+    poke(held, 0)  # a dup page: the rewriter leaves it alone, verification still sees it
+    assert verify(held).first == (0,)
+
+
+def test_verify_after_a_scramble_expects_scrambled_pages(hold: Launcher) -> None:
+    held = hold.start(*MIXED, "--volatile-rate", "20000", "--fragment", "41")
+    held.proc.send_signal(signal.SIGUSR1)
+    next_line(held, "DLFILL SCRAMBLED ")
+    assert verify(held).mismatches == 0
+    poke(held, 2)
+    assert verify(held).first == (2,)
+
+
+def test_verified_line_goes_to_the_console_too(hold: Launcher, tmp_path: Path) -> None:
+    console = tmp_path / "console"
+    console.touch()
+    held = hold.start("--mib", "1", "--dup", "1", "--console", str(console))
+    v = verify(held)
+    lines = console.read_text().splitlines()
+    assert lines[-1].startswith(VERIFIED_PREFIX)
+    assert parse_verified(lines[-1], "t") == v
+
+
+def test_host_workload_check_fails_the_trial_with_the_page_indices(
+    dlfill: Path, tmp_path: Path
+) -> None:
+    """The runner's path for host copies: HostProcess, SIGUSR2, the .out file, the log."""
+    from orchestrator import images, integrity, proc
+    from orchestrator.errors import IntegrityError
+    from orchestrator.triggers import HostProcess, wait_done
+
+    procs = []
+    try:
+        for i in range(2):
+            out = tmp_path / f"host-dlfill-{i}.out"
+            with open(out, "wb") as f:
+                p = proc.spawn_group(
+                    images.fragmented_copy_argv(str(dlfill), 2, 51, 7, i, one_content=True),
+                    stdout=f.fileno(),
+                )
+            procs.append(HostProcess(p.pid, p, wait_done(out, p, 30), out))
+        log = integrity.IntegrityLog()
+        log.add_source(lambda: integrity.verify_host_workload(procs, timeout_s=30))
+        assert [v.mismatches for v in log.check("merge")] == [0, 0]
+        addr = int(procs[1].done["addr"], 16)
+        with open(f"/proc/{procs[1].pid}/mem", "r+b") as mem:
+            for page in (4, 300):  # a read-only fragment, then the writable rest
+                mem.seek(addr + page * PAGE_BYTES + 4000)
+                old = mem.read(1)[0]
+                mem.seek(addr + page * PAGE_BYTES + 4000)
+                mem.write(bytes([old ^ 0xFF]))
+        with pytest.raises(IntegrityError, match=r"host-dlfill-1: 2 of 512 pages corrupted"):
+            log.check("reclaim", 1)
+        df = log.table("t0", 0)
+        bad = df[df.mismatches > 0]
+        assert bad[["phase", "step", "workload", "first_mismatch_pages"]].values.tolist() == [
+            ["reclaim", 1, "host-dlfill-1", "4,300"]
+        ]
+        assert df.groupby("phase").pages_checked.sum().to_dict() == {"merge": 1024, "reclaim": 1024}
+    finally:
+        for hp in procs:
+            proc.stop_group(hp.popen)
