@@ -1028,6 +1028,10 @@ def sweep_killed_run(st: store.RunStore, done: set[str]) -> None:
             f"resume {st.run_id}: cannot remove what the killed run left: "
             + "; ".join(report.errors)
         )
+    # A kill in the middle of an atomic write leaves its temp file (.<name>.<random>);
+    # the file it was to replace is intact.
+    for tmp in [*st.root.glob(".*.json.*"), *st.root.glob(".*.parquet.*")]:
+        tmp.unlink(missing_ok=True)
     trials = st.root / "trials"
     for d in sorted(trials.iterdir()) if trials.is_dir() else []:
         if d.is_dir() and d.name not in done:

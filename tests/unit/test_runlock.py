@@ -180,3 +180,12 @@ def test_a_new_run_adopts_the_host_values_a_gone_run_saved(
     assert not (tmp_path / f"ksm-{killed}.json").exists()
     assert (tmp_path / f"ksm-{live}.json").exists(), "a live run's save is never taken"
     assert runner.adopt_saved_ksm(me) == []
+
+
+def test_an_unwritable_state_folder_is_one_line(tmp_path: Path) -> None:
+    from orchestrator.errors import HostError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the state folder should be
+    with pytest.raises(HostError, match="cannot take the run lock"):
+        runlock.acquire_run("20260101-000000-x-0001", "x", blocker)
