@@ -11,13 +11,15 @@ APT_CORE := qemu-system-x86 qemu-utils qemu-guest-agent libvirt-daemon-system \
 APT_TEST := chromium
 VENV_STAMP := $(VENV)/.installed-$(shell sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup setup-test apt-core apt-test images lab-start lab-stop doctor demo test \
+.PHONY: setup setup-test apt-core apt-test apt-kbuild images lab-start lab-stop doctor demo test \
 	lint unit system clean-host report compare bench bench-collector bench-sampler ab-demo \
 	kernels patch-ab-demo
 
 setup: apt-core $(VENV_STAMP)
 
-setup-test: setup apt-test
+# The tests build a kernel from source too (cached outside the clone: a fresh machine
+# pays one tinyconfig build, ~15-25 min on 2 cores).
+setup-test: setup apt-test apt-kbuild
 
 # Idempotent: apt runs only when a package is missing.
 apt-core:
@@ -25,6 +27,9 @@ apt-core:
 
 apt-test:
 	@scripts/apt-ensure $(APT_TEST)
+
+apt-kbuild:
+	@scripts/apt-ensure $(APT_KBUILD)
 
 $(VENV_STAMP): requirements.lock pyproject.toml
 	python3 -m venv $(VENV)
