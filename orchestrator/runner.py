@@ -497,9 +497,10 @@ def attribute_saving(
     stays (boot leftovers, page cache) is the residual.
 
     Both sides are read close together: the last sample before the scramble, and the
-    first after two full scans. Boot leftovers keep merging slowly all along, and a
-    residual read many scans later (after a settle) counted that growth against the
-    workload (the demo read up to 6% low)."""
+    first after two full scans (not after another 10-scan settle). This does not yet
+    close the demo's shortfall (-4% to -6%): right after the scramble the guests'
+    leftover sharing jumps (per guest +0 to +2,060 merging pages within one scan,
+    measured), and that jump still lands in the residual."""
     assert st.sampler is not None
     phase("attribute")
     before = st.sampler.latest()
