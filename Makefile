@@ -104,7 +104,8 @@ ab-demo: setup images lab-images
 # $$DENSITYLAB_KBUILD_CACHE (default /var/cache/densitylab/kbuild) and shared by every
 # clone on the machine. Run under nice -n 19; a cold tinyconfig build takes ~15-25 min
 # on 2 cores, the same tree with one patch more ~1 min.
-APT_KBUILD := gcc make flex bison bc libelf-dev libssl-dev ccache patch xz-utils dpkg-dev
+APT_KBUILD := gcc make flex bison bc libelf-dev libssl-dev ccache patch xz-utils dpkg-dev \
+	debhelper rsync  # the last two: make bindeb-pkg (its build dependencies)
 kernels: setup
 	@test -n "$(SPEC)" || { echo "usage: make kernels SPEC=experiments/<spec>.yaml"; exit 2; }
 	@scripts/apt-ensure $(APT_KBUILD)
