@@ -112,9 +112,10 @@ ab-demo: setup images lab-images
 
 # Kernels built from source for a spec's `source:` entries (make O=, ccache), cached in
 # $$DENSITYLAB_KBUILD_CACHE (default /var/cache/densitylab/kbuild) and shared by every
-# clone on the machine. Run under nice -n 19; a cold tinyconfig build takes ~15-25 min
-# on 2 cores, the same tree with one patch more ~1 min.
-APT_KBUILD := gcc make flex bison bc libelf-dev libssl-dev ccache patch xz-utils dpkg-dev
+# clone on the machine. Run under nice -n 19; a cold tinyconfig build took ~18 min of
+# make on 2 shared cores, a rebuild with ccache warm ~1 min, one patch more ~20 s.
+APT_KBUILD := gcc make flex bison bc libelf-dev libssl-dev ccache patch xz-utils dpkg-dev \
+	debhelper rsync  # the last two: make bindeb-pkg (its build dependencies)
 kernels: setup
 	@test -n "$(SPEC)" || { echo "usage: make kernels SPEC=experiments/<spec>.yaml"; exit 2; }
 	@scripts/apt-ensure $(APT_KBUILD)
@@ -122,7 +123,7 @@ kernels: setup
 
 # Patch A/B: Debian's linux-source-6.12 built as is and with experiments/patches/ (same
 # tree, same config), each booted in a lab host, rmap_walk_ksm timed by kprobes, then
-# the report. The two kernel builds are cached (a cold pair ~20-30 min here, then
+# the report. The two kernel builds are cached (a cold pair ~20 min here, then
 # seconds); the trials take about as long as ab-demo's.
 patch-ab-demo: setup images lab-images
 	@scripts/apt-ensure $(APT_KBUILD)

@@ -731,6 +731,7 @@ def deb_kernel(entry: DebKernel, cache: Path | None = None) -> Bootable:
     dest = (cache or cache_root()).resolve() / "debs" / digest[:16]
     release = deb_release(image[0])
     if not (dest / "vmlinuz").is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)  # extract_boot_files unpacks beside
         kernels.extract_boot_files(debs, release, dest)
     origin = f"deb:{image[0]}"
     record: dict[str, Any] = {

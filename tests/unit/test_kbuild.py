@@ -219,3 +219,19 @@ def test_cache_root_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(kbuild.CACHE_ENV)
     assert kbuild.cache_root() == kbuild.DEFAULT_CACHE
     assert os.fspath(kbuild.DEFAULT_CACHE).startswith("/var/cache/")
+
+
+def test_source_pair_diff_names_the_patch_under_study() -> None:
+    from orchestrator.runner import source_pair_diff
+
+    p = {"name": "0001-x.patch", "sha256": "a" * 64}
+    base = {"name": "base", "tree_sha256": "t", "config_sha256": "c", "patches": []}
+    patched = {**base, "name": "patched", "patches": [p]}
+    assert source_pair_diff(base, patched) == {
+        "kernel": "base",
+        "patches_added": ["0001-x.patch"],
+        "patches_removed": [],
+        "same_tree": True,
+        "same_config": True,
+    }
+    assert source_pair_diff(patched, {**base, "config_sha256": "d"})["same_config"] is False
