@@ -130,9 +130,11 @@ patch-ab-demo: setup images lab-images
 	$(DL) kernels build experiments/patch-ab.yaml
 	@started=$$(scripts/labd start | grep -c '^labd: running' || true); \
 	$(DL) run experiments/patch-ab.yaml; rc=$$?; \
-	run=$$(ls -td results/*-patch-ab-* | head -1); \
+	run=$$(ls -td results/*-patch-ab-* | grep -v -- -checks- | head -1); \
 	[ $$rc -eq 0 ] && $(DL) report $$run --out reports/out/patch-ab; rc2=$$?; \
-	[ "$$started" = 1 ] && scripts/labd stop >/dev/null; [ $$rc -eq 0 ] && exit $$rc2; exit $$rc
+	[ $$rc -eq 0 ] && $(DL) check experiments/patch-ab.yaml; rc3=$$?; \
+	[ "$$started" = 1 ] && scripts/labd stop >/dev/null; \
+	[ $$rc -ne 0 ] && exit $$rc; [ $$rc2 -ne 0 ] && exit $$rc2; exit $$rc3
 
 # KSM correctness checks per kernel (kernel x check table, exit 1 on a FAIL):
 #   make checks                                  this machine's kernel
