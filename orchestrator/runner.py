@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -189,6 +189,21 @@ def predicted_saving_pages(
 # ---------------------------------------------------------------- waits
 
 
+def new_samples(
+    sampler: Sampler, guard: InterruptGuard, timeout_s: float, poll_s: float
+) -> Iterator[list[dict[str, Any]]]:
+    """Batches of samples the sampler writes from now on (often empty), until timeout_s;
+    checks for a stop request between polls."""
+    start = time.monotonic()
+    n_read = len(sampler.poll())
+    while time.monotonic() - start <= timeout_s:
+        guard.check()
+        fresh = sampler.poll()[n_read:]
+        n_read += len(fresh)
+        yield fresh
+        time.sleep(poll_s)
+
+
 def wait_settled(
     sampler: Sampler,
     guard: InterruptGuard,
@@ -207,20 +222,14 @@ def wait_settled(
     start = time.monotonic()
     seen: list[tuple[int, int]] = []  # (full_scans, sharing pages) of samples in this wait
     last: dict[str, Any] = {}
-    n_read = len(sampler.poll())
-    while True:
-        guard.check()
-        fresh = sampler.poll()[n_read:]
-        n_read += len(fresh)
+    for fresh in new_samples(sampler, guard, timeout_s, min(0.25, spec.sampling.interval_s / 2)):
         for s in fresh:
             last = s
             on_sample(s)
             seen.append((int(s["ksm"].get("full_scans", 0)), sharing_pages(s)))
         if seen and settled(seen, m.settle_scans, m.settle_pct):
             return SettleResult(True, time.monotonic() - start, last)
-        if time.monotonic() - start > timeout_s:
-            return SettleResult(False, time.monotonic() - start, last)
-        time.sleep(min(0.25, spec.sampling.interval_s / 2))
+    return SettleResult(False, time.monotonic() - start, last)
 
 
 def hold(sampler: Sampler, guard: InterruptGuard, seconds: float) -> None:
@@ -531,19 +540,14 @@ def wait_full_scans(
     the newest sample, which may predate what the caller just did); `settled` is False
     when the timeout came first (the newest sample is returned then)."""
     start = time.monotonic()
-    n_read = len(sampler.poll())
     base = hostagent.read_ksm_counters()["full_scans"]
     last: dict[str, Any] = sampler.latest() or {}
-    while time.monotonic() - start <= timeout_s:
-        guard.check()
-        fresh = sampler.poll()[n_read:]
-        n_read += len(fresh)
+    for fresh in new_samples(sampler, guard, timeout_s, 0.1):
         for s in fresh:
             last = s
             on_sample(s)
             if int(s["ksm"].get("full_scans", 0)) >= base + scans:
                 return SettleResult(True, time.monotonic() - start, s)
-        time.sleep(0.1)
     return SettleResult(False, time.monotonic() - start, last)
 
 
