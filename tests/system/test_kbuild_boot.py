@@ -11,6 +11,7 @@ every later run finds it in seconds. Run under the heavy lock (it boots a TCG VM
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,7 @@ import pytest
 
 from orchestrator import fleet, kbuild, labimage
 from orchestrator.errors import HostError
+from orchestrator.images import build_dlfill
 from orchestrator.kernelspec import (
     BuildKernel,
     DebianSource,
@@ -224,3 +226,62 @@ def test_sigterm_mid_build_leaves_nothing_half_built(tmp_path: Path) -> None:
     assert err.strip().splitlines()[-1] == "densitylab: interrupted by signal 15"
     assert list((cache / "builds").iterdir()) == []
     assert processes_mentioning(str(cache)) == []
+
+
+PATCHED = SourceKernel(
+    label="patched",
+    source=DebianSource(debian="linux-source-6.12"),
+    patches=[str(REPO / "experiments" / "patches")],
+)
+
+
+@pytest.mark.parametrize("entry", [BASE, PATCHED], ids=["base", "patched"])
+def test_merged_fragmented_pages_migrate_on_both_kernels_of_the_pair(
+    entry: SourceKernel, image: labimage.LabImage, tmp_path: Path
+) -> None:
+    """The patch A/B in small: 2 x 16 MiB in 2,000 VMAs of one anon_vma merge, migrate
+    to node 1 with rmap_walk_ksm timed by kprobes, and the kernel logs no BUG or WARNING.
+    Prints the walk figures of each kernel (the patched one should be far cheaper)."""
+    from tests.system import test_labhost as lh
+
+    need_tools()
+    built = kbuild.build(entry)
+    (tmp_path / "dlfill").mkdir()
+    dlfill = build_dlfill(tmp_path / "dlfill").read_bytes()
+    box = BuildKernel(label=entry.label, build=str(built.directory))
+    with boot_entry(image, box, tmp_path) as (_kernel, a, _console):
+        assert a.ok("uname -r").strip() == built.release
+        a.push(dlfill, "/usr/local/bin/dlfill", 0o755)
+        a.ok(lh.KSM_SETUP.format(mib=lh.DLFILL_MIB, vmas=lh.FRAGMENT_VMAS))
+        try:
+            for i in (1, 2):
+                deadline = time.monotonic() + 120
+                while "DLFILL DONE" not in a.ok(f"cat /tmp/dlfill{i}.out"):
+                    assert time.monotonic() < deadline, a.ok(f"cat /tmp/dlfill{i}.out")
+                    time.sleep(0.5)
+            lh.wait_merged(a, int(lh.DLFILL_PAGES * 0.9), lh.MERGE_TIMEOUT_S)
+            pid = a.ok("cat /tmp/dlfill1.pid").strip()
+            before = lh.node_pages(a, pid)
+            a.ok(lh.TRACE_ON)
+            try:
+                a.ok(f"migratepages {pid} 0 1", timeout_s=600)
+            finally:
+                a.ok(lh.TRACE_OFF)
+            after = lh.node_pages(a, pid)
+            rc, trace, err = a.exec_sh("cat /tmp/rwk.trace", 120)
+            assert rc == 0, err
+            dmesg = a.ok("dmesg")
+        finally:
+            a.exec_sh("kill $(cat /tmp/dlfill1.pid /tmp/dlfill2.pid) 2>/dev/null; echo 2 > "
+                      "/sys/kernel/mm/ksm/run")  # fmt: skip
+    entries, returns, durations = lh.walk_durations_us(trace)
+    walk = sorted(durations)
+    print(
+        f"\nKBUILD {entry.label} {built.release}: walks {len(walk)}, median "
+        f"{walk[len(walk) // 2] if walk else 0:.1f} us, max {walk[-1] if walk else 0:.1f} us"
+    )
+    assert after.get("N1", 0) > before.get("N1", 0), (before, after)
+    assert entries > 0 and returns > 0, trace[-2000:]
+    # "BUG: ..." / "kernel BUG at" and "WARNING: CPU: ..." (not DEBUG in a boot line)
+    oops = re.search(r"^.*(\bBUG[: ]|kernel BUG at|WARNING: CPU).*$", dmesg, flags=re.M)
+    assert oops is None, oops[0] if oops else ""
