@@ -230,11 +230,7 @@ class WorkloadDriver:
             "workload-status", workload_vars(w, seed, fill_timeout_s), timeout_s=fill_timeout_s + 60
         )
         results = fill_results(events)
-        missing = sorted(set(self.guests) - {r.guest for r in results})
-        if missing:
-            raise PlayError(
-                "workload-status", "incomplete", 0, {g: "no DLFILL DONE line" for g in missing}
-            )
+        self._require_every_guest("workload-status", {r.guest for r in results}, "DLFILL DONE")
         return results
 
     def scramble(self, timeout_s: float = 180) -> None:
@@ -246,12 +242,15 @@ class WorkloadDriver:
         extravars = {"max_polls": int(timeout_s / 0.2)}
         events = self._play("workload-verify", extravars, timeout_s=timeout_s + 60)
         results = verifications(events)
-        missing = sorted(set(self.guests) - {v.workload for v in results})
-        if missing:
-            raise PlayError(
-                "workload-verify", "incomplete", 0, {g: "no DLFILL VERIFIED line" for g in missing}
-            )
+        answered = {v.workload for v in results}
+        self._require_every_guest("workload-verify", answered, "DLFILL VERIFIED")
         return results
+
+    def _require_every_guest(self, play: str, answered: set[str], line: str) -> None:
+        """A play whose output lacks some guest's result line is incomplete."""
+        missing = sorted(set(self.guests) - answered)
+        if missing:
+            raise PlayError(play, "incomplete", 0, {g: f"no {line} line" for g in missing})
 
     def stop(self) -> None:
         if self.started:

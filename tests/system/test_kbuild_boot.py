@@ -20,11 +20,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from subprocess import Popen
 
 import pytest
 
-from orchestrator import fleet, kbuild, labimage
+from orchestrator import kbuild, labimage
 from orchestrator.errors import HostError
 from orchestrator.images import build_dlfill
 from orchestrator.kernelspec import (
@@ -35,8 +34,9 @@ from orchestrator.kernelspec import (
     KernelEntry,
     SourceKernel,
 )
-from orchestrator.proc import spawn_group, stop_group
-from tests.qga import Agent, wait_for_marker
+from orchestrator.proc import stop_group
+from tests.labboot import boot_until_ready
+from tests.qga import Agent
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -65,24 +65,6 @@ def image() -> labimage.LabImage:
         pytest.skip(str(e))
 
 
-def boot(plan: labimage.BootPlan, console: Path) -> Popen[bytes]:
-    """Boot and wait for ready; one retry after a panic before ready (fleet's policy)."""
-    for attempt in range(1 + fleet.BOOT_RETRIES):
-        plan.overlay.unlink(missing_ok=True)
-        plan.agent_socket.unlink(missing_ok=True)
-        labimage.create_overlay(plan.image.rootfs, plan.overlay)
-        with console.open("wb") as log:
-            qemu = spawn_group(labimage.qemu_argv(plan), stdout=log.fileno(), stderr=log.fileno())
-        try:
-            wait_for_marker(console, "DENSITYLAB: ready", READY_TIMEOUT_S)
-            return qemu
-        except pytest.fail.Exception:
-            stop_group(qemu)
-            if attempt == fleet.BOOT_RETRIES or fleet.PANIC_MARKER not in console.read_text():
-                raise
-    raise AssertionError("unreachable")
-
-
 @contextmanager
 def boot_entry(
     image: labimage.LabImage, entry: KernelEntry, tmp: Path
@@ -91,7 +73,7 @@ def boot_entry(
     kernel = labimage.resolve_kernel(image, entry)
     console = tmp / "console.log"
     plan = labimage.BootPlan(image, kernel, tmp / "overlay.qcow2", tmp / "qga.sock")
-    qemu = boot(plan, console)
+    qemu, _ = boot_until_ready(plan, console, READY_TIMEOUT_S)
     try:
         agent = Agent(plan.agent_socket)
         try:

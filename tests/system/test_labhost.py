@@ -18,15 +18,15 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from subprocess import Popen
 
 import pytest
 
-from orchestrator import fleet, kernels, labimage
+from orchestrator import kernels, labimage
 from orchestrator.errors import HostError
 from orchestrator.images import REPO_ROOT, build_dlfill
-from orchestrator.proc import run, spawn_group, stop_group
-from tests.qga import Agent, wait_for_marker
+from orchestrator.proc import run, stop_group
+from tests.labboot import boot_until_ready
+from tests.qga import Agent
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -79,7 +79,7 @@ def booted(
     console, overlay = tmp / "console.log", tmp / "overlay.qcow2"
     plan = labimage.BootPlan(image, kernel, overlay, tmp / "qga.sock")
     try:
-        qemu, ready_s = boot_until_ready(plan, console)
+        qemu, ready_s = boot_until_ready(plan, console, READY_TIMEOUT_S)
         try:
             agent = Agent(plan.agent_socket)
             try:
@@ -92,27 +92,6 @@ def booted(
             stop_group(qemu)
     finally:
         overlay.unlink(missing_ok=True)
-
-
-def boot_until_ready(plan: labimage.BootPlan, console: Path) -> tuple[Popen[bytes], float]:
-    """Boot and wait for ready. A kernel panic before ready gets one more boot from a
-    fresh overlay, the policy the fleet applies (fleet.BOOT_RETRIES): under TCG the
-    Debian kernels now and then panic in early boot, an emulator flake."""
-    for attempt in range(1 + fleet.BOOT_RETRIES):
-        plan.overlay.unlink(missing_ok=True)
-        plan.agent_socket.unlink(missing_ok=True)
-        labimage.create_overlay(plan.image.rootfs, plan.overlay)
-        with console.open("wb") as log:
-            qemu = spawn_group(labimage.qemu_argv(plan), stdout=log.fileno(), stderr=log.fileno())
-        try:
-            return qemu, wait_for_marker(console, "DENSITYLAB: ready", READY_TIMEOUT_S)
-        except pytest.fail.Exception:
-            stop_group(qemu)
-            text = console.read_text(errors="replace")
-            if attempt == fleet.BOOT_RETRIES or fleet.PANIC_MARKER not in text:
-                raise
-            console.rename(console.with_name(f"console.panic{attempt + 1}.log"))
-    raise AssertionError("unreachable")
 
 
 def test_boots_the_kernel_with_two_nodes_memcg_and_tracefs(booted: Boot) -> None:
