@@ -30,7 +30,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from orchestrator import hostagent
 
@@ -103,22 +103,69 @@ def summarize(label: str, pairs: list[tuple[Round, Round]]) -> bool:
 # ---------------------------------------------------------------- inside a lab host
 
 
+class LabShell:
+    """The lab host's commands, files and agent, with collectors at paths of our own."""
+
+    def __init__(self, t: Any):
+        from orchestrator.hosts.agent import AgentShell
+
+        self.t, self.shell = t, AgentShell(t)
+
+    def run(self, argv: list[str], timeout_s: float = 120) -> str:
+        return self.shell.run(argv, timeout_s)
+
+    def agent(self, *args: str, timeout_s: float = 120) -> str:
+        return self.shell.agent(*args, timeout_s=timeout_s)
+
+    def read(self, path: str) -> str:
+        return self.t.read(path).decode(errors="replace")
+
+    def wait_done(self, path: str, timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while "DLFILL DONE " not in self.read(path):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{path}: no DLFILL DONE line within {timeout_s:.0f} s")
+            time.sleep(0.5)
+
+    def start_collector(self, method: str, tag: str, out: str, log: str) -> None:
+        from orchestrator.hosts.agent import agent_argv
+
+        pidfile = log.removesuffix(".log") + ".pid"
+        self.agent(
+            "spawn", "--out", log, "--pidfile", pidfile, "--",
+            *agent_argv("trace", "--method", method, "--out", out, "--tag", tag),
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while "collector: ready" not in self.read(log):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"collector did not start: {self.read(log)[-500:]}")
+            time.sleep(0.3)
+
+    def stop_collector(self, log: str) -> bool:
+        pidfile = log.removesuffix(".log") + ".pid"
+        self.agent("stop", "--pidfile", pidfile, "--grace-s", "600", timeout_s=660)
+        return "collector: stopped" in self.read(log)
+
+
 def lab_bench(kernel: str, args: argparse.Namespace) -> bool:
-    from orchestrator import fleet, images, labrun
+    from orchestrator import fleet, images
+    from orchestrator.hosts import agent
+    from orchestrator.hosts.labvm import boot_lab_vm
     from orchestrator.runner import pick_domain_type
     from orchestrator.spec import load_spec_text
 
     spec, _ = load_spec_text(LAB_SPEC % kernel, "bench")
     run_id = f"bench-collector-{int(time.time())}"
     tag = "bench"
-    work = labrun.WORK
+    work = agent.WORK
     conn = fleet.connect()
     domain_type = pick_domain_type("auto", {"accel": hostagent.probe_accel()})
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         stack.callback(conn.close)
         fl = stack.enter_context(fleet.Fleet(conn, run_id, f"bench-{kernel}", domain_type))
         t0 = time.monotonic()
-        host = labrun.boot_lab_host(fl, spec, kernel, Path(tmp), run_id, f"bench{kernel}")
+        t = boot_lab_vm(fl, spec, kernel, Path(tmp), run_id, f"bench{kernel}")
+        host = LabShell(t)
         release = host.run(["/usr/bin/uname", "-r"]).strip()
         print(f"lab host {kernel} ({release}) ready in {time.monotonic() - t0:.0f} s", flush=True)
         pids = []
@@ -127,11 +174,11 @@ def lab_bench(kernel: str, args: argparse.Namespace) -> bool:
             pid = host.agent(
                 "spawn", "--out", f"{work}/frag-{i}.out", "--pidfile", pidfile, "--",
                 "/usr/bin/numactl", "--membind=0", "--",
-                *images.fragmented_copy_argv(labrun.DLFILL_PATH, args.mib, args.vmas, 7, i),
+                *images.fragmented_copy_argv(agent.DLFILL_PATH, args.mib, args.vmas, 7, i),
             )  # fmt: skip
             stack.callback(host.agent, "stop", "--pidfile", pidfile)
             pids.append(int(pid.strip()))
-            labrun.wait_done_line(host, f"{work}/frag-{i}.out")
+            host.wait_done(f"{work}/frag-{i}.out")
         saved = f"{work}/ksm.json"
         host.agent(
             "ksm-apply", "--saved", saved, "run=1", "pages_to_scan=5000", "sleep_millisecs=10"
@@ -176,12 +223,12 @@ def lab_bench(kernel: str, args: argparse.Namespace) -> bool:
 
         def traced(n: int) -> tuple[float, int, int]:
             out, log = f"{work}/lat-{n}.jsonl", f"{work}/col-{n}.log"
-            labrun.start_collector(host, "kprobe", tag, out, log)
+            host.start_collector("kprobe", tag, out, log)
             try:
                 seconds, pages = migrate(n)
             finally:
                 # The collector drains its buffer before it removes its probes.
-                clean = labrun.stop_collector(host, log)
+                clean = host.stop_collector(log)
             if not clean:
                 raise RuntimeError(f"the collector did not stop cleanly: {host.read(log)[-500:]}")
             return seconds, pages, sum(1 for ln in host.read(out).splitlines() if ln.strip())

@@ -122,7 +122,7 @@ def parse_result_line(output: str, check: str, kernel: str, duration_s: float = 
 
 
 class Target(Protocol):
-    """A machine the checks run on: this one, or a lab host (labrun.LabHost)."""
+    """A machine the checks run on: this one, or a lab host (hosts.agent.AgentShell)."""
 
     def run(self, argv: list[str], timeout_s: float = 120) -> str: ...
     def agent(self, *args: str, timeout_s: float = 120) -> str: ...
@@ -263,13 +263,16 @@ def run_in_lab_host(
     spec: Spec, kernel: str, names: Sequence[str], st: store.RunStore, ctx: LabContext
 ) -> list[CheckResult]:
     """Boot the lab host for `kernel`, copy dlcheck in, run the checks, tear it down."""
-    from orchestrator import fleet, labrun
+    from orchestrator import fleet
+    from orchestrator.hosts.agent import AgentShell
+    from orchestrator.hosts.labvm import boot_lab_vm
 
     token = st.run_id.rsplit("-", 1)[-1] + f"{int(time.time()) % 100000:05d}"
     with TeardownStack(ctx.guard) as stack:
         fl = stack.enter_context(fleet.Fleet(ctx.conn, st.run_id, f"check-{kernel}", ctx.domain))
-        host = labrun.boot_lab_host(fl, spec, kernel, st.root / "checks", st.run_id, token)
-        fl.write_file(host.name, LAB_DLCHECK, ctx.dlcheck.read_bytes(), 0o755)
+        t = boot_lab_vm(fl, spec, kernel, st.root / "checks", st.run_id, token)
+        t.write(LAB_DLCHECK, ctx.dlcheck.read_bytes(), 0o755)
+        host = AgentShell(t)
         results = run_on_target(
             host, spec, kernel, LAB_DLCHECK, LAB_WORK, names, "checks", ctx.guard
         )

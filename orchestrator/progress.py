@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.runner import TrialResult
+from orchestrator.engine.state import TrialResult
 
 
 class RichProgress:

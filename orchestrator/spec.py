@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from orchestrator.errors import UsageError, printable, shorten, shown
+from orchestrator.hosts.methods import refusal
 from orchestrator.kernelspec import KernelEntry, label_of
 
 # fullmatch, not match with `$`: `$` also matches before a trailing newline.
@@ -426,24 +427,16 @@ class Spec(Strict):
 
     @model_validator(mode="after")
     def _triggers_fit_host(self) -> Spec:
-        """A lab host is a cgroup-v2 VM with NUMA cells: it migrates between nodes and
-        reclaims with memory.reclaim. Other methods are refused here, not mid-run."""
-        if self.host.kind != "labvm":
-            return self
+        """Each kind of host runs the trigger methods orchestrator.hosts.methods lists
+        (a lab host is a cgroup-v2 VM with NUMA cells: it migrates between nodes and
+        reclaims with memory.reclaim). Others are refused here, not mid-run."""
         m, r = self.phases.migrate, self.phases.reclaim
-        if m.enabled and m.method not in ("auto", "numa"):
-            raise field_error(
-                "phases.migrate.method",
-                "not available on host.kind labvm (it migrates between NUMA nodes: "
-                "use auto or numa)",
-                m.method,
-            )
-        if r.enabled and r.method not in ("auto", "memory.reclaim"):
-            raise field_error(
-                "phases.reclaim.method",
-                "not available on host.kind labvm (cgroup v2: use auto or memory.reclaim)",
-                r.method,
-            )
+        for trigger, cfg in (("migrate", m), ("reclaim", r)):
+            why = refusal(self.host.kind, trigger, cfg.method) if cfg.enabled else None
+            if why is not None:
+                raise field_error(f"phases.{trigger}.method", why, cfg.method)
+        if self.host.kind == "local":
+            return self
         if m.enabled and self.host.numa_cells < 2:
             raise field_error("host.numa_cells", "migrate on a lab host needs 2 or more cells", 1)
         return self

@@ -97,6 +97,6 @@ def test_lab_host_kprobe_samples(lab_image, tmp_path: Path, host_untouched) -> N
     assert hostagent.read_ksm_knobs() == host_ksm_before, "the lab host's KSM is its own"
     # Every lab process verified its pages after merge, migrate, reclaim and swap-off.
     integ = pd.read_parquet(run / "integrity.parquet")
-    assert set(integ.phase) == {"merge", "migrate", "reclaim", "restore"}
+    assert set(integ.phase) == {"merge", "migrate", "reclaim", "restore", "attribute"}
     assert (integ.groupby("phase").workload.nunique() == 4).all() and (integ.mismatches == 0).all()
-    assert "pages verified 32768, corrupted 0" in cp.stdout  # 4 checks x 4 x 2048 pages
+    assert "pages verified 40960, corrupted 0" in cp.stdout  # 5 checks x 4 x 2048 pages

@@ -1,4 +1,4 @@
-from orchestrator.runner import predicted_saving_pages
+from orchestrator.engine.predict import predicted_saving_pages
 from orchestrator.sampling import settled
 from orchestrator.workload import FillResult
 

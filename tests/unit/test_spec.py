@@ -98,3 +98,20 @@ def test_lab_host_refuses_trigger_methods_it_cannot_run(phases: str, field: str)
     with pytest.raises(UsageError) as e:
         load_spec_text(text, "x.yaml")
     assert str(e.value).startswith(f"x.yaml: {field}: ") and "labvm" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("trigger", "method"),
+    [("migrate", "compaction"), ("migrate", "offline"), ("reclaim", "v1-limit-steps")],
+)
+def test_lab_host_refuses_methods_it_cannot_run(tmp_path: Path, trigger: str, method: str) -> None:
+    """A lab VM migrates between NUMA nodes and reclaims with memory.reclaim: any other
+    method is refused by the spec (so by `plan`), naming the field and the backend."""
+    p = tmp_path / "lab.yaml"
+    p.write_text(
+        "name: lab\nhost: {kind: labvm}\nkernels: ['6.12']\n"
+        f"phases: {{{trigger}: {{enabled: true, method: {method}}}}}\n"
+    )
+    with pytest.raises(UsageError, match=rf"phases\.{trigger}\.method.*host\.kind labvm") as e:
+        load_spec(p)
+    assert "\n" not in str(e.value)

@@ -1,0 +1,163 @@
+"""The fleet of a trial, as guests (libvirt domains filled through ansible-runner) or,
+where a nested fleet would be too slow, as processes with the same fill pattern. The
+trial's phases treat both alike: boot, wait ready, fill, verify, scramble."""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from typing import Protocol
+
+from orchestrator import fleet, integrity, plan
+from orchestrator.engine.context import RunContext
+from orchestrator.engine.state import TrialState
+from orchestrator.errors import HostError
+from orchestrator.hosts.base import Host, Proc
+from orchestrator.workload import FillResult, PlayError, WorkloadDriver
+
+
+class TrialFleet(Protocol):
+    kind: str  # "guest" or "host-process": the walk targets' kind
+
+    def boot(self, stack: ExitStack) -> dict[str, int]:
+        """Start every member; name -> pid of the process holding its memory."""
+
+    def wait_ready(self, timeout_s: float) -> None: ...
+    def fill(self, stack: ExitStack) -> list[FillResult]: ...
+    def verify(self) -> list[integrity.Verification]: ...
+    def scramble(self) -> None: ...
+
+
+def fleet_for(ctx: RunContext, host: Host, trial: plan.Trial, st: TrialState) -> TrialFleet:
+    """Guests where the host runs them at full speed, processes elsewhere."""
+    if host.guests:
+        return GuestFleet(ctx, host, trial, st)
+    return ProcessFleet(ctx, host, trial, st)
+
+
+class GuestFleet:
+    kind = "guest"
+
+    def __init__(self, ctx: RunContext, host: Host, trial: plan.Trial, st: TrialState):
+        self.ctx, self.host, self.trial, self.st = ctx, host, trial, st
+        self.fl: fleet.Fleet | None = None
+        self.driver: WorkloadDriver | None = None
+
+    def boot(self, stack: ExitStack) -> dict[str, int]:
+        ctx, trial = self.ctx, self.trial
+        self.fl = fl = stack.enter_context(
+            fleet.Fleet(ctx.conn, ctx.store.run_id, trial.trial_id, ctx.domain_type)
+        )
+        token = ctx.store.run_id.rsplit("-", 1)[-1] + f"{int(time.time()) % 100000:05d}"
+        fl.define(self.guest_specs(token))
+        self.st.guests = list(fl.guests)  # the fleet clears its own list at teardown
+        fl.start_all()
+        return {g.name: g.pid for g in fl.guests if g.pid is not None}
+
+    def guest_specs(self, token: str) -> list[fleet.GuestSpec]:
+        ctx, trial = self.ctx, self.trial
+        img = fleet.GuestImage(kernel=ctx.image.kernel, initrd=ctx.image.initrd)
+        logs = ctx.store.trial_dir(trial.trial_id) / "console"
+        return [
+            fleet.GuestSpec(
+                name=f"dl-{token}-{trial.fleet_size}-{trial.repeat}-g{i}",
+                memory_mib=ctx.spec.fleet.memory_mib,
+                vcpus=ctx.spec.fleet.vcpus,
+                image=img,
+                console_log=logs / f"g{i}.log",
+            )
+            for i in range(trial.fleet_size)
+        ]
+
+    def wait_ready(self, timeout_s: float) -> None:
+        assert self.fl is not None
+        self.fl.wait_ready(timeout_s)
+
+    def fill(self, stack: ExitStack) -> list[FillResult]:
+        """Start the workload everywhere and wait for it, stopping early if the host
+        runs short of memory."""
+        ctx, spec, host = self.ctx, self.ctx.spec, self.host
+        assert self.fl is not None
+        short: list[str] = []
+
+        def cancel() -> bool:
+            samples = host.samples()
+            avail_mib = (
+                samples[-1]["meminfo_kib"].get("MemAvailable", 1 << 40) / 1024
+                if samples
+                else 1 << 30
+            )
+            if avail_mib < spec.host_reserve_mib and not short:
+                short.append(
+                    f"host memory reserve reached: MemAvailable {avail_mib:.0f} MiB < "
+                    f"host_reserve_mib {spec.host_reserve_mib}"
+                )
+            return bool(short) or ctx.guard.requested
+
+        self.driver = driver = WorkloadDriver(
+            [g.name for g in self.fl.guests],
+            ctx.store.trial_dir(self.trial.trial_id) / "ansible",
+            host.libvirt_uri or fleet.URI,
+            on_event=ctx.progress.guest_event,
+            cancel=cancel,
+        )
+        stack.callback(driver.stop)
+        seed = spec.workload_seed
+        try:
+            with ctx.guard.deferred():
+                driver.start(spec.workload, seed, spec.phases.fill.timeout_s)
+                return driver.wait_filled(spec.workload, seed, spec.phases.fill.timeout_s)
+        except PlayError as e:
+            ctx.guard.check()
+            if short:
+                raise HostError(short[0]) from e
+            raise
+
+    def verify(self) -> list[integrity.Verification]:
+        return self.driver.verify() if self.driver is not None else []
+
+    def scramble(self) -> None:
+        assert self.driver is not None
+        self.driver.scramble()
+
+
+class ProcessFleet:
+    """fleet.count processes with the guests' fill pattern (named pattern-<i>)."""
+
+    kind = "host-process"
+
+    def __init__(self, ctx: RunContext, host: Host, trial: plan.Trial, st: TrialState):
+        self.ctx, self.host, self.trial, self.st = ctx, host, trial, st
+        self.procs: list[Proc] = []
+
+    def boot(self, stack: ExitStack) -> dict[str, int]:
+        spec = self.ctx.spec
+        self.procs = self.host.start_fleet_processes(
+            spec.workload, self.trial.fleet_size, spec.workload_seed, stack
+        )
+        self.st.fleet_procs = self.procs
+        return {p.name: p.pid for p in self.procs}
+
+    def wait_ready(self, timeout_s: float) -> None:
+        pass  # a process is ready when it runs
+
+    def fill(self, stack: ExitStack) -> list[FillResult]:
+        self.host.wait_filled(self.procs, self.ctx.spec.phases.fill.timeout_s)
+        return [
+            FillResult(
+                p.name,
+                float(p.done["fill_s"]),
+                int(p.done["dup_pages"]),
+                int(p.done["zero_pages"]),
+                int(p.done["unique_pages"]),
+                int(p.done["volatile_pages"]),
+                int(p.done["vmas"]),
+            )
+            for p in self.procs
+        ]
+
+    def verify(self) -> list[integrity.Verification]:
+        return self.host.verify(self.procs) if self.procs else []
+
+    def scramble(self) -> None:
+        self.host.scramble(self.procs)

@@ -1,0 +1,1 @@
+"""Where a trial runs: one interface (base.Host), one backend per kind of host."""

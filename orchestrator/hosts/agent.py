@@ -1,0 +1,387 @@
+"""A host driven through the host agent over a transport: a lab-host VM (the guest
+agent) or a lab machine (SSH). Every step is a host-agent subcommand (`spawn`,
+`ksm-apply`, `trace`, `swap-on`, `reclaim`, ...), so nothing about the transport is
+special-cased. Under TCG a nested fleet would be ~60x slower, so the fleet runs as
+processes with the guests' fill patterns (labelled `host-process` in the data)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+
+from orchestrator import hostagent, images, integrity
+from orchestrator.attribution import Window
+from orchestrator.errors import HostError
+from orchestrator.hosts.base import EventFn, Proc
+from orchestrator.integrity import Verification
+from orchestrator.spec import HostWorkload, Migrate, Reclaim, Workload
+
+AGENT_PATH = "/opt/densitylab/hostagent.py"
+DLFILL_PATH = "/usr/local/bin/dlfill"
+WORK = "/run/densitylab"
+LATENCY_COLUMNS = ["ts_ns", "duration_ns", "method", "lower_bound", "pid", "comm", "caller"]
+
+
+class Transport(Protocol):
+    """How commands and files reach the host. run raises HostError (or GuestError)
+    naming argv, exit code and the tail of stderr when argv fails."""
+
+    name: str
+
+    def run(self, argv: list[str], timeout_s: float = 120) -> str: ...
+    def read(self, path: str) -> bytes: ...
+    def write(self, path: str, data: bytes, mode: int) -> None: ...
+
+
+def agent_argv(*args: str) -> list[str]:
+    """The argv that runs one host-agent subcommand on a host."""
+    return ["/usr/bin/python3", AGENT_PATH, *args]
+
+
+class AgentShell:
+    """Commands and host-agent subcommands over a transport (what the checks need)."""
+
+    def __init__(self, t: Transport):
+        self.t = t
+
+    def run(self, argv: list[str], timeout_s: float = 120) -> str:
+        return self.t.run(argv, timeout_s)
+
+    def agent(self, *args: str, timeout_s: float = 120) -> str:
+        return self.t.run(agent_argv(*args), timeout_s)
+
+
+def ship_tools(t: Transport) -> None:
+    """The host agent and the workload program: all a host needs from us."""
+    t.run(["/bin/mkdir", "-p", str(Path(AGENT_PATH).parent), WORK])
+    t.write(AGENT_PATH, Path(hostagent.__file__).read_bytes(), 0o644)
+    # The same static binary as the tiny guest's and this machine's.
+    t.write(DLFILL_PATH, images.host_dlfill().read_bytes(), 0o755)
+
+
+def pattern_argv(w: Workload, seed: int, instance: int) -> list[str]:
+    """dlfill with the guests' fill pattern, held until stopped."""
+    return [
+        DLFILL_PATH,
+        *("--mib", str(w.mib), "--dup", str(w.dup), "--zero", str(w.zero)),
+        *("--unique", str(w.unique), "--volatile", str(w.volatile)),
+        *("--volatile-rate", str(w.volatile_rate_pps), "--seed", str(seed)),
+        *("--instance", str(instance), "--mergeable", "--hold"),
+        *(["--one-content"] if w.pattern == "one-content" else []),
+    ]
+
+
+class AgentHost:
+    """Host operations as host-agent subcommands. Subclasses provide `open` (boot or
+    reach the host, set `self.t`, ship the tools)."""
+
+    guests = False  # the fleet runs as processes (see the module's docstring)
+    libvirt_uri: str | None = None
+    poll_s = 2.0  # each read is a round trip through the transport
+
+    def __init__(self, run_id: str, numa_cells: int):
+        self.run_id = run_id
+        self.numa_cells = numa_cells
+        self.tag = run_id.replace("-", "_")
+        self.t: Transport | None = None
+        self._facts: dict[str, Any] | None = None
+        self._offset_ns = 0
+        self._samples: list[dict[str, Any]] = []
+        self._sample_bytes = 0
+        self._procs: list[str] = []
+
+    # -------------------------------------------------------------- plumbing
+
+    @property
+    def transport(self) -> Transport:
+        if self.t is None:
+            raise HostError(f"{type(self).__name__}: used before open()")
+        return self.t
+
+    def agent(self, *args: str, timeout_s: float = 120) -> str:
+        return self.transport.run(agent_argv(*args), timeout_s)
+
+    def read_text(self, path: str) -> str:
+        return self.transport.read(path).decode(errors="replace")
+
+    def reset(self) -> None:
+        """Forget the previous trial's state (a host may serve several trials)."""
+        self._facts = None
+        self._samples, self._sample_bytes, self._procs = [], 0, []
+
+    def facts(self) -> dict[str, Any]:
+        if self._facts is None:
+            self._facts = json.loads(self.agent("probe", "--no-bpf", timeout_s=120))
+        return self._facts
+
+    def sync_clock(self) -> int:
+        """The host's CLOCK_MONOTONIC, read through the transport; also sets the offset
+        now_ns() uses between reads (one round trip costs seconds in a TCG VM, so events
+        are stamped from this clock plus the offset, within half a round trip)."""
+        before = time.monotonic_ns()
+        remote = int(self.agent("now").strip())
+        after = time.monotonic_ns()
+        self._offset_ns = remote - (before + after) // 2
+        return remote
+
+    def now_ns(self) -> int:
+        return time.monotonic_ns() + self._offset_ns
+
+    # -------------------------------------------------------------- KSM
+
+    def ksm_apply(self, knobs: Mapping[str, int | str], stack: ExitStack) -> None:
+        self.agent(
+            "ksm-apply", "--saved", f"{WORK}/ksm.json", *[f"{k}={v}" for k, v in knobs.items()]
+        )
+        stack.callback(self.agent, "ksm-restore", "--saved", f"{WORK}/ksm.json")
+
+    def ksm_set_run(self, value: int) -> None:
+        # ksm-apply keeps the host's values saved by the first call: only `run` changes.
+        self.agent("ksm-apply", "--saved", f"{WORK}/ksm.json", f"run={value}")
+
+    def ksm_knobs(self) -> dict[str, str]:
+        return dict(self.facts()["ksm"].get("knobs", {})) | self._knobs_now()
+
+    def _knobs_now(self) -> dict[str, str]:
+        out = self.transport.run(
+            ["/bin/sh", "-c", "cd /sys/kernel/mm/ksm && grep -H . * 2>/dev/null"], 30
+        )
+        knobs = {}
+        for line in out.splitlines():
+            name, _, value = line.partition(":")
+            knobs[name] = value.strip()
+        return knobs
+
+    # -------------------------------------------------------------- workloads
+
+    def spawn(self, name: str, argv: list[str], stack: ExitStack, kind: Any, pattern: str) -> Proc:
+        """Start argv detached in a memory cgroup of its own (so reclaim can act on one
+        workload at a time), its memory on node 0 (so 0 -> 1 moves every page)."""
+        cgroup = f"densitylab-{self.tag}-{name}"
+        bind = ["/usr/bin/numactl", "--membind=0", "--"] if self.numa_cells > 1 else []
+        pid = self.agent(
+            "spawn",
+            *("--out", f"{WORK}/{name}.out", "--pidfile", f"{WORK}/{name}.pid"),
+            *("--cgroup", cgroup, "--"),
+            *bind,
+            *argv,
+        )
+        if not self._procs:  # one round trip stops them all (and removes their cgroups)
+            stack.callback(self._stop_procs)
+        self._procs.append(name)
+        return Proc(name, int(pid.strip()), kind, pattern, {}, cgroup)
+
+    def start_host_copies(
+        self, w: HostWorkload, vmas: int, seed: int, stack: ExitStack, out_dir: Path
+    ) -> list[Proc]:
+        procs = [
+            self.spawn(
+                f"fragmented-{i}",
+                images.fragmented_copy_argv(
+                    DLFILL_PATH, w.mib, vmas, seed, i, one_content=w.pattern == "one-content"
+                ),
+                stack,
+                "host-copy",
+                w.pattern,
+            )
+            for i in range(w.copies)
+        ]
+        self.wait_filled(procs, 300)
+        return procs
+
+    def start_fleet_processes(
+        self, w: Workload, count: int, seed: int, stack: ExitStack
+    ) -> list[Proc]:
+        return [
+            self.spawn(f"pattern-{i}", pattern_argv(w, seed, i), stack, "host-process", w.pattern)
+            for i in range(count)
+        ]
+
+    def wait_filled(self, procs: list[Proc], timeout_s: float) -> None:
+        for p in procs:
+            p.done = self.wait_done_line(p.name, timeout_s)
+
+    def wait_done_line(self, name: str, timeout_s: float) -> dict[str, Any]:
+        path = f"{WORK}/{name}.out"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in self.read_text(path).splitlines():
+                if line.startswith("DLFILL DONE "):
+                    return dict(json.loads(line.removeprefix("DLFILL DONE ")))
+                if line.startswith("dlfill: "):
+                    raise HostError(f"{self.transport.name}: {path}: {line}")
+            time.sleep(0.5)
+        raise HostError(
+            f"{self.transport.name}: {path}: no DLFILL DONE line within {timeout_s:.0f}s"
+        )
+
+    def scramble(self, procs: list[Proc], timeout_s: float = 300) -> None:
+        """SIGUSR1 each dlfill (its pages become unique) and wait for its confirmation."""
+        out = {p.name: f"{WORK}/{p.name}.out" for p in procs}
+        before = {n: self.read_text(path).count("DLFILL SCRAMBLED") for n, path in out.items()}
+        self.transport.run(["/usr/bin/kill", "-USR1", *[str(p.pid) for p in procs]])
+        deadline = time.monotonic() + timeout_s
+        for n, path in out.items():
+            while self.read_text(path).count("DLFILL SCRAMBLED") <= before[n]:
+                if time.monotonic() > deadline:
+                    raise HostError(f"{self.transport.name}: {n} did not confirm the scramble")
+                time.sleep(0.5)
+
+    def verify(self, procs: list[Proc]) -> list[Verification]:
+        """Every dlfill checks its pages; the line lands in its .out file."""
+        return integrity.verify_processes(
+            {p.name: p.pid for p in procs},
+            self._send_verify,
+            lambda name: self.read_text(f"{WORK}/{name}.out"),
+            poll_s=0.5,
+        )
+
+    def _stop_procs(self) -> None:
+        agent = f"/usr/bin/python3 {AGENT_PATH}"
+        steps = [
+            f"{agent} stop --pidfile {WORK}/{n}.pid; "
+            f"{agent} cgroup-remove --cgroup densitylab-{self.tag}-{n}"
+            for n in reversed(self._procs)
+        ]
+        self.transport.run(["/bin/sh", "-ec", "; ".join(steps)], 300)
+
+    def _send_verify(self, pid: int) -> None:
+        self.transport.run(["/usr/bin/kill", "-USR2", str(pid)])
+
+    # -------------------------------------------------------------- sampling
+
+    def start_sampler(self, pids: Mapping[str, int], interval_s: float, stack: ExitStack) -> None:
+        self.agent(
+            "spawn",
+            *("--out", f"{WORK}/sampler.log", "--pidfile", f"{WORK}/sampler.pid", "--"),
+            *("/usr/bin/python3", AGENT_PATH, "sample", "--interval-s", str(interval_s)),
+            *("--out", f"{WORK}/samples.jsonl"),
+            *[f"--pid={n}={p}" for n, p in pids.items()],
+        )
+        stack.callback(self._stop_sampler)
+
+    def _stop_sampler(self) -> None:
+        self.agent("stop", "--pidfile", f"{WORK}/sampler.pid")
+        self.samples()  # the last lines
+
+    def samples(self) -> list[dict[str, Any]]:
+        """Every sample so far; reads only the bytes added since the last call."""
+        try:
+            chunk = self.transport.run(
+                ["/usr/bin/tail", "-c", f"+{self._sample_bytes + 1}", f"{WORK}/samples.jsonl"], 60
+            )
+        except HostError:
+            return self._samples  # no file yet
+        whole = chunk[: chunk.rfind("\n") + 1]  # a line being written is read next time
+        self._sample_bytes += len(whole.encode())
+        self._samples += [json.loads(line) for line in whole.splitlines() if line.strip()]
+        return self._samples
+
+    # -------------------------------------------------------------- latency
+
+    def start_collector(self, method: str, tag: str, stack: ExitStack, event: EventFn) -> None:
+        """Start the agent's latency collector and wait until its probes are in place."""
+        log = f"{WORK}/collector.log"
+        self.agent(
+            "spawn",
+            *("--out", log, "--pidfile", f"{WORK}/collector.pid", "--"),
+            *("/usr/bin/python3", AGENT_PATH, "trace", "--method", method),
+            *("--out", f"{WORK}/latency.jsonl", "--tag", tag),
+        )
+        stack.callback(self._stop_collector, event)
+        deadline = time.monotonic() + 60
+        while "collector: ready" not in self.read_text(log):
+            if time.monotonic() > deadline:
+                raise HostError(
+                    f"{self.transport.name}: collector did not start: {self.read_text(log)[-500:]}"
+                )
+            time.sleep(0.3)
+
+    def _stop_collector(self, event: EventFn) -> None:
+        """Give the collector time to drain its buffer (a slow VM parses ~10^4 events/s);
+        one that had to be killed is said in the trial's events."""
+        self.agent("stop", "--pidfile", f"{WORK}/collector.pid", "--grace-s", "600", timeout_s=660)
+        if "collector: stopped" not in self.read_text(f"{WORK}/collector.log"):
+            event("collector-killed", "did not drain within 600 s: latency samples are incomplete")
+
+    def latency(self) -> pd.DataFrame:
+        try:
+            text = self.read_text(f"{WORK}/latency.jsonl")
+        except HostError:
+            text = ""
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        return pd.DataFrame(rows, columns=LATENCY_COLUMNS)
+
+    # -------------------------------------------------------------- triggers
+
+    def migrate(
+        self, cfg: Migrate, targets: dict[str, int], repeat: int, event: EventFn
+    ) -> list[Window]:
+        """One NUMA pass (0 -> 1, then back), one process at a time, each window on the
+        host's clock: every walk in it is for that process's pages. The agent reports
+        its own window: each extra round trip costs seconds in a TCG lab host."""
+        if int(self.facts()["numa"]["value"]) < 2:
+            raise HostError(f"{self.transport.name} has one NUMA node: migrate needs two or more")
+        src, dst = (0, 1) if repeat % 2 == 0 else (1, 0)
+        t0 = time.monotonic()
+        windows = []
+        for name, pid in targets.items():
+            if cfg.pages is None:
+                start = self.sync_clock()
+                self.transport.run(["/usr/bin/migratepages", str(pid), str(src), str(dst)], 3600)
+                end, detail = self.sync_clock(), f"{name}: all pages"
+            else:
+                out = json.loads(
+                    self.agent(
+                        "move-pages",
+                        *("--pid", str(pid), "--pages", str(cfg.pages), "--node", str(dst)),
+                        timeout_s=3600,
+                    )
+                )
+                start, end = out.pop("start_ns"), out.pop("end_ns")
+                detail = f"{name}: move_pages {json.dumps(out)}"
+            windows.append(Window(start, end, name, "migrate"))
+            event("migrated-process", detail, end)
+        event("migrated", f"numa {src}->{dst} in {time.monotonic() - t0:.2f}s", windows[-1].end_ns)
+        return windows
+
+    def provide_swap(self, cfg: Reclaim, stack: ExitStack, event: EventFn) -> None:
+        saved = f"{WORK}/swap.json"
+        self.agent("swap-on", "--kind", cfg.swap, "--mib", str(cfg.swap_mib), "--saved", saved)
+        stack.callback(self.agent, "swap-off", "--saved", saved, timeout_s=900)
+        event("swap-on", f"{cfg.swap} {cfg.swap_mib} MiB")
+
+    def reclaim(
+        self, cfg: Reclaim, targets: dict[str, int], stack: ExitStack, event: EventFn
+    ) -> list[Window]:
+        """memory.reclaim on one workload's cgroup at a time, in recorded windows."""
+        windows = []
+        for name in targets:
+            out = json.loads(
+                self.agent(
+                    "reclaim",
+                    "--json",
+                    *("--cgroup", f"densitylab-{self.tag}-{name}", "--mib", str(cfg.reclaim_mib)),
+                    timeout_s=3600,
+                )
+            )
+            windows.append(Window(out["start_ns"], out["end_ns"], name, "reclaim"))
+            detail = f"{name}: memory.reclaim {cfg.reclaim_mib} MiB: {out['result']}"
+            event("reclaimed", detail, out["end_ns"])
+        return windows
+
+    def keep_files(self, trial_dir: Path) -> None:
+        """Copies of the host's record files in the run directory (missing ones are fine)."""
+        for name in ("samples.jsonl", "latency.jsonl", "collector.log"):
+            try:
+                data = self.transport.read(f"{WORK}/{name}")
+            except HostError:
+                continue
+            trial_dir.mkdir(parents=True, exist_ok=True)
+            (trial_dir / f"lab-{name}").write_bytes(data)
