@@ -424,7 +424,7 @@ def grub_entry(grub_cfg: str, release: str) -> str:
     'Advanced options' submenu (ids are what grub-mkconfig writes as $menuentry_id_option)."""
     submenu = re.search(r"^submenu .*?\$menuentry_id_option '([^']+)'", grub_cfg, re.M)
     entry = re.search(
-        rf"^\s*menuentry '[^']*{re.escape(release)}'.*?\$menuentry_id_option '([^']+)'",
+        rf"^\s*menuentry '[^']* {re.escape(release)}'.*?\$menuentry_id_option '([^']+)'",
         grub_cfg,
         re.M,
     )
