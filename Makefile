@@ -144,3 +144,24 @@ checks: setup
 	@started=$$(scripts/labd start | grep -c '^labd: running' || true); \
 	$(DL) check $(or $(SPEC),experiments/checks.yaml); rc=$$?; \
 	[ "$$started" = 1 ] && scripts/labd stop >/dev/null; exit $$rc
+
+# Real lab machines (Ansible inventory), and two lab-host VMs that stand in for them:
+# SSH on loopback ports, a key pair made for them, LAB_VMS/inventory.ini.
+#   make lab-vms        boot them (~1 min under TCG)    make lab-vms-stop   remove them
+#   make lab-check INVENTORY=hosts.ini [PATTERN=lab]    the doctor on every machine
+LAB_VMS ?= results/lab-vms
+PATTERN ?= all
+.PHONY: lab-vms lab-vms-stop lab-check lab-prepare
+lab-vms: setup lab-images lab-start
+	$(DL) lab vms start $(LAB_VMS)
+
+lab-vms-stop:
+	$(DL) lab vms stop $(LAB_VMS)
+
+lab-check: setup
+	@test -n "$(INVENTORY)" || { echo "usage: make lab-check INVENTORY=hosts.ini [PATTERN=g]"; exit 2; }
+	$(DL) lab check $(INVENTORY) --pattern '$(PATTERN)'
+
+lab-prepare: setup
+	@test -n "$(INVENTORY)" || { echo "usage: make lab-prepare INVENTORY=hosts.ini [PATTERN=g]"; exit 2; }
+	$(DL) lab prepare $(INVENTORY) --pattern '$(PATTERN)'

@@ -347,6 +347,116 @@ def kernels_build(
             out.print(f"{r.label}: {r.release} ({r.origin})", markup=False, highlight=False)
 
 
+# ---------------------------------------------------------------- lab machines (inventory)
+
+lab_app = typer.Typer(no_args_is_help=True, help="Real lab machines from an Ansible inventory.")
+app.add_typer(lab_app, name="lab")
+lab_vms_app = typer.Typer(no_args_is_help=True, help="Lab-host VMs on loopback SSH ports.")
+lab_app.add_typer(lab_vms_app, name="vms")
+PatternOpt = Annotated[str, typer.Option("--pattern", help="Ansible host pattern")]
+
+
+@lab_app.command("check")
+def lab_check(
+    inventory: Path,
+    pattern: PatternOpt = "all",
+    spec: Annotated[Path | None, typer.Option(help="also check the machines can run it")] = None,
+) -> None:
+    """The doctor on every machine, in parallel; exit 1 naming the machines that are
+    unreachable or cannot run --spec."""
+    from time import monotonic_ns
+
+    from orchestrator import inventory as inv
+    from orchestrator import lab
+    from orchestrator.spec import load_spec
+
+    try:
+        s = load_spec(spec)[0] if spec is not None else None
+        machines = inv.load_inventory(inventory, pattern)
+    except DensitylabError as e:
+        fail(e)
+    t0_ns = monotonic_ns()
+    checks = lab.check_all(machines, spec=s)
+    elapsed_s = (monotonic_ns() - t0_ns) / 1e9
+    t = Table(title=f"{inventory} ({pattern}): {len(machines)} machines, {elapsed_s:.1f} s")
+    for col in lab.COLUMNS:
+        t.add_column(col, justify="right" if col in ("NUMA", "free MiB") else "left")
+    for c in checks:
+        t.add_row(*(escape(printable(cell)) for cell in lab.row(c)))
+    # Off a terminal, one line per machine whatever its CPU model's length (logs, CI).
+    Console(width=None if sys.stdout.isatty() else 1000).print(t)
+    bad = [c for c in checks if not c.ok]
+    for c in bad:
+        print(f"densitylab: {c.machine.label}: {printable('; '.join(c.problems))}", file=sys.stderr)
+    raise typer.Exit(1 if bad else 0)
+
+
+@lab_app.command("prepare")
+def lab_prepare(
+    inventory: Path,
+    pattern: PatternOpt = "all",
+    artifacts: Annotated[Path, typer.Option(help="ansible-runner folder")] = Path(
+        "results/lab-prepare"
+    ),
+) -> None:
+    """Install what a lab machine needs (apt), ship the host agent and dlfill, start
+    libvirtd; idempotent (a second run changes nothing)."""
+    from orchestrator import inventory as inv
+    from orchestrator import lab
+
+    try:
+        machines = inv.load_inventory(inventory, pattern)
+        result = lab.prepare(machines, artifacts)
+    except DensitylabError as e:
+        fail(e)
+    for name, st in sorted(result.stats.items()):
+        out.print(f"{name}: ok={st['ok']} changed={st['changed']} failed={st['failures']}")
+    out.print(f"prepared {len(machines)} machines in {result.elapsed_s:.1f} s")
+
+
+@lab_app.command("clean")
+def lab_clean(inventory: Path, pattern: PatternOpt = "all") -> None:
+    """Purge the packages densitylab installed on the machines (never one they had)."""
+    from orchestrator import inventory as inv
+    from orchestrator import lab
+
+    try:
+        removed = lab.sweep(inv.load_inventory(inventory, pattern))
+    except DensitylabError as e:
+        fail(e)
+    for name, pkgs in sorted(removed.items()):
+        out.print(f"{name}: removed {', '.join(pkgs) or 'nothing'}", markup=False)
+
+
+@lab_vms_app.command("start")
+def lab_vms_start(
+    directory: Path,
+    count: Annotated[int, typer.Option(min=1, max=8)] = 2,
+    kernel: Annotated[str, typer.Option(help="lab-image kernel label")] = "6.12",
+) -> None:
+    """Boot lab-host VMs reachable over SSH on loopback; DIR/inventory.ini names them."""
+    from orchestrator import labvms
+
+    try:
+        vms = labvms.start(directory, count=count, kernel=kernel)
+    except DensitylabError as e:
+        fail(e)
+    out.print(f"{len(vms.names)} lab VMs up in {vms.boot_s:.1f} s: {vms.inventory}", markup=False)
+
+
+@lab_vms_app.command("stop")
+def lab_vms_stop(directory: Path) -> None:
+    """Remove the lab VMs started in DIR."""
+    from orchestrator import labvms
+
+    try:
+        removed = labvms.stop(directory)
+    except DensitylabError as e:
+        fail(e)
+    for r in removed:
+        out.print(f"removed {r}", markup=False, highlight=False)
+
+
 def main(argv: list[str] | None = None) -> int:
     """The entry point; returns the exit code. A malformed command line (a missing
     argument, `--host-ram-gib abc`) is one line and exit 2, like any other bad input."""

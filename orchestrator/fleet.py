@@ -73,6 +73,9 @@ class GuestSpec:
     console_log: Path
     overlay: Path | None = None
     numa_cells: int = 1
+    # A user-mode NIC (no route out: restrict=on) whose guest port 22 is forwarded to
+    # 127.0.0.1:ssh_port, so the guest is reached like a lab machine (inventory.py).
+    ssh_port: int | None = None
 
 
 @dataclass
@@ -129,6 +132,7 @@ def domain_xml(spec: GuestSpec, *, run_id: str, trial_id: str, domain_type: str)
         console_log=spec.console_log,
         numa_cells=spec.numa_cells,
         cell_cpus=cell_cpus(spec.vcpus, spec.numa_cells),
+        ssh_port=spec.ssh_port,
     )
 
 

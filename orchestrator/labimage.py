@@ -1,13 +1,14 @@
 """The lab-host image: a Debian trixie root filesystem that boots the kernels under test.
 
 One ext4 image holds a small Debian trixie system (python3 for the host agent, numactl,
-util-linux, procps, iproute2, kmod, qemu-guest-agent, initramfs-tools) with every Debian
-kernel of the A/B comparison installed, so Debian's own initramfs-tools builds their
-initrds (MODULES=list and a hook that force-loads virtio_pci, virtio_blk, virtio_console
-and ext4: ~9 MB each). PID 1 is images/labhost/densitylab-init, not systemd: it mounts
-tracefs and cgroup v2 (memory delegated), loads zram, starts qemu-ga and prints the
-DENSITYLAB markers on ttyS0. Each kernel's vmlinuz and initrd are copied next to the
-image for direct kernel boot:
+util-linux, procps, iproute2, kmod, qemu-guest-agent, initramfs-tools; openssh-server
+and what `densitylab lab prepare` installs on a lab machine) with every Debian kernel
+of the A/B comparison installed, so Debian's own initramfs-tools builds their initrds
+(MODULES=list and a hook that force-loads virtio_pci, virtio_blk, virtio_console and
+ext4: ~9 MB each). PID 1 is images/labhost/densitylab-init, not systemd: it mounts
+tracefs and cgroup v2 (memory delegated), loads zram, starts sshd when the VM has a
+NIC, starts qemu-ga and prints the DENSITYLAB markers on ttyS0. Each kernel's vmlinuz
+and initrd are copied next to the image for direct kernel boot:
 
     images/out/labhost/<key>/{rootfs.ext4, vmlinuz-<release>, initrd.img-<release>,
                               manifest.json}          and images/out/labhost/current -> <key>
@@ -62,6 +63,7 @@ from orchestrator.images import (
     sha256_file,
     source_digests,
 )
+from orchestrator.inventory import LAB_PACKAGES
 from orchestrator.kernels import KernelArtifact, PrivateApt
 from orchestrator.kernelspec import KernelEntry, label_of
 from orchestrator.proc import STDERR_TAIL_CHARS, run, spawn_group, stop_group
@@ -82,7 +84,7 @@ SOURCE_FILES = (
 )
 SUITE = "trixie"
 VARIANT = "apt"  # Essential: yes + apt; everything else is named below
-INCLUDES = (
+BASE_INCLUDES = (
     "python3",  # the host agent
     "numactl",  # numactl, migratepages
     "util-linux",  # zramctl, swapon, mkswap
@@ -95,6 +97,10 @@ INCLUDES = (
     "zstd",  # initramfs compression (only a Recommends of initramfs-tools)
     "e2fsprogs",
 )
+# A lab host also stands in for a real lab machine reached over SSH (orchestrator/
+# inventory.py): sshd, kexec, and everything `lab prepare` installs, so that its apt
+# step is a no-op in a VM without network. Each package once, in this order.
+INCLUDES = tuple(dict.fromkeys((*BASE_INCLUDES, "openssh-server", *LAB_PACKAGES)))
 # bpftrace drags in LLVM and clang (~260 MB installed): off unless asked for.
 BPFTRACE = ("bpftrace",)
 DPKG_OPTIONS = (

@@ -257,3 +257,60 @@ class WorkloadDriver:
             # Not cancellable: it runs during teardown, after an interrupt too.
             self._play("workload-stop", {}, timeout_s=120, cancellable=False)
             self.started = False
+
+
+# ---------------------------------------------------------------- plays on lab machines
+
+
+def run_machine_play(
+    play: str,
+    inventory: Mapping[str, Any],
+    data_dir: Path,
+    *,
+    extravars: Mapping[str, Any],
+    timeout_s: float,
+    forks: int,
+    envvars: Mapping[str, str],
+) -> list[dict[str, Any]]:
+    """Run playbooks/<play>.yml on machines reached over SSH (inventory.py builds the
+    inventory and the SSH settings in envvars); return the job events. Raises PlayError
+    with each failed or unreachable machine's message."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "inventory").mkdir(exist_ok=True)
+    (data_dir / "inventory" / "hosts.yml").write_text(yaml.safe_dump(dict(inventory)))
+    events: list[dict[str, Any]] = []
+
+    def handler(event: dict[str, Any]) -> bool:
+        events.append(event)
+        return True
+
+    r = ansible_runner.run(
+        private_data_dir=str(data_dir),
+        playbook=str(PLAYBOOKS / f"{play}.yml"),
+        extravars=dict(extravars),
+        forks=max(1, forks),
+        quiet=True,
+        timeout=max(1, math.ceil(timeout_s)),
+        event_handler=handler,
+        cancel_callback=lambda: False,  # see run_play: keeps our signal handlers
+        settings={"pexpect_timeout": 0.5},
+        envvars={
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "ANSIBLE_NOCOLOR": "1",
+            **envvars,
+        },
+    )
+    if r.status != "successful":
+        raise PlayError(play, r.status, r.rc, host_failures(events))
+    return events
+
+
+def play_stats(events: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """host -> {ok, changed, failures, dark, skipped} from the play's final stats event."""
+    for ev in reversed(events):
+        if ev.get("event") == "playbook_on_stats":
+            data = ev.get("event_data", {})
+            keys = ("ok", "changed", "failures", "dark", "skipped")
+            hosts = {h for k in keys for h in data.get(k, {}) or {}}
+            return {h: {k: int((data.get(k) or {}).get(h, 0)) for k in keys} for h in hosts}
+    return {}

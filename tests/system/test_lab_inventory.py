@@ -1,0 +1,172 @@
+"""Two lab-host VMs as real lab machines: an Ansible inventory on loopback SSH ports.
+
+Booted through libvirt from the lab image (TCG, user-mode NIC with hostfwd, sshd
+started by the image's init, a key pair made here). Real OpenSSH, real ansible-runner,
+real kexec between the image's two kernels. Only kexec can be exercised: the VMs boot
+their kernel directly (no GRUB), so the `reboot` method is covered by unit tests only.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orchestrator import cli, fleet, lab, labimage, labvms
+from orchestrator import inventory as inv
+from orchestrator.errors import HostError
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+
+
+def ssh_processes() -> list[str]:
+    """Command lines of ssh processes using one of our private control folders."""
+    found = []
+    for p in Path("/proc").iterdir():
+        try:
+            argv = (p / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"ssh") and any(b"dl-ssh-" in a for a in argv):
+            found.append(b" ".join(argv).decode(errors="replace"))
+    return found
+
+
+@pytest.fixture(scope="module")
+def vms(lab: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[labvms.LabVms]:
+    try:
+        image = labimage.find_lab_image()
+    except HostError as e:
+        pytest.skip(str(e))
+    if len(image.kernels) < 2:
+        pytest.skip("the lab image has fewer than two kernels")
+    directory = tmp_path_factory.mktemp("lab-vms")
+    started = labvms.start(directory)
+    print(f"\nlab VMs: {len(started.names)} up in {started.boot_s:.1f} s")
+    try:
+        yield started
+    finally:
+        labvms.stop(directory)
+        # nothing left here: no domain, no QEMU of ours, no SSH master
+        conn = fleet.connect()
+        try:
+            assert fleet.tagged_domains(conn, started.run_id) == []
+        finally:
+            conn.close()
+        qemus = subprocess.run(["pgrep", "-f", started.run_id], capture_output=True, text=True)
+        assert qemus.stdout.strip() == "", f"QEMU left: {qemus.stdout}"
+        assert ssh_processes() == []
+        assert not (fleet.OVERLAY_ROOT / started.run_id).exists()
+
+
+@pytest.fixture(scope="module")
+def machines(vms: labvms.LabVms) -> list[inv.Machine]:
+    return inv.load_inventory(Path(vms.inventory), "lab")
+
+
+def test_lab_check_prints_both_machines_and_names_a_dead_one(
+    vms: labvms.LabVms, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["lab", "check", vms.inventory, "--pattern", "lab"]) == 0
+    table = capsys.readouterr().out
+    print(table)
+    release = labimage.find_lab_image().kernel("6.12").release
+    for name in ("vm0", "vm1"):
+        line = next(ln for ln in table.splitlines() if f" {name} " in ln)
+        row = dict(zip(lab.COLUMNS, (c.strip() for c in line.split("│")[1:-1]), strict=True))
+        # the machine's facts: kernel, KSM writable, cgroup v2, two NUMA nodes
+        assert (row["kernel"], row["KSM"], row["cgroup"], row["NUMA"]) == (
+            release,
+            "yes",
+            "v2",
+            "2",
+        )
+        assert int(row["free MiB"]) > 500 and row["CPU model"] not in ("", "?")
+    dead = Path(vms.inventory).with_name("with-dead.ini")
+    text = Path(vms.inventory).read_text()
+    dead.write_text(
+        text.replace(
+            "[lab:vars]",
+            f"dead ansible_host=127.0.0.1 ansible_port={labvms.free_port()}\n\n[lab:vars]",
+        )
+    )
+    assert cli.main(["lab", "check", str(dead), "--pattern", "lab"]) == 1
+    captured = capsys.readouterr()
+    print(captured.out)
+    assert " vm0 " in captured.out and " vm1 " in captured.out
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith("densitylab: dead (root@127.0.0.1:")
+    assert "unreachable" in errors[0] and "refused" in errors[0]
+
+
+def test_ssh_per_call_cost_and_files(machines: list[inv.Machine]) -> None:
+    with inv.SshTransport(machines[0]) as t:
+        ms = inv.ssh_ms_per_call(t, calls=10)
+        print(f"\nssh: {ms:.0f} ms per call over the master connection")
+        data = bytes(range(256)) * 64
+        t.write("/run/densitylab-test/blob", data, 0o640)
+        assert t.read("/run/densitylab-test/blob") == data
+        assert t.run(["stat", "-c", "%a", "/run/densitylab-test/blob"]).strip() == "640"
+        with pytest.raises(inv.RemoteError, match=r"vm0: ls /nonexistent exited 2: .*No such file"):
+            t.run(["ls", "/nonexistent"])
+
+
+def test_prepare_is_idempotent_offline(machines: list[inv.Machine], tmp_path: Path) -> None:
+    first = lab.prepare(machines, tmp_path / "first")
+    print(f"\nprepare: first run {first.elapsed_s:.1f} s {first.stats}")
+    assert set(first.stats) == {"vm0", "vm1"}
+    assert all(st["failures"] == 0 and st["dark"] == 0 for st in first.stats.values())
+    second = lab.prepare(machines, tmp_path / "second")
+    print(f"prepare: second run {second.elapsed_s:.1f} s {second.stats}")
+    assert all(st["changed"] == 0 for st in second.stats.values()), second.stats
+    with inv.SshTransport(machines[1]) as t:
+        assert "libvirt" in t.run(["virsh", "-c", "qemu:///system", "version"]).lower()
+        assert t.agent("now").strip().isdigit()
+
+
+def test_kexec_to_the_other_kernel_and_back(machines: list[inv.Machine]) -> None:
+    image = labimage.find_lab_image()
+    old, new = image.kernel("6.12").release, image.kernel("7.3").release
+    with inv.SshTransport(machines[0]) as t:
+        assert t.run(["uname", "-r"]).strip() == old
+        there_s = inv.switch_kernel(t, new, "kexec", timeout_s=240)
+        assert t.run(["uname", "-r"]).strip() == new
+        back_s = inv.switch_kernel(t, old, "kexec", timeout_s=240)
+        assert t.run(["uname", "-r"]).strip() == old
+        print(f"\nkexec: {old} -> {new} in {there_s:.1f} s, back in {back_s:.1f} s")
+        with pytest.raises(inv.KernelSwitchError, match="not installed"):
+            inv.switch_kernel(t, "9.9.9-none", "kexec", timeout_s=30)
+
+
+def dummy_deb(tmp_path: Path) -> Path:
+    """A real (tiny) Debian package, built here with dpkg-deb."""
+    root = tmp_path / "pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "usr/share/densitylab-test").mkdir(parents=True)
+    (root / "usr/share/densitylab-test/marker").write_text("densitylab\n")
+    (root / "DEBIAN/control").write_text(
+        "Package: densitylab-test-dummy\nVersion: 1.0\nArchitecture: all\n"
+        "Maintainer: densitylab <dev@densitylab>\nDescription: test package\n"
+    )
+    deb = tmp_path / "densitylab-test-dummy_1.0_all.deb"
+    subprocess.run(["dpkg-deb", "--build", "--root-owner-group", str(root), str(deb)], check=True,
+                   capture_output=True, env={**os.environ, "SOURCE_DATE_EPOCH": "0"})  # fmt: skip
+    return deb
+
+
+def test_install_records_only_what_it_added(machines: list[inv.Machine], tmp_path: Path) -> None:
+    deb = dummy_deb(tmp_path)
+    with inv.SshTransport(machines[1]) as t:
+        # by name, already there (offline): nothing new, nothing recorded
+        assert inv.install_kernels(t, "run-a", packages=["kexec-tools"]).packages == ()
+        rec = inv.install_kernels(t, "run-b", debs=[deb])
+        assert rec.packages == ("densitylab-test-dummy",)
+        assert [r.packages for r in inv.recorded(t)] == [("densitylab-test-dummy",)]
+        assert t.run(["cat", "/usr/share/densitylab-test/marker"]) == "densitylab\n"
+        assert inv.remove_installed(t) == ["densitylab-test-dummy"]
+        assert "densitylab-test-dummy" not in inv.installed_packages(t)
+        assert "kexec-tools" in inv.installed_packages(t)  # it was there before: kept
+        assert inv.recorded(t) == []
