@@ -39,7 +39,7 @@ def expand(spec: Spec) -> list[Trial]:
     if spec.trial_count > MAX_TRIALS:
         raise UsageError(f"spec {spec.name}: {spec.matrix_too_large()}")
     vmas = spec.vma_sweep
-    show_vmas = len(vmas) > 1 or spec.host.kind == "labvm"
+    show_vmas = len(vmas) > 1 or spec.host.kind != "local"
     trials = [
         Trial(f"{k}-n{n}" + (f"-v{v}" if show_vmas else "") + f"-r{r}", k, n, r, v)
         for n in spec.fleet.counts

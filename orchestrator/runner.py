@@ -10,9 +10,13 @@ import itertools
 import json
 import logging
 import os
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from orchestrator import (
     __version__,
@@ -26,7 +30,7 @@ from orchestrator import (
 from orchestrator.engine.context import RunContext
 from orchestrator.engine.state import Progress, QuietProgress, TrialResult
 from orchestrator.engine.trial import run_trial
-from orchestrator.errors import HostError, UsageError
+from orchestrator.errors import DensitylabError, HostError, UsageError
 from orchestrator.hosts.base import Host
 from orchestrator.hosts.labvm import LabVmHost
 from orchestrator.hosts.local import LocalHost, ksm_saved_path
@@ -128,9 +132,14 @@ def new_manifest(
 def kernel_records(spec: Spec) -> tuple[list[dict[str, Any]], list[str]]:
     """The kernels under test (release, origin, config hash) and A/B hygiene warnings:
     two kernels that differ by more than the change under study."""
-    if spec.host.kind != "labvm":
+    if spec.host.kind == "local":
         return [
             {"name": k, "release": os.uname().release, "origin": "running", "config_sha256": None}
+            for k in labels(spec.kernels)
+        ], []
+    if spec.host.kind == "inventory":  # resolved on each machine: see manifest.machines
+        return [
+            {"name": k, "release": None, "origin": "installed", "config_sha256": None}
             for k in labels(spec.kernels)
         ], []
 
@@ -362,23 +371,144 @@ def run_trials(
         spec, spec_path, st, image, conn, domain_type, facts, guard, progress or QuietProgress()
     )
     outcome = RunOutcome(st, [], [])
+    lock = threading.Lock()  # trials on several machines finish in parallel
+
+    def on_result(res: TrialResult) -> None:
+        with lock:
+            outcome.results.append(res)
+            record_trial(manifest, res)
+            finish_run(st, manifest)
+
+    pending = []
+    for trial in plan.expand(spec):
+        if trial.trial_id in done:
+            outcome.skipped.append(trial.trial_id)
+        else:
+            pending.append(trial)
     try:
         with guard.installed():
-            for trial in plan.expand(spec):
-                if trial.trial_id in done:
-                    outcome.skipped.append(trial.trial_id)
-                    continue
-
-                def on_result(res: TrialResult) -> None:
-                    outcome.results.append(res)
-                    record_trial(manifest, res)
-                    finish_run(st, manifest)
-
-                run_trial(ctx, host_for(ctx), trial, on_result)
+            if spec.host.kind == "inventory":
+                run_on_inventory(ctx, pending, on_result, manifest, outcome, lock)
+            else:
+                for trial in pending:
+                    run_trial(ctx, host_for(ctx), trial, on_result)
     finally:
         finish_run(st, manifest)
         conn.close()
     return outcome
+
+
+class LockedProgress:
+    """A front end told from several threads, one call at a time."""
+
+    def __init__(self, inner: Progress):
+        self.inner, self.lock = inner, threading.Lock()
+
+    def phase(self, trial_id: str, phase: str) -> None:
+        with self.lock:
+            self.inner.phase(trial_id, phase)
+
+    def guest_event(self, guest: str, event: str) -> None:
+        with self.lock:
+            self.inner.guest_event(guest, event)
+
+    def merge(self, sharing_mib: float, target_mib: float | None, full_scans: int) -> None:
+        with self.lock:
+            self.inner.merge(sharing_mib, target_mib, full_scans)
+
+
+def run_on_inventory(
+    ctx: RunContext,
+    trials: list[plan.Trial],
+    on_result: Callable[[TrialResult], None],
+    manifest: dict[str, Any],
+    outcome: RunOutcome,
+    lock: threading.Lock,
+) -> None:
+    """The trials spread over the inventory's machines (engine.pool); the manifest
+    records every machine's facts and the run's events (a machine drained, a trial
+    rerun elsewhere, kernels switched back)."""
+    from orchestrator import inventory
+    from orchestrator.engine.pool import run_on_machines
+    from orchestrator.hosts.inventory import InventoryHost
+
+    spec, st = ctx.spec, ctx.store
+    assert spec.host.inventory is not None
+    machines = inventory.load_inventory(spec.host.inventory, spec.host.pattern)
+    known_hosts = st.root / "ssh" / "known_hosts"
+    hosts = [InventoryHost(m, spec, st.run_id, known_hosts) for m in machines]
+    ctx.progress = LockedProgress(ctx.progress)
+
+    def event(name: str, detail: str) -> None:
+        log.warning("%s: %s", name, detail)
+        with lock:
+            manifest.setdefault("events", []).append(
+                {"at": store.utc_now(), "event": name, "detail": detail}
+            )
+
+    def run_one(host: InventoryHost, trial: plan.Trial) -> TrialResult:
+        res = run_trial(ctx, host, trial, on_result)
+        try:
+            record = host.record()
+        except DensitylabError as e:  # gone: the pool finds out and drains it
+            record = {"unreachable": str(e)}
+        with lock:
+            manifest.setdefault("machines", {}).setdefault(host.machine.name, {}).update(record)
+        return res
+
+    def drained(trial: plan.Trial, res: TrialResult) -> None:
+        """Rerun elsewhere: this attempt's folder is kept aside, its row dropped."""
+        with lock:
+            outcome.results.remove(res)
+            set_aside(st, trial.trial_id)
+
+    left = run_on_machines(hosts, trials, run_one, drained, event, ctx.guard)
+    for trial in left:
+        fail_unrun(ctx, trial, "no machine of the inventory was left to run it", on_result)
+    hygiene = machine_hygiene(manifest.get("machines", {}))
+    if hygiene:
+        manifest.setdefault("warnings", []).append(hygiene)
+        log.warning("%s", hygiene)
+
+
+def set_aside(st: store.RunStore, trial_id: str) -> None:
+    """Move a trial's folder to unfinished/<id>.<n> (its console logs and records kept
+    for the post-mortem), so that a rerun starts clean."""
+    d = st.trial_dir(trial_id)
+    if not d.is_dir():
+        return
+    n = 1
+    while (st.root / "unfinished" / f"{trial_id}.{n}").exists():
+        n += 1
+    (st.root / "unfinished").mkdir(exist_ok=True)
+    d.rename(st.root / "unfinished" / f"{trial_id}.{n}")
+
+
+def fail_unrun(
+    ctx: RunContext, trial: plan.Trial, reason: str, on_result: Callable[[TrialResult], None]
+) -> None:
+    """A trial that never started: its row says why."""
+    res = TrialResult(
+        trial.trial_id, trial.kernel, "", trial.fleet_size, trial.repeat, "machine",
+        ctx.spec.fleet.memory_mib, ctx.spec.workload.mib, reason=reason,
+    )  # fmt: skip
+    ctx.store.write_trial_tables(trial.trial_id, {"trials": pd.DataFrame([asdict(res)])})
+    on_result(res)
+
+
+def machine_hygiene(machines: dict[str, dict[str, Any]]) -> str | None:
+    """A/B hygiene across machines: trials of one kernel on hardware unlike the other's
+    move figures by more than the kernel. Each machine runs every kernel here, so this
+    says the machines differ, and how."""
+    fields = ("cpu_model", "mem_total_mib", "cpus", "firmware")
+    differ = [
+        f"{f}: " + " vs ".join(f"{name} {m.get(f)}" for name, m in sorted(machines.items()))
+        for f in fields
+        if len({str(m.get(f)) for m in machines.values()}) > 1
+    ]
+    if not differ:
+        return None
+    return "machines differ (" + "; ".join(differ) + "): compare kernels within a machine"
 
 
 def finish_run(st: store.RunStore, manifest: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from orchestrator.errors import UsageError, printable, shorten, shown
-from orchestrator.hosts.methods import refusal
+from orchestrator.hosts.methods import HostKind, refusal
 from orchestrator.kernelspec import KernelEntry, label_of
 
 # fullmatch, not match with `$`: `$` also matches before a trailing newline.
@@ -108,10 +108,16 @@ def check_name(value: str) -> str:
 
 
 class Host(Strict):
-    """Where the experiment runs: this machine, or one lab-host VM per kernel under test
-    (booted from the lab image; TCG here, KVM on real hardware)."""
+    """Where the experiment runs: this machine, one lab-host VM per kernel under test
+    (booted from the lab image; TCG here, KVM on real hardware), or the machines of an
+    Ansible inventory (each switched into the trial's kernel)."""
 
-    kind: Literal["local", "labvm"] = "local"
+    kind: HostKind = "local"
+    # kind inventory: the user's own inventory file (INI or YAML) and the group to use
+    inventory: Path | None = None
+    pattern: Annotated[str, Field(min_length=1, max_length=200)] = "all"
+    switch: Literal["kexec", "reboot"] = "kexec"
+    switch_timeout_s: TimeoutS = 300
     memory_mib: Annotated[int, Field(ge=512, le=MAX_MIB)] = 4096
     vcpus: Annotated[int, Field(gt=0, le=MAX_VCPUS)] = 2
     numa_cells: Annotated[int, Field(ge=1, le=8)] = 2
@@ -370,6 +376,12 @@ def check_kernel_labels(labels: Sequence[str], kind: str, path: str = "kernels")
             raise field_error(
                 where, "a lab host boots kernels of the lab image, by label (e.g. ['6.12', '7.3'])"
             )
+        if kind == "inventory" and label == "running":
+            raise field_error(
+                where,
+                "a lab machine is switched into each kernel by label, the release it "
+                "starts with (e.g. ['6.12', '7.3'])",
+            )
 
 
 def check_ksm_knob(name: str, value: int | str) -> None:
@@ -413,6 +425,10 @@ class Spec(Strict):
     def _kernels_fit_host(self) -> Spec:
         check_kernel_labels([label_of(k) for k in self.kernels], self.host.kind)
         h = self.host
+        if h.kind == "inventory" and h.inventory is None:
+            raise field_error("host.inventory", "host.kind inventory needs an inventory file")
+        if h.kind != "inventory" and h.inventory is not None:
+            raise field_error("host.inventory", "only for host.kind inventory", str(h.inventory))
         if h.kind == "labvm":
             for what, n in (("vcpus", h.vcpus), ("memory_mib", h.memory_mib)):
                 if n % h.numa_cells:
@@ -664,6 +680,8 @@ def load_spec(path: Path) -> tuple[Spec, dict[str, Any], str]:
 def check_fits_host(spec: Spec, available_mib: int, source: str) -> None:
     """Refuse a fleet (or lab host) that cannot fit next to the host reserve."""
     source = printable(source)
+    if spec.host.kind == "inventory":
+        return  # each machine is checked by `lab check` and when a trial starts there
     if spec.host.kind == "labvm":
         need = spec.host.memory_mib + QEMU_OVERHEAD_MIB + spec.host_reserve_mib
         if need > available_mib:

@@ -53,6 +53,7 @@ class TrialResult:
     workload_mib: int
     status: str = "failed"
     reason: str | None = None
+    host: str = ""  # where it ran: this machine, a lab VM, machine NAME
     settled: bool = False
     settle_s: float | None = None
     baseline_settled: bool | None = None

@@ -79,15 +79,12 @@ class Trial:
         st, host = self.st, self.host
         with TeardownStack(self.ctx.guard) as stack:
             self.ctx.progress.phase(self.trial.trial_id, "boot")
-            host.open(self.trial.kernel, stack, self.trial_dir)
+            notes = host.open(self.trial.kernel, stack, self.trial_dir)
+            self.res.host = host.label
             st.clock = st.integrity.clock = host.now_ns
             st.t0_ns = host.sync_clock()
-            if host.boot_retries:
-                st.event(
-                    "boot",
-                    "boot-retry",
-                    "kernel panic before ready (TCG); booted once more, console kept",
-                )
+            for event, detail in notes:
+                st.event("boot", event, detail)
             try:
                 with TeardownStack(self.ctx.guard) as inner:
                     self.workload_phases(inner)

@@ -85,9 +85,9 @@ class AgentHost:
     libvirt_uri: str | None = None
     poll_s = 2.0  # each read is a round trip through the transport
 
-    def __init__(self, run_id: str, numa_cells: int):
+    def __init__(self, run_id: str, work: str = WORK):
         self.run_id = run_id
-        self.numa_cells = numa_cells
+        self.work = work  # the trial's files on the host
         self.tag = run_id.replace("-", "_")
         self.t: Transport | None = None
         self._facts: dict[str, Any] | None = None
@@ -106,6 +106,11 @@ class AgentHost:
 
     def agent(self, *args: str, timeout_s: float = 120) -> str:
         return self.transport.run(agent_argv(*args), timeout_s)
+
+    def saved(self, kind: str) -> str:
+        """Where the host's own state (KSM knobs, swap) is kept while ours is in force:
+        the agent's state folder, named as the agent's `clean` looks for it."""
+        return f"{WORK}/{kind}-{self.run_id}.json"
 
     def read_text(self, path: str) -> str:
         return self.transport.read(path).decode(errors="replace")
@@ -137,13 +142,13 @@ class AgentHost:
 
     def ksm_apply(self, knobs: Mapping[str, int | str], stack: ExitStack) -> None:
         self.agent(
-            "ksm-apply", "--saved", f"{WORK}/ksm.json", *[f"{k}={v}" for k, v in knobs.items()]
+            "ksm-apply", "--saved", self.saved("ksm"), *[f"{k}={v}" for k, v in knobs.items()]
         )
-        stack.callback(self.agent, "ksm-restore", "--saved", f"{WORK}/ksm.json")
+        stack.callback(self.agent, "ksm-restore", "--saved", self.saved("ksm"))
 
     def ksm_set_run(self, value: int) -> None:
         # ksm-apply keeps the host's values saved by the first call: only `run` changes.
-        self.agent("ksm-apply", "--saved", f"{WORK}/ksm.json", f"run={value}")
+        self.agent("ksm-apply", "--saved", self.saved("ksm"), f"run={value}")
 
     def ksm_knobs(self) -> dict[str, str]:
         return dict(self.facts()["ksm"].get("knobs", {})) | self._knobs_now()
@@ -164,10 +169,11 @@ class AgentHost:
         """Start argv detached in a memory cgroup of its own (so reclaim can act on one
         workload at a time), its memory on node 0 (so 0 -> 1 moves every page)."""
         cgroup = f"densitylab-{self.tag}-{name}"
-        bind = ["/usr/bin/numactl", "--membind=0", "--"] if self.numa_cells > 1 else []
+        nodes = int(self.facts()["numa"]["value"])
+        bind = ["/usr/bin/numactl", "--membind=0", "--"] if nodes > 1 else []
         pid = self.agent(
             "spawn",
-            *("--out", f"{WORK}/{name}.out", "--pidfile", f"{WORK}/{name}.pid"),
+            *("--out", f"{self.work}/{name}.out", "--pidfile", f"{self.work}/{name}.pid"),
             *("--cgroup", cgroup, "--"),
             *bind,
             *argv,
@@ -208,7 +214,7 @@ class AgentHost:
             p.done = self.wait_done_line(p.name, timeout_s)
 
     def wait_done_line(self, name: str, timeout_s: float) -> dict[str, Any]:
-        path = f"{WORK}/{name}.out"
+        path = f"{self.work}/{name}.out"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for line in self.read_text(path).splitlines():
@@ -223,7 +229,7 @@ class AgentHost:
 
     def scramble(self, procs: list[Proc], timeout_s: float = 300) -> None:
         """SIGUSR1 each dlfill (its pages become unique) and wait for its confirmation."""
-        out = {p.name: f"{WORK}/{p.name}.out" for p in procs}
+        out = {p.name: f"{self.work}/{p.name}.out" for p in procs}
         before = {n: self.read_text(path).count("DLFILL SCRAMBLED") for n, path in out.items()}
         self.transport.run(["/usr/bin/kill", "-USR1", *[str(p.pid) for p in procs]])
         deadline = time.monotonic() + timeout_s
@@ -238,14 +244,14 @@ class AgentHost:
         return integrity.verify_processes(
             {p.name: p.pid for p in procs},
             self._send_verify,
-            lambda name: self.read_text(f"{WORK}/{name}.out"),
+            lambda name: self.read_text(f"{self.work}/{name}.out"),
             poll_s=0.5,
         )
 
     def _stop_procs(self) -> None:
         agent = f"/usr/bin/python3 {AGENT_PATH}"
         steps = [
-            f"{agent} stop --pidfile {WORK}/{n}.pid; "
+            f"{agent} stop --pidfile {self.work}/{n}.pid; "
             f"{agent} cgroup-remove --cgroup densitylab-{self.tag}-{n}"
             for n in reversed(self._procs)
         ]
@@ -259,22 +265,23 @@ class AgentHost:
     def start_sampler(self, pids: Mapping[str, int], interval_s: float, stack: ExitStack) -> None:
         self.agent(
             "spawn",
-            *("--out", f"{WORK}/sampler.log", "--pidfile", f"{WORK}/sampler.pid", "--"),
+            *("--out", f"{self.work}/sampler.log", "--pidfile", f"{self.work}/sampler.pid", "--"),
             *("/usr/bin/python3", AGENT_PATH, "sample", "--interval-s", str(interval_s)),
-            *("--out", f"{WORK}/samples.jsonl"),
+            *("--out", f"{self.work}/samples.jsonl"),
             *[f"--pid={n}={p}" for n, p in pids.items()],
         )
         stack.callback(self._stop_sampler)
 
     def _stop_sampler(self) -> None:
-        self.agent("stop", "--pidfile", f"{WORK}/sampler.pid")
+        self.agent("stop", "--pidfile", f"{self.work}/sampler.pid")
         self.samples()  # the last lines
 
     def samples(self) -> list[dict[str, Any]]:
         """Every sample so far; reads only the bytes added since the last call."""
         try:
             chunk = self.transport.run(
-                ["/usr/bin/tail", "-c", f"+{self._sample_bytes + 1}", f"{WORK}/samples.jsonl"], 60
+                ["/usr/bin/tail", "-c", f"+{self._sample_bytes + 1}", f"{self.work}/samples.jsonl"],
+                60,
             )
         except HostError:
             return self._samples  # no file yet
@@ -287,12 +294,12 @@ class AgentHost:
 
     def start_collector(self, method: str, tag: str, stack: ExitStack, event: EventFn) -> None:
         """Start the agent's latency collector and wait until its probes are in place."""
-        log = f"{WORK}/collector.log"
+        log = f"{self.work}/collector.log"
         self.agent(
             "spawn",
-            *("--out", log, "--pidfile", f"{WORK}/collector.pid", "--"),
+            *("--out", log, "--pidfile", f"{self.work}/collector.pid", "--"),
             *("/usr/bin/python3", AGENT_PATH, "trace", "--method", method),
-            *("--out", f"{WORK}/latency.jsonl", "--tag", tag),
+            *("--out", f"{self.work}/latency.jsonl", "--tag", tag),
         )
         stack.callback(self._stop_collector, event)
         deadline = time.monotonic() + 60
@@ -306,13 +313,15 @@ class AgentHost:
     def _stop_collector(self, event: EventFn) -> None:
         """Give the collector time to drain its buffer (a slow VM parses ~10^4 events/s);
         one that had to be killed is said in the trial's events."""
-        self.agent("stop", "--pidfile", f"{WORK}/collector.pid", "--grace-s", "600", timeout_s=660)
-        if "collector: stopped" not in self.read_text(f"{WORK}/collector.log"):
+        self.agent(
+            "stop", "--pidfile", f"{self.work}/collector.pid", "--grace-s", "600", timeout_s=660
+        )
+        if "collector: stopped" not in self.read_text(f"{self.work}/collector.log"):
             event("collector-killed", "did not drain within 600 s: latency samples are incomplete")
 
     def latency(self) -> pd.DataFrame:
         try:
-            text = self.read_text(f"{WORK}/latency.jsonl")
+            text = self.read_text(f"{self.work}/latency.jsonl")
         except HostError:
             text = ""
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]
@@ -352,7 +361,7 @@ class AgentHost:
         return windows
 
     def provide_swap(self, cfg: Reclaim, stack: ExitStack, event: EventFn) -> None:
-        saved = f"{WORK}/swap.json"
+        saved = self.saved("swap")
         self.agent("swap-on", "--kind", cfg.swap, "--mib", str(cfg.swap_mib), "--saved", saved)
         stack.callback(self.agent, "swap-off", "--saved", saved, timeout_s=900)
         event("swap-on", f"{cfg.swap} {cfg.swap_mib} MiB")
@@ -380,7 +389,7 @@ class AgentHost:
         """Copies of the host's record files in the run directory (missing ones are fine)."""
         for name in ("samples.jsonl", "latency.jsonl", "collector.log"):
             try:
-                data = self.transport.read(f"{WORK}/{name}")
+                data = self.transport.read(f"{self.work}/{name}")
             except HostError:
                 continue
             trial_dir.mkdir(parents=True, exist_ok=True)

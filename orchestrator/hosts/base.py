@@ -48,11 +48,11 @@ class Host(Protocol):
     guests: bool  # can this host run the fleet as guests (else as processes)?
     libvirt_uri: str | None
     accel: str  # how the trial's kernel runs: kvm, qemu (TCG), qemu+labvm, ...
-    boot_retries: int  # boots that panicked under TCG and were retried, this trial
 
-    def open(self, kernel: str, stack: ExitStack, trial_dir: Path) -> None:
+    def open(self, kernel: str, stack: ExitStack, trial_dir: Path) -> list[tuple[str, str]]:
         """Make the host run `kernel` for this trial (boot a lab VM, switch a machine's
-        kernel; nothing here) and ship the tools."""
+        kernel; nothing here) and ship the tools. Returns (event, detail) pairs worth
+        recording (a boot retried, a kernel switch and its time)."""
 
     def facts(self) -> dict[str, Any]: ...
     def now_ns(self) -> int: ...

@@ -75,19 +75,22 @@ class LabVmHost(AgentHost):
     kind: HostKind = "labvm"
 
     def __init__(self, spec: Spec, run_id: str, conn: Any, domain_type: str):
-        super().__init__(run_id, spec.host.numa_cells)
+        super().__init__(run_id)
         self.spec = spec
         self.conn = conn
         self.domain_type = domain_type
         self.accel = f"{domain_type}+labvm"
         self.label = "lab VM"
-        self.boot_retries = 0
 
-    def open(self, kernel: str, stack: ExitStack, trial_dir: Path) -> None:
+    def open(self, kernel: str, stack: ExitStack, trial_dir: Path) -> list[tuple[str, str]]:
         self.reset()
         trial_id = trial_dir.name
         fl = stack.enter_context(fleet.Fleet(self.conn, self.run_id, trial_id, self.domain_type))
         token = self.run_id.rsplit("-", 1)[-1] + f"{int(time.time()) % 100000:05d}"
         self.t = boot_lab_vm(fl, self.spec, kernel, trial_dir, self.run_id, token)
         self.label = f"lab VM {self.t.name}"
-        self.boot_retries = fl.guests[0].boot_retries
+        if fl.guests[0].boot_retries:
+            return [
+                ("boot-retry", "kernel panic before ready (TCG); booted once more, console kept")
+            ]
+        return []

@@ -40,7 +40,6 @@ class LocalHost:
     label = "this machine"
     guests = True
     libvirt_uri: str | None = fleet.URI
-    boot_retries = 0  # guests retry on their own; this machine is not booted
 
     def __init__(self, run_id: str, facts: dict[str, Any], accel: str, sample_interval_s: float):
         self.run_id = run_id
@@ -52,11 +51,12 @@ class LocalHost:
         self.collector: Collector | None = None
         self._copies: dict[str, triggers.HostProcess] = {}
 
-    def open(self, kernel: str, stack: ExitStack, trial_dir: Path) -> None:
+    def open(self, kernel: str, stack: ExitStack, trial_dir: Path) -> list[tuple[str, str]]:
         # This machine runs the one kernel it booted: the spec refuses any other label.
         self.trial_dir = trial_dir
         self.sampler = self.collector = None
         self._copies = {}
+        return []
 
     def facts(self) -> dict[str, Any]:
         return self._facts
