@@ -151,12 +151,22 @@ checks: setup
 #   make lab-check INVENTORY=hosts.ini [PATTERN=lab]    the doctor on every machine
 LAB_VMS ?= results/lab-vms
 PATTERN ?= all
-.PHONY: lab-vms lab-vms-stop lab-check lab-prepare
+.PHONY: lab-vms lab-vms-stop lab-check lab-prepare lab-demo
 lab-vms: setup lab-images lab-start
 	$(DL) lab vms start $(LAB_VMS)
 
 lab-vms-stop:
 	$(DL) lab vms stop $(LAB_VMS)
+
+# The kernel A/B on the two lab VMs as an inventory: boot them, run, report, remove them.
+lab-demo: setup lab-images
+	@started=$$(scripts/labd start | grep -c '^labd: running' || true); \
+	$(DL) lab vms start $(LAB_VMS) && { \
+	$(DL) run experiments/lab-demo.yaml; rc=$$?; \
+	run=$$(ls -td results/*-lab-demo-* | head -1); \
+	[ $$rc -eq 0 ] && $(DL) report $$run --out reports/out/lab-demo; rc2=$$?; \
+	$(DL) lab vms stop $(LAB_VMS); }; \
+	[ "$$started" = 1 ] && scripts/labd stop >/dev/null; [ $${rc:-1} -eq 0 ] && exit $$rc2; exit $${rc:-1}
 
 lab-check: setup
 	@test -n "$(INVENTORY)" || { echo "usage: make lab-check INVENTORY=hosts.ini [PATTERN=g]"; exit 2; }

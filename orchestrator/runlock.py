@@ -67,7 +67,7 @@ class Owner:
     boot_id: str
     run_id: str
     spec_name: str
-    role: str = "run"  # "run" or "clean"
+    role: str = "run"  # "run", "remote" (a run on lab machines, not on this host) or "clean"
     since: str = ""
 
     @classmethod
@@ -256,23 +256,28 @@ def host_mutex(state_dir: Path | None = None, wait_s: float = MUTEX_WAIT_S) -> I
         os.close(fd)
 
 
-def acquire_run(run_id: str, spec_name: str, state_dir: Path | None = None) -> RunLock:
+def acquire_run(
+    run_id: str, spec_name: str, state_dir: Path | None = None, role: str = "run"
+) -> RunLock:
     """Take the lock of a run about to start (or resume). Raises HostBusy naming the
     other run when a live one owns the host (KSM is host-wide: two runs would corrupt
     each other's figures), or when run_id itself is live or being cleaned; HostError
-    when the state folder cannot be written (not root)."""
+    when the state folder cannot be written (not root). A run on lab machines (role
+    "remote") leaves this host's KSM alone: it neither waits for a local run nor
+    blocks one, and `clean` still sees it live."""
     try:
         with host_mutex(state_dir):
             for state in survey(state_dir).values():
                 if state.run_id == run_id or not state.live:
                     continue
-                if state.owner is None or state.owner.role == "run":
+                local = state.owner is None or state.owner.role == "run"
+                if local and role == "run":
                     raise HostBusy(
                         state.run_id,
                         state.describe(),
                         "another densitylab run is live on this host (KSM is host-wide)",
                     )
-            return take(run_id, Owner.me(run_id, spec_name), state_dir)
+            return take(run_id, Owner.me(run_id, spec_name, role=role), state_dir)
     except OSError as e:
         where = e.filename or runs_dir(state_dir)
         raise HostError(f"{where}: cannot take the run lock: {e.strerror or e}") from e

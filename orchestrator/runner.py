@@ -330,8 +330,10 @@ def run_experiment(
     spec, raw, sha = load_spec(spec_path)
     resumed = open_resumed(resume, spec_path, sha) if resume is not None else None
     run_id = resumed.run_id if resumed is not None else store.new_run_id(spec.name)
-    with runlock.acquire_run(run_id, spec.name):
-        adopt_saved_ksm(run_id)
+    role = "remote" if spec.host.kind == "inventory" else "run"
+    with runlock.acquire_run(run_id, spec.name, role=role):
+        if role == "run":  # this host's KSM is the run's
+            adopt_saved_ksm(run_id)
         if resumed is not None:
             sweep_killed_run(resumed, resumed.finished_trials())
         image, facts, domain_type = prepare(spec, spec_path)
@@ -434,7 +436,7 @@ def run_on_inventory(
 
     spec, st = ctx.spec, ctx.store
     assert spec.host.inventory is not None
-    machines = inventory.load_inventory(spec.host.inventory, spec.host.pattern)
+    machines = inventory.load_inventory(Path(spec.host.inventory), spec.host.pattern)
     known_hosts = st.root / "ssh" / "known_hosts"
     hosts = [InventoryHost(m, spec, st.run_id, known_hosts) for m in machines]
     ctx.progress = LockedProgress(ctx.progress)

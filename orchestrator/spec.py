@@ -114,7 +114,7 @@ class Host(Strict):
 
     kind: HostKind = "local"
     # kind inventory: the user's own inventory file (INI or YAML) and the group to use
-    inventory: Path | None = None
+    inventory: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
     pattern: Annotated[str, Field(min_length=1, max_length=200)] = "all"
     switch: Literal["kexec", "reboot"] = "kexec"
     switch_timeout_s: TimeoutS = 300
@@ -428,7 +428,7 @@ class Spec(Strict):
         if h.kind == "inventory" and h.inventory is None:
             raise field_error("host.inventory", "host.kind inventory needs an inventory file")
         if h.kind != "inventory" and h.inventory is not None:
-            raise field_error("host.inventory", "only for host.kind inventory", str(h.inventory))
+            raise field_error("host.inventory", "only for host.kind inventory", h.inventory)
         if h.kind == "labvm":
             for what, n in (("vcpus", h.vcpus), ("memory_mib", h.memory_mib)):
                 if n % h.numa_cells:
