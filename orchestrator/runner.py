@@ -392,12 +392,31 @@ def run_trials(
             if spec.host.kind == "inventory":
                 run_on_inventory(ctx, pending, on_result, manifest, outcome, lock)
             else:
-                for trial in pending:
-                    run_trial(ctx, host_for(ctx), trial, on_result)
+                run_on_one_host(ctx, host_for(ctx), pending, on_result, manifest)
     finally:
         finish_run(st, manifest)
         conn.close()
     return outcome
+
+
+def run_on_one_host(
+    ctx: RunContext,
+    host: Host,
+    trials: list[plan.Trial],
+    on_result: Callable[[TrialResult], None],
+    manifest: dict[str, Any],
+) -> None:
+    """Every trial in plan order on one host, which keeps what it may reuse (a lab VM
+    per kernel) until the run ends, also on error or Ctrl-C."""
+    try:
+        for trial in trials:
+            run_trial(ctx, host, trial, on_result)
+    finally:
+        with ctx.guard.deferred():
+            for note in host.close():
+                manifest.setdefault("events", []).append(
+                    {"at": store.utc_now(), "event": "host-closed", "detail": note}
+                )
 
 
 class LockedProgress:

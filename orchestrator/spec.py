@@ -122,6 +122,9 @@ class Host(Strict):
     vcpus: Annotated[int, Field(gt=0, le=MAX_VCPUS)] = 2
     numa_cells: Annotated[int, Field(ge=1, le=8)] = 2
     boot_timeout_s: TimeoutS = 240
+    # kind labvm: one VM per kernel kept for all its trials (a boot costs ~40 s under
+    # TCG), or a fresh VM for every trial
+    boot: Literal["per-kernel", "per-trial"] = "per-kernel"
 
 
 def check_sweep(values: Sequence[object], what: str) -> None:
@@ -683,12 +686,13 @@ def check_fits_host(spec: Spec, available_mib: int, source: str) -> None:
     if spec.host.kind == "inventory":
         return  # each machine is checked by `lab check` and when a trial starts there
     if spec.host.kind == "labvm":
-        need = spec.host.memory_mib + QEMU_OVERHEAD_MIB + spec.host_reserve_mib
+        vms = len(spec.kernels) if spec.host.boot == "per-kernel" else 1  # alive at once
+        need = vms * (spec.host.memory_mib + QEMU_OVERHEAD_MIB) + spec.host_reserve_mib
         if need > available_mib:
             raise UsageError(
-                f"{source}: host.memory_mib: a {spec.host.memory_mib} MiB lab host "
-                f"(+{spec.host_reserve_mib} MiB reserve) needs {need} MiB, the "
-                f"host has {available_mib} MiB available"
+                f"{source}: host.memory_mib: {vms} lab host(s) of {spec.host.memory_mib} MiB "
+                f"(+{spec.host_reserve_mib} MiB reserve) need {need} MiB, the "
+                f"host has {available_mib} MiB available (host.boot: per-trial keeps one)"
             )
         inside = (
             max(spec.fleet.counts) * spec.workload.mib

@@ -89,5 +89,9 @@ class Host(Protocol):
         self, cfg: Reclaim, targets: dict[str, int], stack: ExitStack, event: EventFn
     ) -> list[Window]: ...
 
+    def close(self) -> list[str]:
+        """At the end of the run: remove what the host kept between trials (lab VMs),
+        put a machine back on its own kernel; returns what was done."""
+
     def keep_files(self, trial_dir: Path) -> None:
         """Copy the host's own record files (samples, collector log) into the run."""

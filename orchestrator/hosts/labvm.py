@@ -3,6 +3,7 @@ kernel, two NUMA cells, reached through its guest agent (guest-exec, guest-file-
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -10,9 +11,11 @@ from typing import Any
 
 from orchestrator import fleet, kernelspec, labimage
 from orchestrator.errors import GuestError, HostError
-from orchestrator.hosts.agent import AgentHost, ship_tools
+from orchestrator.hosts.agent import WORK, AgentHost, ship_tools
 from orchestrator.hosts.methods import HostKind
 from orchestrator.spec import Spec
+
+log = logging.getLogger(__name__)
 
 
 class GuestAgentTransport:
@@ -70,7 +73,10 @@ def boot_lab_vm(
 
 
 class LabVmHost(AgentHost):
-    """One lab VM per trial, booted with the trial's kernel and destroyed after it."""
+    """A lab VM per kernel under test, booted at its kernel's first trial and kept for
+    the run's later trials of that kernel (host.boot: per-kernel), or one per trial
+    (per-trial). Each trial works in a folder of its own on the VM and removes it; a VM
+    that does not answer, or whose last trial could not clean up, is replaced."""
 
     kind: HostKind = "labvm"
 
@@ -81,16 +87,79 @@ class LabVmHost(AgentHost):
         self.domain_type = domain_type
         self.accel = f"{domain_type}+labvm"
         self.label = "lab VM"
+        self.vms: dict[str, tuple[fleet.Fleet, GuestAgentTransport, str]] = {}
+        self.trials_on: dict[str, int] = {}  # VM name -> trials it ran
 
     def open(self, kernel: str, stack: ExitStack, trial_dir: Path) -> list[tuple[str, str]]:
         self.reset()
-        trial_id = trial_dir.name
-        fl = stack.enter_context(fleet.Fleet(self.conn, self.run_id, trial_id, self.domain_type))
-        token = self.run_id.rsplit("-", 1)[-1] + f"{int(time.time()) % 100000:05d}"
-        self.t = boot_lab_vm(fl, self.spec, kernel, trial_dir, self.run_id, token)
+        notes: list[tuple[str, str]] = []
+        reused = self.reusable(kernel)
+        if reused is None:
+            notes += self.boot(kernel, stack, trial_dir)
+        else:
+            self.t = reused
+            fl, t, _ = self.vms[kernel]
+            self.vms[kernel] = (fl, t, trial_dir.name)
+            n = self.trials_on[reused.name]
+            notes.append(("lab-vm-reused", f"{reused.name}: trial {n + 1} on this boot"))
+        assert self.t is not None
+        self.trials_on[self.t.name] = self.trials_on.get(self.t.name, 0) + 1
         self.label = f"lab VM {self.t.name}"
+        self.work = f"{WORK}/{trial_dir.name}"
+        self.t.run(["/bin/mkdir", "-p", self.work])
+        stack.callback(self.t.run, ["/bin/rm", "-rf", self.work])
+        return notes
+
+    def boot(self, kernel: str, stack: ExitStack, trial_dir: Path) -> list[tuple[str, str]]:
+        """Boot a VM with `kernel`: on the trial's stack (per-trial) or kept (per-kernel)."""
+        per_trial = self.spec.host.boot == "per-trial"
+        fl = fleet.Fleet(self.conn, self.run_id, f"lab-{kernel}", self.domain_type)
+        if per_trial:
+            stack.enter_context(fl)
+        token = self.run_id.rsplit("-", 1)[-1] + f"{int(time.time()) % 100000:05d}"
+        try:
+            t = boot_lab_vm(fl, self.spec, kernel, trial_dir, self.run_id, token)
+        except BaseException:
+            if not per_trial:
+                fl.teardown()
+            raise
+        self.t = t
+        if not per_trial:
+            self.vms[kernel] = (fl, t, trial_dir.name)
+        notes = [("lab-vm-booted", f"{t.name} with kernel {kernel}")]
         if fl.guests[0].boot_retries:
-            return [
-                ("boot-retry", "kernel panic before ready (TCG); booted once more, console kept")
-            ]
-        return []
+            notes.append(
+                ("boot-retry", "kernel panic before ready (TCG); booted again, console kept")
+            )
+        return notes
+
+    def reusable(self, kernel: str) -> GuestAgentTransport | None:
+        """The kept VM of `kernel` when it answers and its last trial cleaned up (its
+        folder gone, KSM knobs and swap restored)."""
+        if kernel not in self.vms:
+            return None
+        fl, t, last = self.vms[kernel]
+        left = [f"{WORK}/{last}", self.saved("ksm"), self.saved("swap")]
+        probe = " ".join(f"[ ! -e {p} ] || echo {p};" for p in left)
+        try:
+            found = t.run(["/bin/sh", "-c", probe], 60).split()
+        except HostError as e:
+            found = [f"no answer ({e})"]
+        if not found:
+            return t
+        log.warning("%s: replaced, its last trial left %s", t.name, ", ".join(found))
+        del self.vms[kernel]
+        for err in fl.teardown():
+            log.error("lab VM teardown: %s", err)
+        return None
+
+    def close(self) -> list[str]:
+        """Remove the kept VMs (at the end of the run, also after an error or Ctrl-C)."""
+        done, errors = [], []
+        for kernel, (fl, t, _) in list(self.vms.items()):
+            errors += fl.teardown()
+            done.append(f"{t.name} ({kernel}) removed after {self.trials_on.get(t.name, 0)} trials")
+            del self.vms[kernel]
+        if errors:
+            raise HostError("lab VM teardown: " + "; ".join(errors))
+        return done

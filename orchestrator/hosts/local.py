@@ -137,5 +137,8 @@ class LocalHost:
         cgroup_kind = str(self._facts["cgroup"]["value"])
         return triggers.reclaim_once(cfg, cgroup_kind, targets, stack, event)
 
+    def close(self) -> list[str]:
+        return []  # nothing outlives a trial here
+
     def keep_files(self, trial_dir: Path) -> None:
         pass  # the sampler and collector write into the trial directory already
