@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from scipy import stats
 
 from orchestrator.errors import UsageError
+from orchestrator.results import schema
 from orchestrator.walkcost import WalkCost, is_rmap_bench, published_comparison, walk_cost_model
 
 log = logging.getLogger(__name__)
@@ -65,26 +66,19 @@ METHOD_LABELS = {
     "kprobe": "kprobe pair",
     "tracepoint-proxy": "lower-bound proxy",
 }
-TABLE_FILES = {
-    "trials": "trials.parquet",
-    "ksm": "ksm_samples.parquet",
-    "vmstat": "vmstat_samples.parquet",
-    "processes": "process_samples.parquet",
-    "guests": "guests.parquet",
-    "events": "events.parquet",
-    "latency": "latency.parquet",
-    "phase_deltas": "phase_deltas.parquet",
+# The Run's fields and the schema's tables they hold (orchestrator.results.schema).
+RUN_FIELDS = {
+    "trials": schema.TRIALS,
+    "ksm": schema.KSM_SAMPLES,
+    "vmstat": schema.VMSTAT_SAMPLES,
+    "processes": schema.PROCESS_SAMPLES,
+    "guests": schema.GUESTS,
+    "events": schema.EVENTS,
+    "latency": schema.LATENCY,
+    "phase_deltas": schema.PHASE_DELTAS,
 }
-REQUIRED_COLUMNS = {
-    "trials": ("trial_id", "kernel", "fleet_size", "status"),
-    "ksm": ("trial_id", "phase", "t_s", "pages_sharing"),
-    "vmstat": ("trial_id", "phase", "ts_ns", "counter", "value"),
-    "processes": ("trial_id", "guest"),
-    "guests": ("trial_id", "guest"),
-    "events": ("trial_id", "event"),
-    "latency": ("trial_id", "kernel", "trigger", "method", "duration_ns"),
-    "phase_deltas": ("trial_id", "phase", "counter", "delta"),
-}
+TABLE_FILES = {k: t.file for k, t in RUN_FIELDS.items()}
+REQUIRED_COLUMNS = {k: t.required for k, t in RUN_FIELDS.items()}
 OPTIONAL_TRIAL_COLUMNS = (
     "repeat",
     "reason",
