@@ -282,13 +282,12 @@ def compare(run_a: Path, run_b: Path) -> None:
     """Compare two runs of the same spec."""
     try:
         check_runs([run_a, run_b])
-        from orchestrator import analysis
+        from orchestrator.results import analysis, text
 
         result = analysis.compare_runs(run_a, run_b)
     except DensitylabError as e:
         fail(e)
-    text = analysis.render_comparison(result, fmt="text")
-    out.print(text, markup=False, highlight=False)
+    out.print(text.render_comparison(result, fmt="text"), markup=False, highlight=False)
 
 
 kernels_app = typer.Typer(no_args_is_help=True, help="Kernels built from source for a spec.")

@@ -118,7 +118,7 @@ class Manifest(Model):
     started_at: Line | None = None
     ended_at: Line | None = None
     files: dict[str, Line] | None = None
-    # Made in memory when runs are combined (analysis.combine_runs), never on disk.
+    # Made in memory when runs are combined (results.analysis.combine_runs), never on disk.
     combined_from: None = None
 
 

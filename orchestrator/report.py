@@ -31,10 +31,11 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from orchestrator import analysis as an
 from orchestrator import integrity, walkcost
 from orchestrator.capacity import MODEL_NOTES, CapacityResult
 from orchestrator.errors import UsageError
+from orchestrator.results import analysis as an
+from orchestrator.results import text as tx
 from orchestrator.walkcost import WalkCost
 
 log = logging.getLogger(__name__)
@@ -298,7 +299,7 @@ def _draw_fit(ax: Axes, fit: pd.Series, x: str, color: Any) -> str:
     keep = y >= min(fit["y_at_x_min_us"], fit["y_at_x_max_us"]) / 2
     ax.plot(xs[keep], y[keep], color=color, ls="--", lw=1)
     unit = "1,000 VMAs" if x == "vmas" else "mapping"
-    slope = an.fmt_value(fit["slope_us"] * per)
+    slope = tx.fmt_value(fit["slope_us"] * per)
     return f"{fit['kernel']}: {'+' if fit['slope_us'] >= 0 else ''}{slope} µs/{unit}"
 
 
@@ -494,12 +495,12 @@ class TableView:
 
     @property
     def markdown(self) -> str:
-        return an.markdown_table(pd.DataFrame(self.rows, columns=self.columns))
+        return tx.markdown_table(pd.DataFrame(self.rows, columns=self.columns))
 
 
 def view(df: pd.DataFrame, csv: str | None = None) -> TableView:
     """Format every cell of df (see analysis.fmt_value) for the templates."""
-    rows = [[an.fmt_value(v, str(c)) for c, v in r.items()] for _, r in df.iterrows()]
+    rows = [[tx.fmt_value(v, str(c)) for c, v in r.items()] for _, r in df.iterrows()]
     return TableView([str(c) for c in df.columns], rows, csv)
 
 
@@ -569,9 +570,9 @@ def repeats_display(rep: pd.DataFrame, metrics: Sequence[str] | None = None) -> 
             "fleet size (guests)": rep["fleet_size"],
             "n": rep["n"],
             "mean [95% CI]": [
-                an.fmt_interval(*r) for r in rep[["mean", "ci_lo", "ci_hi"]].itertuples(index=False)
+                tx.fmt_interval(*r) for r in rep[["mean", "ci_lo", "ci_hi"]].itertuples(index=False)
             ],
-            "CV (%)": (rep["cv"] * 100).map(an.fmt_value),
+            "CV (%)": (rep["cv"] * 100).map(tx.fmt_value),
         }
     )
 
@@ -589,11 +590,11 @@ def comparisons_display(cmp: pd.DataFrame, metrics: Sequence[str] | None = None)
             "a vs b (reference)": cmp["kernel_a"] + " vs " + cmp["kernel_b"],
         }
     )
-    return pd.concat([keys, an.comparison_display(cmp)], axis=1)
+    return pd.concat([keys, tx.comparison_display(cmp)], axis=1)
 
 
 def _latency_cell(row: pd.Series) -> str:
-    text = an.fmt_interval(row["value_us"], row["lo_us"], row["hi_us"])
+    text = tx.fmt_interval(row["value_us"], row["lo_us"], row["hi_us"])
     return f"≥ {text}" if row["lower_bound"] else text
 
 
@@ -626,12 +627,12 @@ def latency_cmp_display(cmp: pd.DataFrame) -> pd.DataFrame:
             "a vs b (reference)": cmp["kernel_a"] + " vs " + cmp["kernel_b"],
         }
     )
-    out = pd.concat([keys, an.comparison_display(cmp)], axis=1)
+    out = pd.concat([keys, tx.comparison_display(cmp)], axis=1)
     if "min_attainable_p" in cmp:
         # Holm multiplies the smallest p by the number of rows: with too few trials no
         # difference can be called, and "no clear difference" would misread that.
         reachable = (cmp["min_attainable_p"] * len(cmp)).clip(upper=1.0)
-        out["smallest p reachable (Holm)"] = reachable.map(lambda p: an.fmt_value(p, "p"))
+        out["smallest p reachable (Holm)"] = reachable.map(lambda p: tx.fmt_value(p, "p"))
         short = (reachable >= an.ALPHA) & cmp["p_value"].notna()
         need = an.trial_repeats_needed(len(cmp))
         out.loc[short, "verdict"] = f"cannot be called: needs ≥ {need} trials a side"
@@ -686,7 +687,7 @@ def capacity_display(cap: CapacityResult) -> pd.DataFrame:
             "fleet sizes measured": t["fleet_sizes"],
             "trials": t["trials"],
             "saving per added guest (MiB) [95% CI]": [
-                an.fmt_interval(*r)
+                tx.fmt_interval(*r)
                 for r in t[
                     [
                         "saving_per_added_guest_mib",
@@ -700,7 +701,7 @@ def capacity_display(cap: CapacityResult) -> pd.DataFrame:
     if "guests_without_ksm" in t:
         out["guests/host without KSM"] = t["guests_without_ksm"]
         out["guests/host with KSM [95% CI]"] = [
-            an.fmt_interval(*r)
+            tx.fmt_interval(*r)
             for r in t[["guests_with_ksm", "guests_with_ksm_lo", "guests_with_ksm_hi"]].itertuples(
                 index=False
             )
