@@ -19,17 +19,36 @@ import pandas as pd
 
 # Public names of the modules, re-exported: `from orchestrator.results import analysis as an`.
 from orchestrator.results.analysis.common import *  # noqa: F403
+from orchestrator.results.analysis.common import HOST_PROCESS as HOST_PROCESS
+from orchestrator.results.analysis.common import TRIAL_METRICS as TRIAL_METRICS
 from orchestrator.results.analysis.compare import *  # noqa: F403
 from orchestrator.results.analysis.hygiene import *  # noqa: F403
+from orchestrator.results.analysis.hygiene import _dropped_latency
+from orchestrator.results.analysis.hygiene import hygiene_warnings as hygiene_warnings
 from orchestrator.results.analysis.labels import *  # noqa: F403
 from orchestrator.results.analysis.latency import *  # noqa: F403
+from orchestrator.results.analysis.latency import LatencyAnalysis as LatencyAnalysis
+from orchestrator.results.analysis.latency import analyze_latency as analyze_latency
 from orchestrator.results.analysis.load import *  # noqa: F403
+from orchestrator.results.analysis.load import Run as Run
+from orchestrator.results.analysis.load import combine_runs as combine_runs
 from orchestrator.results.analysis.metrics import *  # noqa: F403
-from orchestrator.results.analysis.phases import *  # noqa: F403
-from orchestrator.results.analysis.series import *  # noqa: F403
-from orchestrator.results.analysis.stats import *  # noqa: F403
-from orchestrator.results.analysis.hygiene import _dropped_latency
 from orchestrator.results.analysis.metrics import _page_bytes
+from orchestrator.results.analysis.metrics import kernel_comparisons as kernel_comparisons
+from orchestrator.results.analysis.metrics import kernel_order as kernel_order
+from orchestrator.results.analysis.metrics import successful as successful
+from orchestrator.results.analysis.metrics import trial_metrics as trial_metrics
+from orchestrator.results.analysis.phases import *  # noqa: F403
+from orchestrator.results.analysis.phases import phase_deltas as phase_deltas
+from orchestrator.results.analysis.phases import phase_summary as phase_summary
+from orchestrator.results.analysis.series import *  # noqa: F403
+from orchestrator.results.analysis.series import guest_table as guest_table
+from orchestrator.results.analysis.series import run_timeline as run_timeline
+from orchestrator.results.analysis.stats import *  # noqa: F403
+from orchestrator.results.analysis.stats import N_BOOT as N_BOOT
+from orchestrator.results.analysis.stats import SEED as SEED
+from orchestrator.results.analysis.stats import repeat_summary as repeat_summary
+from orchestrator.results.analysis.walks import *  # noqa: F403
 from orchestrator.walkcost import is_rmap_bench, published_comparison
 
 
@@ -94,8 +113,8 @@ def analyze(
     ok = successful(tm)
     deltas = phase_deltas(run)
     lat = None
-    if run.latency is not None and len(run.latency):
-        lat = analyze_latency(run.latency, tm, kernels, rng=rng, n_boot=n_boot)
+    if run.has("latency"):
+        lat = analyze_latency(run, tm, kernels, rng=rng, n_boot=n_boot)
     host_ram = host_ram_gib if host_ram_gib is not None else host_ram_from_manifests(run.manifests)
     cap_tm, cap_note = capacity_trials(run, tm)
     specs = [str(m.get("spec_name")) for m in run.manifests]
@@ -111,9 +130,7 @@ def analyze(
         phase_deltas=deltas,
         phase_summary=None if deltas is None else phase_summary(deltas, tm),
         guests=None if run.guests is None else guest_table(run.guests, tm),
-        timeline=None
-        if run.ksm is None or not len(run.ksm)
-        else ksm_timeline(run.ksm, tm, _page_bytes(run)),
+        timeline=None if not run.has("ksm") else run_timeline(run, tm, _page_bytes(run)),
         latency=lat,
         capacity=capacity_model(
             cap_tm, host_ram_gib=host_ram, reserve_gib=reserve_gib, kernels=kernels, rng=rng

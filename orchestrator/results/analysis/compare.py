@@ -10,13 +10,13 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.errors import UsageError
-from orchestrator.results.analysis.common import TRIAL_METRICS, _isin, method_label
+from orchestrator.results.analysis.common import TRIAL_METRICS, method_label
 from orchestrator.results.analysis.hygiene import (
     _manifest_warnings,
     _mismatch_warnings,
     _trial_warnings,
 )
-from orchestrator.results.analysis.labels import _level_maps, label_workloads
+from orchestrator.results.analysis.labels import _level_maps
 from orchestrator.results.analysis.latency import _latency_groups, with_workload_columns
 from orchestrator.results.analysis.load import Run, load_run
 from orchestrator.results.analysis.metrics import (
@@ -33,6 +33,7 @@ from orchestrator.results.analysis.stats import (
     compare_samples,
     quantile_ratio,
 )
+from orchestrator.results.analysis.walks import read_walks, walk_combos
 
 __all__ = ["ComparisonResult", "compare_runs"]
 
@@ -108,17 +109,18 @@ def _run_latency_rows(
     rng: np.random.Generator,
     n_boot: int,
 ) -> pd.DataFrame | None:
-    if ra.latency is None or rb.latency is None:
+    ca = walk_combos(ra, set(successful(tma)["trial_id"]))
+    cb = walk_combos(rb, set(successful(tmb)["trial_id"]))
+    if ca is None or cb is None:
         return None
-    la = ra.latency[_isin(ra.latency["trial_id"], set(successful(tma)["trial_id"]))]
-    lb = rb.latency[_isin(rb.latency["trial_id"], set(successful(tmb)["trial_id"]))]
-    levels = _level_maps([la, lb])  # shared, so that a workload row is the same in both
-    (la, wa), (lb, wb) = label_workloads(la, levels), label_workloads(lb, levels)
-    ga, gb = _latency_groups(la), _latency_groups(lb)
+    levels = _level_maps([ca, cb])  # shared, so that a workload row is the same in both
+    wa, wb = read_walks(ra, ca, levels), read_walks(rb, cb, levels)
+    ga, gb = _latency_groups(wa.lat), _latency_groups(wb.lat)
     rows = []
     for ka, kb in pairs:
         for key, a in ga.items():
-            b = gb.get(key._replace(kernel=kb))
+            kb_key = key._replace(kernel=kb)
+            b = gb.get(kb_key)
             if key.kernel != ka or b is None:
                 continue
             c = compare_samples(b, a, n_boot=n_boot, rng=rng)
@@ -131,8 +133,8 @@ def _run_latency_rows(
                     "workload": key.workload,
                     "method": key.method,
                     "method_label": method_label(key.method),
-                    "n_a": c.n_b,
-                    "n_b": c.n_a,
+                    "n_a": wa.counts.get(key, c.n_b),  # every walk; statistics: walks.py
+                    "n_b": wb.counts.get(kb_key, c.n_a),
                     "median_a_us": c.median_b / 1e3,
                     "median_b_us": c.median_a / 1e3,
                     "_cmp": c,
@@ -147,7 +149,7 @@ def _run_latency_rows(
                     "p99_ratio_hi": p99.hi,
                 }
             )
-    workloads = pd.concat([wa, wb])
+    workloads = pd.concat([wa.workloads, wb.workloads])
     workloads = workloads[~workloads.index.duplicated()]
     return with_workload_columns(_finish_comparisons(rows), workloads)
 

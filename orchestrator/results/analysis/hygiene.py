@@ -100,6 +100,13 @@ def _latency_warnings(lat: LatencyAnalysis | None, kernels: Sequence[str]) -> li
         return []
     s = lat.summary.drop_duplicates(["kernel", "trigger", "method"])
     out = []
+    if lat.sampled_rows:
+        out.append(
+            f"{lat.sampled_rows} latency row(s) hold more than {lat.cap:,} walks: their "
+            f"quantiles, intervals, rank tests, per-trial medians, ECDF and VMA bins come "
+            f"from a fixed-seed uniform sample of about {lat.cap:,} walks each (n_sampled "
+            "beside n, which counts every walk); the intervals are those of the sample"
+        )
     if s["lower_bound"].any():
         out.append(
             "some walk times come from a lower-bound proxy (tracepoint span): they "
@@ -124,9 +131,9 @@ def _latency_warnings(lat: LatencyAnalysis | None, kernels: Sequence[str]) -> li
 def _dropped_latency(run: Run, lat: LatencyAnalysis | None) -> list[str]:
     """Walks were recorded, yet none belongs to a successful trial: say so, rather than let
     the report read "not recorded"."""
-    if lat is None and run.latency is not None and len(run.latency):
+    if lat is None and run.has("latency"):
         return [
-            f"latency.parquet holds {len(run.latency):,} walks but none from a successful "
+            f"latency.parquet holds {run.rows('latency'):,} walks but none from a successful "
             "trial (trial_id not in trials.parquet, or those trials failed)"
         ]
     return []

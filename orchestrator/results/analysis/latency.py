@@ -13,15 +13,12 @@ import pandas as pd
 from orchestrator.results.analysis.common import (
     LATENCY_QUANTILES,
     TAIL_MIN,
-    UNATTRIBUTED,
-    _isin,
     method_label,
 )
 from orchestrator.results.analysis.labels import (
     WORKLOAD_COLUMNS,
-    label_workloads,
-    normalise_latency,
 )
+from orchestrator.results.analysis.load import Run
 from orchestrator.results.analysis.metrics import successful
 from orchestrator.results.analysis.stats import (
     N_BOOT,
@@ -33,6 +30,7 @@ from orchestrator.results.analysis.stats import (
     quantile_rank,
     quantile_ratio,
 )
+from orchestrator.results.analysis.walks import CAP, read_walks, walk_combos
 from orchestrator.walkcost import WalkCost, walk_cost_model
 
 __all__ = [
@@ -64,6 +62,8 @@ class LatencyAnalysis:
     ecdf: pd.DataFrame  # kernel, trigger, workload, method, duration_us, fraction
     by_vmas: pd.DataFrame | None  # attributed walks: kernel, trigger, method, vmas bins
     walk_cost: WalkCost | None = None
+    sampled_rows: int = 0  # rows summarised from a sample of about `cap` walks (walks.py)
+    cap: int = CAP
 
 
 class LatencyKey(NamedTuple):
@@ -105,10 +105,15 @@ def with_workload_columns(df: pd.DataFrame, workloads: pd.DataFrame) -> pd.DataF
 
 
 def _latency_rows(
-    key: LatencyKey, x: np.ndarray, lower_bound: bool, rng: np.random.Generator, n_boot: int
+    key: LatencyKey,
+    x: np.ndarray,
+    lower_bound: bool,
+    rng: np.random.Generator,
+    n_boot: int,
+    n_all: int | None = None,
 ) -> list[dict[str, Any]]:
     n, rows = len(x), []
-    base = _key_row(key) | {"lower_bound": lower_bound, "n": n}
+    base = _key_row(key) | {"lower_bound": lower_bound, "n": n_all or n, "n_sampled": n}
     for name, q in LATENCY_QUANTILES.items():
         est = quantile_interval(x, q, n_boot=n_boot, rng=rng)
         tail = n - quantile_rank(q, n)
@@ -146,10 +151,18 @@ def latency_summary(
     *,
     rng: np.random.Generator,
     n_boot: int = N_BOOT,
+    counts: dict[tuple[str, ...], int] | None = None,
 ) -> pd.DataFrame:
     """Long table: per LatencyKey and statistic (p50 .. p99.9, max), the value and interval
-    in µs, n and a note; lower_bound marks methods that under-read walks."""
-    rows = [r for k, x in groups.items() for r in _latency_rows(k, x, lower_bound[k], rng, n_boot)]
+    in µs, n (every walk of the row, counts[key] when given), n_sampled (the walks the
+    statistics are computed from) and a note; lower_bound marks methods that under-read
+    walks."""
+    counts = counts or {}
+    rows = [
+        r
+        for k, x in groups.items()
+        for r in _latency_rows(k, x, lower_bound[k], rng, n_boot, counts.get(k))
+    ]
     return pd.DataFrame(rows)
 
 
@@ -301,31 +314,34 @@ def latency_by_vmas(lat: pd.DataFrame, min_n: int = 20) -> pd.DataFrame | None:
 
 
 def analyze_latency(
-    lat: pd.DataFrame,
+    run: Run,
     tm: pd.DataFrame,
     kernels: Sequence[str],
     *,
     rng: np.random.Generator,
     n_boot: int = N_BOOT,
+    cap: int = CAP,
 ) -> LatencyAnalysis | None:
     """Every latency table, over walks of successful trials only, one row per trigger and
-    workload (unattributed walks in their own rows), and the walk-cost model."""
-    ok = set(successful(tm)["trial_id"])
-    keep = _isin(lat["trial_id"], ok)
-    if not keep.all():
-        lat = lat[keep]
-    if lat.empty:
+    workload (unattributed walks in their own rows), and the walk-cost model. The walks
+    are read out of core (orchestrator.results.analysis.walks): a row with more than cap
+    walks is summarised from a fixed-seed sample of about cap of them.
+
+    Raises UsageError naming the files when the walk table cannot be read."""
+    combos = walk_combos(run, set(successful(tm)["trial_id"]))
+    if combos is None:
         return None
-    lat, workloads = label_workloads(normalise_latency(lat))
+    w = read_walks(run, combos, cap=cap)
+    lat, workloads = w.lat, w.workloads
     groups = _latency_groups(lat)
     lb = lat.groupby(LATENCY_KEYS, observed=True)["lower_bound"].any()
     lower = {_key(k): bool(v) for k, v in lb.items()}
     summary = with_workload_columns(
-        latency_summary(groups, lower, rng=rng, n_boot=n_boot), workloads
+        latency_summary(groups, lower, rng=rng, n_boot=n_boot, counts=w.counts), workloads
     )
     return LatencyAnalysis(
-        n_samples=len(lat),
-        n_unattributed=int((lat["target_kind"] == UNATTRIBUTED).sum()),
+        n_samples=w.n,
+        n_unattributed=w.n_unattributed,
         workloads=workloads,
         summary=summary,
         comparisons=with_workload_columns(
@@ -337,4 +353,6 @@ def analyze_latency(
         ecdf=latency_ecdf(groups),
         by_vmas=latency_by_vmas(lat),
         walk_cost=walk_cost_model(summary, kernels),
+        sampled_rows=len(w.sampled),
+        cap=cap,
     )

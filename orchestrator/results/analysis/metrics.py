@@ -25,6 +25,17 @@ from orchestrator.results.analysis.stats import (
 __all__ = ["kernel_comparisons", "kernel_order", "merge_milestones", "successful", "trial_metrics"]
 
 
+# The KSM sample columns the per-trial metrics read.
+KSM_METRIC_COLUMNS = (
+    "trial_id",
+    "phase",
+    "t_s",
+    "pages_sharing",
+    "general_profit_bytes",
+    "ksmd_cpu_s",
+)
+
+
 def _page_bytes(run: Run) -> int:
     host = run.manifests[0].get("host") or {}
     return int(host.get("page_size_bytes") or host.get("page_size") or PAGE_BYTES_DEFAULT)
@@ -128,9 +139,13 @@ def trial_metrics(run: Run) -> pd.DataFrame:
     tm["ksmd_cpu_s"] = run.trials["ksmd_cpu_s"].astype(float)
     tm["measured_saving_mib"] = run.trials["measured_saving_mib"].astype(float)
     tm["mappings_per_ksm_page"] = run.trials["mappings_per_ksm_page"].astype(float)
-    if run.ksm is not None and len(run.ksm):
-        tm = tm.merge(merge_milestones(run.ksm), on="trial_id", how="left")
-        fin = _ksm_finals(run.ksm, page_bytes)
+    if run.has("ksm"):
+        milestones, finals = [], []
+        for ksm in run.frames("ksm", KSM_METRIC_COLUMNS):  # one run file at a time
+            milestones.append(merge_milestones(ksm))
+            finals.append(_ksm_finals(ksm, page_bytes))
+        tm = tm.merge(pd.concat(milestones, ignore_index=True), on="trial_id", how="left")
+        fin = pd.concat(finals, ignore_index=True)
         tm = tm.merge(fin, on="trial_id", how="left")
         for col, src in (
             ("saved_profit_mib", "ksm_profit_mib"),

@@ -71,11 +71,13 @@ def phase_deltas(run: Run) -> pd.DataFrame | None:
                 source="recorded", delta=rec["delta"].astype(float)
             )
         )
-    elif run.vmstat is not None:
-        parts.append(_vmstat_phase_deltas(run.vmstat).assign(source="vmstat samples"))
-    if run.ksm is not None and len(run.ksm):
+    elif run.has("vmstat"):
+        v = pd.concat([_vmstat_phase_deltas(f) for f in run.frames("vmstat")], ignore_index=True)
+        parts.append(v.assign(source="vmstat samples"))
+    if run.has("ksm"):
         known = set(parts[0]["counter"]) if parts else set()
-        k = _ksm_phase_deltas(run.ksm)
+        columns = ["trial_id", "phase", "ts_ns", "t_s", *KSM_DELTA_COLUMNS]
+        k = pd.concat([_ksm_phase_deltas(f) for f in run.frames("ksm", columns)])
         parts.append(k[~k["counter"].isin(known)].assign(source="KSM samples"))
     if not parts:
         return None

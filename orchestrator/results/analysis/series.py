@@ -4,22 +4,55 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from orchestrator.results.analysis.common import MIB
+from orchestrator.results.analysis.load import Run
 from orchestrator.results.analysis.metrics import _ksm_frame, successful
 
-__all__ = ["guest_table", "ksm_timeline"]
+__all__ = ["TIMELINE_COLUMNS", "guest_table", "ksm_timeline", "run_timeline"]
+
+
+TIMELINE_COLUMNS = (
+    "trial_id",
+    "phase",
+    "t_s",
+    "pages_sharing",
+    "general_profit_bytes",
+    "ksmd_cpu_s",
+)
+
+
+def run_timeline(run: Run, tm: pd.DataFrame, page_bytes: int, bins: int = 240) -> pd.DataFrame:
+    """ksm_timeline over every KSM sample of run, one run file at a time, in bins of one
+    width (the longest trial's time / bins)."""
+    longest = max(
+        float(pc.max(pq.read_table(p.path, columns=["t_s"]).column(0)).as_py() or 0.0)
+        for p in run.parts["ksm"]
+        if p.rows
+    )
+    width = max(longest / bins, 1e-9)
+    frames = [
+        ksm_timeline(f, tm, page_bytes, width=width) for f in run.frames("ksm", TIMELINE_COLUMNS)
+    ]
+    return pd.concat(frames, ignore_index=True)
 
 
 def ksm_timeline(
-    ksm: pd.DataFrame, tm: pd.DataFrame, page_bytes: int, bins: int = 240
+    ksm: pd.DataFrame,
+    tm: pd.DataFrame,
+    page_bytes: int,
+    bins: int = 240,
+    width: float | None = None,
 ) -> pd.DataFrame:
     """KSM sharing and profit over time, binned for plotting: per successful trial and time
-    bin (s since trial start), the mean general_profit (MiB) and pages_sharing x page size
-    (MiB). At most `bins` bins per trial however many samples were taken."""
+    bin (s since trial start, bins of `width` s; None: the longest trial's / bins), the
+    mean general_profit (MiB) and pages_sharing x page size (MiB). At most `bins` bins per
+    trial however many samples were taken."""
     keys = successful(tm)[["trial_id", "kernel", "fleet_size"]]
     df, labels = _ksm_frame(ksm, settle_only=False)
-    width = max(float(df["t_s"].max()) / bins, 1e-9)
+    width = width or max(float(df["t_s"].max()) / bins, 1e-9)
     d = pd.DataFrame(
         {
             "tid": df["tid"],
