@@ -35,6 +35,7 @@ from orchestrator import integrity, walkcost
 from orchestrator.capacity import MODEL_NOTES, CapacityResult
 from orchestrator.errors import UsageError
 from orchestrator.results import analysis as an
+from orchestrator.results import campaign
 from orchestrator.results import text as tx
 from orchestrator.walkcost import WalkCost
 
@@ -76,6 +77,7 @@ class ReportPaths:
     tables: dict[str, Path] = field(default_factory=dict)  # CSV, by table name
     figure_files: dict[str, list[Path]] = field(default_factory=dict)  # PNG, PDF, SVG
     latex: dict[str, Path] = field(default_factory=dict)  # .tex tabulars, by file stem
+    analysis: an.Analysis | None = None  # what the page shows
 
 
 # --------------------------------------------------------------------------- style
@@ -1041,6 +1043,7 @@ def write_report(
         _write_atomic(latex[name], partial(_write_latex, df))
     figures, fig_paths, fig_files = {}, {}, {}
     for name, fig in build_figures(a).items():
+        log.info("figure %s", name)
         fig_paths[name] = out_dir / f"{name}.png"
         figures[name], fig_files[name] = _save_figure(fig, fig_paths[name])
     # Page integrity is read straight from the run directories (orchestrator.integrity).
@@ -1062,4 +1065,49 @@ def write_report(
         text = env.get_template(template).render(**ctx)
         _write_atomic(path, partial(_write_text, text))
     log.info("report for %s written to %s", ", ".join(ctx["run_ids"]), out_dir)
-    return ReportPaths(out_dir, index, summary, fig_paths, tables, fig_files, latex)
+    return ReportPaths(out_dir, index, summary, fig_paths, tables, fig_files, latex, a)
+
+
+def write_campaign(
+    run_dirs: Sequence[Path],
+    out_dir: Path,
+    *,
+    host_ram_gib: float | None = None,
+    reserve_gib: float = 2.0,
+) -> ReportPaths:
+    """A report over a campaign (e.g. results/*): runs of one spec combined; with several
+    specs, one report per spec in out_dir/<spec>-<hash>/ and out_dir/index.html and
+    campaign.md setting the specs side by side (campaign_metrics.csv in long form).
+
+    Raises UsageError when no run is given or a directory is not a readable run."""
+    groups = campaign.group_runs([Path(d) for d in run_dirs])
+    if len(groups) == 1:
+        return write_report(run_dirs, out_dir, host_ram_gib=host_ram_gib, reserve_gib=reserve_gib)
+    out_dir = Path(out_dir)
+    done = []
+    for i, g in enumerate(groups, 1):
+        log.info("spec %d of %d: %s (%d runs)", i, len(groups), g.spec_name, len(g.runs))
+        paths = write_report(
+            g.runs, out_dir / g.slug, host_ram_gib=host_ram_gib, reserve_gib=reserve_gib
+        )
+        done.append((g, paths.analysis))
+    table = campaign.campaign_table(done)
+    csv = out_dir / "campaign_metrics.csv"
+    _write_atomic(csv, partial(_write_csv, table))
+    wide = campaign.side_by_side(table)
+    ctx = {
+        "groups": [
+            {"name": g.spec_name, "key": g.key, "slug": g.slug, "runs": [p.name for p in g.runs]}
+            for g in groups
+        ],
+        "n_runs": sum(len(g.runs) for g in groups),
+        "tables": [(title, tx.markdown_table(df)) for title, df in wide.items()],
+        "html_tables": list(wide.items()),
+    }
+    env = _environment()
+    index, summary = out_dir / "index.html", out_dir / "campaign.md"
+    for path, template in ((index, "campaign.html.j2"), (summary, "campaign.md.j2")):
+        text = env.get_template(template).render(**ctx)
+        _write_atomic(path, partial(_write_text, text))
+    log.info("campaign report (%d specs) written to %s", len(groups), out_dir)
+    return ReportPaths(out_dir, index, summary, tables={"campaign_metrics": csv})
