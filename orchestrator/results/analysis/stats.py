@@ -10,6 +10,12 @@ Statistical methods (also printed in every report):
   x[ceil(n U) - 1] with U ~ Beta(k, n - k + 1), the k-th smallest of n uniforms. So the
   interval of a quantile of 10 million walk times costs one sort plus N_BOOT Beta draws,
   and is the same interval scipy.stats.bootstrap would converge to with that many resamples.
+- Walks are read out of core (walks.py). A latency row (kernel, trigger, workload, method)
+  of at most WALK_CAP walks is analysed from every walk; a larger row from a uniform
+  Bernoulli sample of about WALK_CAP walks, fixed by a hash of each walk's file row and
+  SEED. Its n counts every walk, n_sampled the walks kept; its quantiles, intervals, rank
+  test, Cliff's delta, per-trial medians, ECDF and VMA bins are the sample's (intervals of
+  a sample of that size: wider than every walk would give, never narrower).
 - The maximum gets no interval: the bootstrap cannot bound an extreme.
 - Kernel differences: ratio of medians with its bootstrap interval, the two-sided
   Mann-Whitney U p-value (scipy) and Cliff's delta from the U statistic,
@@ -57,13 +63,19 @@ CONFIDENCE = 0.95
 
 ALPHA = 0.05
 
+WALK_CAP = 1 << 19  # walks kept per latency row (walks.CAP)
 SEED = 20_240_611  # fixed, so that a report is a pure function of its run directories
 
 METHOD_NOTES = (
     "Quantiles are the ceil(q n)-th smallest value. Intervals are 95% percentile-bootstrap "
     f"intervals over {N_BOOT:,} replicates, drawn exactly as if every sample were resampled "
-    "(the k-th smallest of a resample is x[ceil(n U)], U ~ Beta(k, n - k + 1)): no "
-    "subsampling, however many walks were recorded.",
+    "(the k-th smallest of a resample is x[ceil(n U)], U ~ Beta(k, n - k + 1)).",
+    f"Walk tables are read out of core: a latency row of up to {WALK_CAP:,} walks is "
+    "analysed from every walk; a larger one from a uniform sample of about "
+    f"{WALK_CAP:,} of its walks, fixed by a hash of each walk's file row and seed {SEED} "
+    "(n counts every walk, n_sampled those kept): its quantiles, intervals, rank test, "
+    "Cliff's delta, ECDF and VMA bins are the sample's, the intervals those of a sample "
+    "of that size.",
     "The maximum has no interval: a bootstrap cannot bound an extreme. A quantile with "
     f"fewer than {TAIL_MIN} samples beyond it is marked unreliable.",
     "Kernels are compared with the ratio of medians (and of p99 for walk times) with its "

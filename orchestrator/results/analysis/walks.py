@@ -32,13 +32,13 @@ from orchestrator.errors import UsageError
 from orchestrator.results.analysis.common import UNATTRIBUTED
 from orchestrator.results.analysis.labels import label_workloads, normalise_latency
 from orchestrator.results.analysis.load import Part, Run
-from orchestrator.results.analysis.stats import SEED
+from orchestrator.results.analysis.stats import SEED, WALK_CAP
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CAP", "Walks", "read_walks", "walk_combos"]
 
-CAP = 1 << 19  # walks kept per latency row for quantiles, bootstrap and rank tests
+CAP = WALK_CAP  # walks kept per latency row for quantiles, bootstrap and rank tests
 KEYS = ("kernel", "trigger", "workload", "method")
 STRINGS = ("trial_id", "kernel", "trigger", "method", "target", "target_kind", "pattern")
 COUNTS = ("vmas", "mappings")
@@ -92,14 +92,21 @@ def _select(part: Part, index: int) -> str:
     return f"SELECT {', '.join(cols)} FROM {source}"
 
 
-def _walks_sql(parts: Sequence[Part]) -> str:
-    """Every part's walks with a combination key (hash of the key columns, NULLs
-    included) and a row hash that decides the sample."""
-    key = ", ".join((*STRINGS, *COUNTS))
-    union = " UNION ALL ".join(_select(p, i) for i, p in enumerate(parts))
-    return (
-        f"SELECT *, hash({key}) AS combo, hash(part, file_row_number, {SEED}) AS h FROM ({union})"
-    )
+KEY = ", ".join((*STRINGS, *COUNTS))
+COMBO = f"hash({KEY})"  # a combination's key: the hash of its key columns, NULLs included
+
+
+def _union(parts: Sequence[Part]) -> str:
+    return " UNION ALL ".join(_select(p, i) for i, p in enumerate(parts))
+
+
+def _kept_sql(parts: Sequence[Part], most: np.uint64) -> str:
+    """The walks whose row hash (file row and seed: it decides the sample) is at most
+    `most`, with their combination key. The row hash is filtered before the key columns
+    are hashed, so a pass that keeps 1 walk in 10 hashes the strings of 1 in 10."""
+    row = f"hash(part, file_row_number, {SEED})"
+    inner = f"SELECT *, {row} AS h FROM ({_union(parts)}) WHERE {row} <= {int(most)}"
+    return f"SELECT part, h, duration_ns, {COMBO} AS combo FROM ({inner})"
 
 
 def _connect() -> duckdb.DuckDBPyConnection:
@@ -123,11 +130,11 @@ def walk_combos(run: Run, ok: set[str]) -> pd.DataFrame | None:
     parts = [p for p in run.parts.get("latency", ()) if p.rows]
     if not parts:
         return None
-    key = ", ".join(("part", "combo", *STRINGS, *COUNTS))
+    # Grouped on the key columns themselves; their hash is taken once per combination.
     sql = (
-        f"SELECT {key}, bool_or(lower_bound) AS lower_bound, count(*) AS n, "
-        f"min(file_row_number) AS first FROM ({_walks_sql(parts)}) GROUP BY {key} "
-        "ORDER BY part, first"
+        f"SELECT part, {COMBO} AS combo, {KEY}, bool_or(lower_bound) AS lower_bound, "
+        f"count(*) AS n, min(file_row_number) AS first FROM ({_union(parts)}) "
+        f"GROUP BY part, {KEY} ORDER BY part, first"
     )
     log.info("walks: combinations over %d file(s), %s walks", len(parts), f"{run.rows('latency'):,}")
     with _connect() as con:
@@ -192,7 +199,7 @@ def read_walks(
         }
     )
     sql = (
-        f"SELECT k.cidx, w.duration_ns FROM ({_walks_sql(parts)}) w JOIN keep k "
+        f"SELECT k.cidx, w.duration_ns FROM ({_kept_sql(parts, limit.max())}) w JOIN keep k "
         "ON w.part = k.part AND w.combo = k.combo WHERE w.h <= k.limit"
     )
     log.info("walks: durations (at most about %s per row) from %d file(s)", f"{cap:,}", len(parts))
