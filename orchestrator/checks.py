@@ -35,6 +35,7 @@ from orchestrator.errors import (
 )
 from orchestrator.interrupts import InterruptGuard, TeardownStack
 from orchestrator.kernelspec import label_of, labels
+from orchestrator.results import schema
 from orchestrator.spec import CheckName, Spec
 
 log = logging.getLogger(__name__)
@@ -433,8 +434,8 @@ def write_results(
 ) -> None:
     files = {}
     for name, df in tables(results).items():
-        path = st.root / f"{name}.parquet"
-        store.write_parquet(path, df)
+        path = st.root / schema.table(name).file
+        store.write_table(path, name, df)
         files[path.name] = store.sha256_file(path)
     for kernel in dict.fromkeys(r.kernel for r in results):
         path = st.root / "checks" / f"{kernel}.jsonl"

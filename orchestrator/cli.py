@@ -262,15 +262,18 @@ def report(
     out_dir: Annotated[Path | None, typer.Option("--out", help="report folder")] = None,
     host_ram_gib: Annotated[float | None, typer.Option(help="for the capacity model")] = None,
 ) -> None:
-    """Write reports/<name>/index.html and summary.md from run directories."""
+    """Write reports/<name>/index.html and summary.md from run directories: runs of one
+    spec combined, several specs each in its own report and side by side (results/*)."""
     try:
         check_host_ram_gib(host_ram_gib)
         check_runs(runs)
         target = out_dir or default_report_dir(runs)
         check_results_dir(target, "--out")
         from orchestrator import report as rep  # pandas, seaborn: only for valid input
+        from orchestrator.progress import LogStatus
 
-        paths = rep.write_report(runs, target, host_ram_gib=host_ram_gib)
+        with LogStatus(out, "orchestrator.results", "orchestrator.report"):
+            paths = rep.write_campaign(runs, target, host_ram_gib=host_ram_gib)
     except DensitylabError as e:
         fail(e)
     out.print(f"report: {paths.index_html}")
@@ -282,13 +285,12 @@ def compare(run_a: Path, run_b: Path) -> None:
     """Compare two runs of the same spec."""
     try:
         check_runs([run_a, run_b])
-        from orchestrator import analysis
+        from orchestrator.results import analysis, text
 
         result = analysis.compare_runs(run_a, run_b)
     except DensitylabError as e:
         fail(e)
-    text = analysis.render_comparison(result, fmt="text")
-    out.print(text, markup=False, highlight=False)
+    out.print(text.render_comparison(result, fmt="text"), markup=False, highlight=False)
 
 
 kernels_app = typer.Typer(no_args_is_help=True, help="Kernels built from source for a spec.")

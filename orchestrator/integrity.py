@@ -29,24 +29,14 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.errors import HostError, IntegrityError
+from orchestrator.results import schema
 from orchestrator.triggers import HostProcess
 
 VERIFIED_PREFIX = "DLFILL VERIFIED "
 VERIFY_TIMEOUT_S = 900.0  # generous: a TCG guest verified 32 MiB in 0.06-0.4 s here
 POLL_S = 0.05
-TABLE = "integrity"
-COLUMNS = (
-    "trial_id",
-    "phase",
-    "step",
-    "workload",
-    "pages_checked",
-    "mismatches",
-    "first_mismatch_pages",
-    "verify_s",
-    "ts_ns",
-    "t_s",
-)
+TABLE = schema.INTEGRITY.name
+COLUMNS = schema.INTEGRITY.names
 
 
 @dataclass(frozen=True)

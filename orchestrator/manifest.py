@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from orchestrator.errors import UsageError, printable
+from orchestrator.results import schema
 from orchestrator.spec import MAX_SEED, check_name, format_validation_error, read_regular_file
 
 # A manifest holds facts and one row per trial: a few hundred KiB at most.
@@ -40,6 +41,14 @@ def run_id(text: str) -> str:
     if not text[0].isalnum():
         raise ValueError("must start with a letter or digit")
     return text
+
+
+def readable_version(version: int) -> int:
+    """A schema version this densitylab reads (orchestrator.results.schema)."""
+    if version not in schema.READABLE_VERSIONS:
+        known = ", ".join(map(str, schema.READABLE_VERSIONS))
+        raise ValueError(f"this densitylab reads schema versions {known}")
+    return version
 
 
 Line = Annotated[str, AfterValidator(one_line)]
@@ -90,6 +99,8 @@ class HostFacts(Model):
 
 class Manifest(Model):
     run_id: Annotated[str, AfterValidator(run_id)]
+    # Absent: written before the schema had a version (schema.LEGACY_VERSION).
+    schema_version: Annotated[int, AfterValidator(readable_version)] | None = None
     spec_name: Annotated[str, AfterValidator(check_name)]
     trials: list[Trial]
     spec_sha256: Line | None = None
@@ -107,7 +118,7 @@ class Manifest(Model):
     started_at: Line | None = None
     ended_at: Line | None = None
     files: dict[str, Line] | None = None
-    # Made in memory when runs are combined (analysis.combine_runs), never on disk.
+    # Made in memory when runs are combined (results.analysis.combine_runs), never on disk.
     combined_from: None = None
 
 

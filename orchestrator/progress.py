@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from rich.console import Console
@@ -12,7 +13,50 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.engine.state import TrialResult
+if TYPE_CHECKING:  # the report's progress must not import the engine (libvirt)
+    from orchestrator.engine.state import TrialResult
+
+
+class LogStatus(logging.Handler):
+    """A long read (a report over a campaign) shown as one status line: the newest INFO
+    message of the given loggers (run files read, passes over the walks, figures). Only
+    on a terminal; elsewhere nothing changes. Warnings still reach the root handlers."""
+
+    def __init__(self, console: Console, *loggers: str):
+        super().__init__(logging.INFO)
+        self.console = console
+        self.names = loggers
+        self.status: Any = None
+        self.saved: list[tuple[logging.Logger, int, bool]] = []
+
+    def __enter__(self) -> LogStatus:
+        if not self.console.is_terminal:
+            return self
+        self.status = self.console.status("reading runs")
+        self.status.start()
+        for name in self.names:
+            logger = logging.getLogger(name)
+            self.saved.append((logger, logger.level, logger.propagate))
+            logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
+            logger.propagate = False  # INFO goes to the status line, not to stderr
+            logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for logger, level, propagate in self.saved:
+            logger.removeHandler(self)
+            logger.setLevel(level)
+            logger.propagate = propagate
+        self.saved.clear()
+        if self.status is not None:
+            self.status.stop()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.status is not None:
+            self.status.update(record.getMessage())
+        root = logging.getLogger()
+        if record.levelno >= root.getEffectiveLevel() and record.levelno > logging.INFO:
+            root.handle(record)
 
 
 class RichProgress:

@@ -31,10 +31,12 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from orchestrator import analysis as an
 from orchestrator import integrity, walkcost
 from orchestrator.capacity import MODEL_NOTES, CapacityResult
 from orchestrator.errors import UsageError
+from orchestrator.results import analysis as an
+from orchestrator.results import campaign
+from orchestrator.results import text as tx
 from orchestrator.walkcost import WalkCost
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ class ReportPaths:
     tables: dict[str, Path] = field(default_factory=dict)  # CSV, by table name
     figure_files: dict[str, list[Path]] = field(default_factory=dict)  # PNG, PDF, SVG
     latex: dict[str, Path] = field(default_factory=dict)  # .tex tabulars, by file stem
+    analysis: an.Analysis | None = None  # what the page shows
 
 
 # --------------------------------------------------------------------------- style
@@ -298,7 +301,7 @@ def _draw_fit(ax: Axes, fit: pd.Series, x: str, color: Any) -> str:
     keep = y >= min(fit["y_at_x_min_us"], fit["y_at_x_max_us"]) / 2
     ax.plot(xs[keep], y[keep], color=color, ls="--", lw=1)
     unit = "1,000 VMAs" if x == "vmas" else "mapping"
-    slope = an.fmt_value(fit["slope_us"] * per)
+    slope = tx.fmt_value(fit["slope_us"] * per)
     return f"{fit['kernel']}: {'+' if fit['slope_us'] >= 0 else ''}{slope} µs/{unit}"
 
 
@@ -494,12 +497,12 @@ class TableView:
 
     @property
     def markdown(self) -> str:
-        return an.markdown_table(pd.DataFrame(self.rows, columns=self.columns))
+        return tx.markdown_table(pd.DataFrame(self.rows, columns=self.columns))
 
 
 def view(df: pd.DataFrame, csv: str | None = None) -> TableView:
     """Format every cell of df (see analysis.fmt_value) for the templates."""
-    rows = [[an.fmt_value(v, str(c)) for c, v in r.items()] for _, r in df.iterrows()]
+    rows = [[tx.fmt_value(v, str(c)) for c, v in r.items()] for _, r in df.iterrows()]
     return TableView([str(c) for c in df.columns], rows, csv)
 
 
@@ -569,9 +572,9 @@ def repeats_display(rep: pd.DataFrame, metrics: Sequence[str] | None = None) -> 
             "fleet size (guests)": rep["fleet_size"],
             "n": rep["n"],
             "mean [95% CI]": [
-                an.fmt_interval(*r) for r in rep[["mean", "ci_lo", "ci_hi"]].itertuples(index=False)
+                tx.fmt_interval(*r) for r in rep[["mean", "ci_lo", "ci_hi"]].itertuples(index=False)
             ],
-            "CV (%)": (rep["cv"] * 100).map(an.fmt_value),
+            "CV (%)": (rep["cv"] * 100).map(tx.fmt_value),
         }
     )
 
@@ -589,11 +592,11 @@ def comparisons_display(cmp: pd.DataFrame, metrics: Sequence[str] | None = None)
             "a vs b (reference)": cmp["kernel_a"] + " vs " + cmp["kernel_b"],
         }
     )
-    return pd.concat([keys, an.comparison_display(cmp)], axis=1)
+    return pd.concat([keys, tx.comparison_display(cmp)], axis=1)
 
 
 def _latency_cell(row: pd.Series) -> str:
-    text = an.fmt_interval(row["value_us"], row["lo_us"], row["hi_us"])
+    text = tx.fmt_interval(row["value_us"], row["lo_us"], row["hi_us"])
     return f"≥ {text}" if row["lower_bound"] else text
 
 
@@ -626,12 +629,12 @@ def latency_cmp_display(cmp: pd.DataFrame) -> pd.DataFrame:
             "a vs b (reference)": cmp["kernel_a"] + " vs " + cmp["kernel_b"],
         }
     )
-    out = pd.concat([keys, an.comparison_display(cmp)], axis=1)
+    out = pd.concat([keys, tx.comparison_display(cmp)], axis=1)
     if "min_attainable_p" in cmp:
         # Holm multiplies the smallest p by the number of rows: with too few trials no
         # difference can be called, and "no clear difference" would misread that.
         reachable = (cmp["min_attainable_p"] * len(cmp)).clip(upper=1.0)
-        out["smallest p reachable (Holm)"] = reachable.map(lambda p: an.fmt_value(p, "p"))
+        out["smallest p reachable (Holm)"] = reachable.map(lambda p: tx.fmt_value(p, "p"))
         short = (reachable >= an.ALPHA) & cmp["p_value"].notna()
         need = an.trial_repeats_needed(len(cmp))
         out.loc[short, "verdict"] = f"cannot be called: needs ≥ {need} trials a side"
@@ -686,7 +689,7 @@ def capacity_display(cap: CapacityResult) -> pd.DataFrame:
             "fleet sizes measured": t["fleet_sizes"],
             "trials": t["trials"],
             "saving per added guest (MiB) [95% CI]": [
-                an.fmt_interval(*r)
+                tx.fmt_interval(*r)
                 for r in t[
                     [
                         "saving_per_added_guest_mib",
@@ -700,7 +703,7 @@ def capacity_display(cap: CapacityResult) -> pd.DataFrame:
     if "guests_without_ksm" in t:
         out["guests/host without KSM"] = t["guests_without_ksm"]
         out["guests/host with KSM [95% CI]"] = [
-            an.fmt_interval(*r)
+            tx.fmt_interval(*r)
             for r in t[["guests_with_ksm", "guests_with_ksm_lo", "guests_with_ksm_hi"]].itertuples(
                 index=False
             )
@@ -1040,6 +1043,7 @@ def write_report(
         _write_atomic(latex[name], partial(_write_latex, df))
     figures, fig_paths, fig_files = {}, {}, {}
     for name, fig in build_figures(a).items():
+        log.info("figure %s", name)
         fig_paths[name] = out_dir / f"{name}.png"
         figures[name], fig_files[name] = _save_figure(fig, fig_paths[name])
     # Page integrity is read straight from the run directories (orchestrator.integrity).
@@ -1061,4 +1065,49 @@ def write_report(
         text = env.get_template(template).render(**ctx)
         _write_atomic(path, partial(_write_text, text))
     log.info("report for %s written to %s", ", ".join(ctx["run_ids"]), out_dir)
-    return ReportPaths(out_dir, index, summary, fig_paths, tables, fig_files, latex)
+    return ReportPaths(out_dir, index, summary, fig_paths, tables, fig_files, latex, a)
+
+
+def write_campaign(
+    run_dirs: Sequence[Path],
+    out_dir: Path,
+    *,
+    host_ram_gib: float | None = None,
+    reserve_gib: float = 2.0,
+) -> ReportPaths:
+    """A report over a campaign (e.g. results/*): runs of one spec combined; with several
+    specs, one report per spec in out_dir/<spec>-<hash>/ and out_dir/index.html and
+    campaign.md setting the specs side by side (campaign_metrics.csv in long form).
+
+    Raises UsageError when no run is given or a directory is not a readable run."""
+    groups = campaign.group_runs([Path(d) for d in run_dirs])
+    if len(groups) == 1:
+        return write_report(run_dirs, out_dir, host_ram_gib=host_ram_gib, reserve_gib=reserve_gib)
+    out_dir = Path(out_dir)
+    done = []
+    for i, g in enumerate(groups, 1):
+        log.info("spec %d of %d: %s (%d runs)", i, len(groups), g.spec_name, len(g.runs))
+        paths = write_report(
+            g.runs, out_dir / g.slug, host_ram_gib=host_ram_gib, reserve_gib=reserve_gib
+        )
+        done.append((g, paths.analysis))
+    table = campaign.campaign_table(done)
+    csv = out_dir / "campaign_metrics.csv"
+    _write_atomic(csv, partial(_write_csv, table))
+    wide = campaign.side_by_side(table)
+    ctx = {
+        "groups": [
+            {"name": g.spec_name, "key": g.key, "slug": g.slug, "runs": [p.name for p in g.runs]}
+            for g in groups
+        ],
+        "n_runs": sum(len(g.runs) for g in groups),
+        "tables": [(title, tx.markdown_table(df)) for title, df in wide.items()],
+        "html_tables": list(wide.items()),
+    }
+    env = _environment()
+    index, summary = out_dir / "index.html", out_dir / "campaign.md"
+    for path, template in ((index, "campaign.html.j2"), (summary, "campaign.md.j2")):
+        text = env.get_template(template).render(**ctx)
+        _write_atomic(path, partial(_write_text, text))
+    log.info("campaign report (%d specs) written to %s", len(groups), out_dir)
+    return ReportPaths(out_dir, index, summary, tables={"campaign_metrics": csv})

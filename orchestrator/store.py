@@ -23,18 +23,9 @@ from typing import Any
 import pandas as pd
 
 from orchestrator.errors import UsageError
+from orchestrator.results import schema
 
-TABLES = (
-    "trials",
-    "ksm_samples",
-    "vmstat_samples",
-    "process_samples",
-    "guests",
-    "events",
-    "latency",
-    "phase_deltas",
-    "integrity",
-)
+TABLES = tuple(schema.RUN_TABLES)  # rebuilt from the trials' parts, in this order
 FINISHED = ("successful",)
 
 
@@ -68,6 +59,34 @@ def write_json(path: Path, data: Any) -> None:
 def write_parquet(path: Path, df: pd.DataFrame) -> None:
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
+
+
+def conform(name: str, df: pd.DataFrame) -> pd.DataFrame:
+    """df checked against the schema of table name: a table with rows has every required
+    column; a known column holding only nulls gets its schema dtype (an untyped null
+    column would give the parquet file a type that depends on whether a trial happened
+    to record a value). Columns the schema does not know pass through (newer writers).
+
+    Raises schema.SchemaError naming the table and the missing columns."""
+    spec = schema.TABLES.get(name)
+    if spec is None or (df.empty and len(df.columns) == 0):
+        return df
+    missing = [c for c in spec.required if c not in df.columns]
+    if missing and len(df):
+        raise schema.SchemaError(name, f"missing required column(s) {', '.join(missing)}")
+    casts = {
+        c: schema.PANDAS_NULL_DTYPES[dtype]
+        for c in df.columns
+        if (dtype := spec.dtype(str(c))) is not None
+        and df[c].dtype == object
+        and df[c].isna().all()
+    }
+    return df.astype(casts) if casts else df
+
+
+def write_table(path: Path, name: str, df: pd.DataFrame) -> None:
+    """Write table name (see orchestrator.results.schema) atomically, conformed first."""
+    write_parquet(path, conform(name, df))
 
 
 def sha256_file(path: Path) -> str:
@@ -123,7 +142,9 @@ class RunStore:
         return dict(json.loads(self.manifest_path.read_text()))
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        write_json(self.manifest_path, manifest)
+        """Write manifest.json; a manifest written here carries the schema version its
+        tables follow (the readers accept older ones, see orchestrator.results.schema)."""
+        write_json(self.manifest_path, {"schema_version": schema.SCHEMA_VERSION} | manifest)
 
     def trial_dir(self, trial_id: str) -> Path:
         return self.root / "trials" / trial_id
@@ -141,7 +162,7 @@ class RunStore:
         """Replace one trial's parts (a re-run trial overwrites its old parts)."""
         d = self.trial_dir(trial_id)
         for name, df in tables.items():
-            write_parquet(d / f"{name}.parquet", df)
+            write_table(d / schema.table(name).file, name, df)
 
     def rebuild_run_tables(self) -> dict[str, str]:
         """Concatenate every trial's parts into run-level tables; returns name -> sha256."""
@@ -152,7 +173,7 @@ class RunStore:
                 continue
             frames = [pd.read_parquet(p) for p in parts]
             df = pd.concat([f for f in frames if not f.empty] or frames, ignore_index=True)
-            path = self.root / f"{name}.parquet"
-            write_parquet(path, df)
+            path = self.root / schema.table(name).file
+            write_table(path, name, df)
             checksums[path.name] = sha256_file(path)
         return checksums

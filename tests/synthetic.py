@@ -24,7 +24,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator import integrity, store
+from orchestrator import integrity
+from orchestrator.results import schema
 
 PAGE_BYTES = 4096
 PAGES_PER_MIB = (1 << 20) // PAGE_BYTES
@@ -47,7 +48,7 @@ VMSTAT_COUNTERS = (
     "pgmigrate_success",
     "compact_migrate_scanned",
 )
-ALL_TABLES = frozenset(store.TABLES)  # the run store's own list
+ALL_TABLES = frozenset(schema.RUN_TABLES)  # the schema's own list
 TRIGGER_SHARE = {"migrate": 0.5, "reclaim": 0.3, "compaction": 0.2}
 
 
@@ -490,6 +491,7 @@ def _write(path: Path, df: pd.DataFrame) -> None:
 def _manifest(syn: Synthetic, trials: list[_Trial], files: dict[str, str]) -> dict[str, Any]:
     return {
         "run_id": syn.run_id,
+        "schema_version": schema.SCHEMA_VERSION,
         "spec_name": syn.spec_name,
         "spec": {
             "name": syn.spec_name,

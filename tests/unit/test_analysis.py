@@ -13,9 +13,11 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from orchestrator import analysis as an
 from orchestrator.capacity import capacity_model, fit_savings
 from orchestrator.errors import UsageError
+from orchestrator.results import analysis as an
+from orchestrator.results import text as tx
+from orchestrator.results.analysis.phases import _vmstat_phase_deltas as vmstat_phase_deltas
 from orchestrator.walkcost import walk_cost_model
 from tests.synthetic import ALL_TABLES, make_run
 
@@ -154,7 +156,7 @@ def test_vmstat_phase_deltas_match_a_groupby_diff(tmp_path: Path) -> None:
     """The code-array implementation against a plain pandas one, rows shuffled."""
     run = an.load_run(make_run(tmp_path, tables=frozenset({"trials", "vmstat_samples"})))
     shuffled = run.vmstat.sample(frac=1.0, random_state=3)
-    mine = an._vmstat_phase_deltas(shuffled)
+    mine = vmstat_phase_deltas(shuffled)
     v = run.vmstat.astype({"trial_id": str, "phase": str, "counter": str})
     v = v.sort_values(["trial_id", "counter", "ts_ns"])
     v["delta"] = v.groupby(["trial_id", "counter"])["value"].diff().fillna(0)
@@ -294,10 +296,10 @@ def test_compare_runs_of_two_single_kernel_runs(tmp_path: Path) -> None:
     lat = result.latency
     assert lat is not None and (lat["ratio"] < 0.1).all()  # B (7.3) walks far faster
     assert (lat["median_a_us"] > lat["median_b_us"]).all()  # A's median is A's
-    text = an.render_comparison(result)
+    text = tx.render_comparison(result)
     assert "# b (B) against a (A)" in text and "7.3 lower" not in text and "B lower" in text
     assert "| kernel (A → B) |" in text
-    plain = an.render_comparison(result, fmt="text")
+    plain = tx.render_comparison(result, fmt="text")
     assert "## Per-trial metrics" in plain and "|---|" not in plain
 
 
@@ -328,21 +330,9 @@ def test_hygiene_warnings(tmp_path: Path) -> None:
 
 
 def test_all_tables_listed() -> None:
-    assert (
-        {f.removesuffix(".parquet") for f in an.TABLE_FILES.values()}
-        == {
-            "trials",
-            "ksm_samples",
-            "vmstat_samples",
-            "process_samples",
-            "guests",
-            "events",
-            "latency",
-            "phase_deltas",
-        }
-        # integrity.parquet is read by orchestrator.integrity (CLI summary, report section)
-        == set(ALL_TABLES) - {"integrity"}
-    )
+    """The analysis reads the schema's tables (integrity.parquet is read by
+    orchestrator.integrity: CLI summary, report section)."""
+    assert {t.name for t in an.RUN_FIELDS.values()} == set(ALL_TABLES) - {"integrity"}
 
 
 # --------------------------------------------------------------------------- attribution
@@ -450,13 +440,13 @@ def test_trial_level_comparison_needs_two_trials_and_calls_with_enough(tmp_path:
     assert lat is not None
     t = lat.trial_comparisons
     assert t["p_value"].isna().all()
-    assert set(an.comparison_display(t)["verdict"]) == {"too few samples"}
+    assert set(tx.comparison_display(t)["verdict"]) == {"too few samples"}
     three = make_run(tmp_path, run_id="three", repeats=3, fleet_sizes=(2,), failed_trials=0)
     lat = an.analyze(an.load_run(three), n_boot=200).latency
     assert lat is not None
     t = lat.trial_comparisons
     assert (t["n_a"] == 3).all() and t["p_value"].notna().all() and t["ratio_hi"].lt(0.1).all()
-    assert "too few samples" not in set(an.comparison_display(t)["verdict"])
+    assert "too few samples" not in set(tx.comparison_display(t)["verdict"])
 
 
 def test_capacity_not_applicable_when_guests_are_host_processes(tmp_path: Path) -> None:

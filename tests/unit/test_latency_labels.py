@@ -1,6 +1,6 @@
 import pandas as pd
 
-from orchestrator.analysis import label_workloads, normalise_latency
+from orchestrator.results.analysis import label_workloads, normalise_latency
 
 
 def test_unattributed_walks_never_take_a_vma_count() -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from orchestrator import analysis as an
 from orchestrator import report
 from orchestrator.errors import UsageError
+from orchestrator.results import analysis as an
 from tests.synthetic import make_run
 
 ORCHESTRATOR = Path(report.__file__).parent

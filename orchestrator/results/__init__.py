@@ -1,0 +1,1 @@
+"""The run directory's contract (schema) and its readers (analysis)."""
