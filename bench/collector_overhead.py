@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from orchestrator import hostagent
+from orchestrator.agent import fs, ksm, probe, sample
 
 LAB_SPEC = """\
 name: bench-collector
@@ -113,7 +113,7 @@ def lab_bench(kernel: str, args: argparse.Namespace) -> bool:
     tag = "bench"
     work = labrun.WORK
     conn = fleet.connect()
-    domain_type = pick_domain_type("auto", {"accel": hostagent.probe_accel()})
+    domain_type = pick_domain_type("auto", {"accel": probe.probe_accel()})
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         stack.callback(conn.close)
         fl = stack.enter_context(fleet.Fleet(conn, run_id, f"bench-{kernel}", domain_type))
@@ -148,7 +148,7 @@ def lab_bench(kernel: str, args: argparse.Namespace) -> bool:
         host.agent("ksm-apply", "--saved", f"{work}/ksm-stop.json", "run=0")
 
         def pgmigrate() -> int:
-            vm = hostagent.parse_key_values(host.read("/proc/vmstat"))
+            vm = fs.parse_key_values(host.read("/proc/vmstat"))
             return vm["pgmigrate_success"]
 
         node = [0]  # where the pages are now
@@ -200,7 +200,7 @@ def host_bench(args: argparse.Namespace) -> bool:
     from orchestrator.sampling import Collector
     from orchestrator.spec import HostWorkload, Migrate
 
-    facts = hostagent.probe_host(check_bpf=True)
+    facts = probe.probe_host(check_bpf=True)
     methods = facts["tracing"]["value"]
     if not methods:
         print("no tracing method on this host: nothing to measure")
@@ -209,26 +209,26 @@ def host_bench(args: argparse.Namespace) -> bool:
     how: Literal["numa", "offline"] = "numa" if nodes >= 2 else "offline"
     run_id = f"bench-collector-{int(time.time())}"
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        saved = hostagent.STATE_DIR / f"ksm-{run_id}.json"
-        hostagent.apply_ksm({"pages_to_scan": 5000, "sleep_millisecs": 10, "run": 1}, saved)
-        stack.callback(hostagent.restore_ksm, saved)
+        saved = fs.STATE_DIR / f"ksm-{run_id}.json"
+        ksm.apply_ksm({"pages_to_scan": 5000, "sleep_millisecs": 10, "run": 1}, saved)
+        stack.callback(ksm.restore_ksm, saved)
         procs = triggers.start_host_workload(
             HostWorkload(copies=2, mib=args.mib), args.vmas, 7, run_id, stack, Path(tmp)
         )
         pids = {f"host-dlfill-{i}": p.pid for i, p in enumerate(procs)}
         deadline = time.monotonic() + 120
-        while hostagent.read_ksm_counters()["pages_sharing"] < args.mib * 256:
+        while ksm.read_ksm_counters()["pages_sharing"] < args.mib * 256:
             if time.monotonic() > deadline:
                 print("KSM did not merge the workload within 120 s")
                 return False
             time.sleep(0.5)
 
         def migrate(n: int) -> tuple[float, int]:
-            m0, t0 = hostagent.read_vmstat()["pgmigrate_success"], time.monotonic()
+            m0, t0 = sample.read_vmstat()["pgmigrate_success"], time.monotonic()
             triggers.migrate_once(
                 Migrate(enabled=True, method=how), nodes, pids, n, lambda e, d: None, run_id
             )
-            return time.monotonic() - t0, hostagent.read_vmstat()["pgmigrate_success"] - m0
+            return time.monotonic() - t0, sample.read_vmstat()["pgmigrate_success"] - m0
 
         def traced(n: int) -> tuple[float, int, int]:
             with Collector(Path(tmp) / f"lat{n}.jsonl", method, run_id.replace("-", "_")) as c:

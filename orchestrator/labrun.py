@@ -22,8 +22,8 @@ from typing import Any
 import pandas as pd
 
 from orchestrator import (
+    agentship,
     fleet,
-    hostagent,
     images,
     integrity,
     kernelspec,
@@ -40,7 +40,7 @@ from orchestrator.spec import Spec
 
 log = logging.getLogger(__name__)
 
-AGENT_PATH = "/opt/densitylab/hostagent.py"
+AGENT_PATH = agentship.REMOTE_AGENT_PATH
 DLFILL_PATH = "/usr/local/bin/dlfill"
 WORK = "/run/densitylab"
 PAGES_PER_MIB = 256
@@ -117,7 +117,7 @@ def boot_lab_host(
     fl.wait_ready(spec.host.boot_timeout_s)
     host = LabHost(fl, name)
     host.run(["/bin/mkdir", "-p", "/opt/densitylab", WORK])
-    fl.write_file(name, AGENT_PATH, Path(hostagent.__file__).read_bytes(), 0o644)
+    fl.write_file(name, AGENT_PATH, agentship.agent_zipapp().read_bytes(), 0o644)
     # The same static binary as the tiny guest's and the host's.
     fl.write_file(name, DLFILL_PATH, images.host_dlfill().read_bytes(), 0o755)
     return host

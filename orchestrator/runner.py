@@ -23,7 +23,6 @@ import pandas as pd
 from orchestrator import (
     __version__,
     fleet,
-    hostagent,
     images,
     integrity,
     labrun,
@@ -33,6 +32,7 @@ from orchestrator import (
     store,
     triggers,
 )
+from orchestrator.agent import fs, ksm, leftovers, sample
 from orchestrator.attribution import (
     Target,
     Window,
@@ -272,7 +272,7 @@ def guest_specs(ctx: RunContext, trial: plan.Trial, token: str) -> list[fleet.Gu
 
 
 def ksm_saved_path(run_id: str) -> Path:
-    return hostagent.STATE_DIR / f"ksm-{run_id}.json"
+    return fs.STATE_DIR / f"ksm-{run_id}.json"
 
 
 def adopt_saved_ksm(run_id: str) -> list[str]:
@@ -288,7 +288,7 @@ def adopt_saved_ksm(run_id: str) -> list[str]:
     with runlock.host_mutex():
         gone = [
             p
-            for r, p in hostagent.state_files("ksm", hostagent.STATE_DIR).items()
+            for r, p in leftovers.state_files("ksm", fs.STATE_DIR).items()
             if r != run_id and not runlock.inspect(runlock.lock_path(r)).live
         ]
         if not gone:
@@ -298,7 +298,7 @@ def adopt_saved_ksm(run_id: str) -> list[str]:
         knobs: dict[str, str] = {}
         for data in reversed(saves):  # older saves overwrite newer ones
             knobs.update(data["knobs"])
-        hostagent.write_json_atomic(mine, {"ksm_dir": saves[0]["ksm_dir"], "knobs": knobs})
+        fs.write_json_atomic(mine, {"ksm_dir": saves[0]["ksm_dir"], "knobs": knobs})
         for p in gone:
             p.unlink()
     adopted = [p.stem.removeprefix("ksm-") for p in gone]
@@ -307,13 +307,13 @@ def adopt_saved_ksm(run_id: str) -> list[str]:
 
 
 def restore_ksm_or_raise(path: Path) -> None:
-    errors = hostagent.restore_ksm(path)
+    errors = ksm.restore_ksm(path)
     if errors:
         raise HostError("KSM restore: " + "; ".join(errors))
 
 
 def set_ksm_run(value: int) -> None:
-    hostagent.write_knob(hostagent.KSM_DIR, "run", str(value))
+    ksm.write_knob(ksm.KSM_DIR, "run", str(value))
 
 
 def run_phases(ctx: RunContext, trial: plan.Trial, st: TrialState, res: TrialResult) -> None:
@@ -327,7 +327,7 @@ def run_phases(ctx: RunContext, trial: plan.Trial, st: TrialState, res: TrialRes
 
     with TeardownStack(ctx.guard) as stack:
         saved = ksm_saved_path(run_id)
-        hostagent.apply_ksm({**spec.ksm, "run": 0}, saved)
+        ksm.apply_ksm({**spec.ksm, "run": 0}, saved)
         stack.callback(restore_ksm_or_raise, saved)
         st.host_procs = triggers.start_host_workload(
             spec.host_workload,
@@ -390,7 +390,7 @@ def merge_phases(
         st.event("baseline", "settled" if b.settled else "timeout", f"{b.seconds:.1f}s")
     phase("fill")
     driver, st.fills = fill_guests(ctx, trial, st, stack, fl)
-    knobs = st.ksm_knobs = hostagent.read_ksm_knobs()
+    knobs = st.ksm_knobs = ksm.read_ksm_knobs()
     st.guest_pattern = spec.workload.pattern
     mps = int(knobs.get("max_page_sharing", 256))
     guest_pages = predicted_saving_pages(
@@ -785,7 +785,7 @@ def run_trial(
 
 
 def host_available_mib() -> int:
-    return hostagent.read_meminfo_kib().get("MemAvailable", 0) // 1024
+    return sample.read_meminfo_kib().get("MemAvailable", 0) // 1024
 
 
 def pick_domain_type(requested: str, facts: dict[str, Any]) -> str:

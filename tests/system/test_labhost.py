@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import kernels, labimage
+from orchestrator import agentship, kernels, labimage
 from orchestrator.errors import HostError
-from orchestrator.images import REPO_ROOT, build_dlfill
+from orchestrator.images import build_dlfill
 from orchestrator.proc import run, stop_group
 from tests.labboot import boot_until_ready
 from tests.qga import Agent
@@ -132,12 +132,13 @@ def test_host_agent_runs_inside_when_pushed(booted: Boot) -> None:
     """The agent is not baked into the image: it is pushed per boot and runs on python3."""
     a = booted.agent
     a.ok("mkdir -p /opt/densitylab")
-    a.push(
-        (REPO_ROOT / "orchestrator" / "hostagent.py").read_bytes(), "/opt/densitylab/hostagent.py"
-    )
-    probe = json.loads(a.ok("python3 /opt/densitylab/hostagent.py probe --no-bpf", 120))
-    print(f"LABHOST {booted.kernel.label} hostagent probe keys: {sorted(probe)}")
-    assert isinstance(probe, dict) and probe
+    a.push(agentship.agent_zipapp().read_bytes(), agentship.REMOTE_AGENT_PATH)
+    python = a.ok("python3 --version").strip()
+    probe = json.loads(a.ok(f"python3 {agentship.REMOTE_AGENT_PATH} probe --no-bpf", 120))
+    print(f"LABHOST {booted.kernel.label} {python}: agent.pyz probe keys {sorted(probe)}")
+    assert probe["kernel_release"]["value"] == a.ok("uname -r").strip()
+    assert probe["ksm"]["value"] is True and probe["cgroup"]["value"] == "v2"
+    assert "kprobe" in probe["tracing"]["value"]
 
 
 # ---------------------------------------------------------------- real rmap_walk_ksm samples

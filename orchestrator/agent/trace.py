@@ -1,0 +1,365 @@
+"""rmap_walk_ksm latency collectors: a private tracefs instance with kprobes (or the
+migration-entry proxy), or BPF fentry/fexit; one JSON line per walk."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import cmd
+from .fs import PROC, STATE_DIR, AgentError, read_text, write_text
+from .procs import pid_alive
+
+
+def tracefs_mountpoint(mounts_text: str) -> Path | None:
+    """Where tracefs is mounted already, from /proc/self/mounts text."""
+    for line in mounts_text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[2] == "tracefs":
+            return Path(parts[1])
+    return None
+
+
+@contextlib.contextmanager
+def tracefs(state_dir: Path = STATE_DIR) -> Any:
+    """Yield a tracefs root; mount one on our own mount point when none is, unmount after.
+
+    Our own mount point (not /sys/kernel/tracing) so that unmounting can never pull the
+    ground from under another tracer on the host.
+    """
+    existing = tracefs_mountpoint(read_text(PROC / "self" / "mounts"))
+    if existing is not None:
+        yield existing
+        return
+    mnt = state_dir / "tracefs"
+    mnt.mkdir(parents=True, exist_ok=True)
+    cmd.run(["mount", "-t", "tracefs", "nodev", str(mnt)], timeout_s=30)
+    try:
+        yield mnt
+    finally:
+        cmd.run(["umount", str(mnt)], timeout_s=30, check=False)
+        with contextlib.suppress(OSError):
+            mnt.rmdir()
+
+
+# Every method `trace --method` takes.
+METHODS = ("bpf-fentry", "kprobe", "tracepoint-proxy")
+TRACE_INSTANCE_PREFIX = "densitylab-"
+KPROBE_GROUP_PREFIX = "densitylab_"
+# `comm-pid [cpu] flags ts: event: fields`; the flags column is absent with irq-info off.
+TRACE_LINE_RE = re.compile(
+    r"^\s*(?P<comm>.+?)-(?P<pid>\d+)\s+\[(?P<cpu>\d+)\]\s+(?:\S+\s+)?"
+    r"(?P<ts>\d+\.\d+):\s+(?P<event>\w+):\s*(?P<rest>.*)$"
+)
+FIELD_RE = re.compile(r"(\w+)=(\S+?),?(?=\s|$)")
+
+
+def parse_trace_line(line: str) -> dict[str, Any] | None:
+    """One tracefs text line -> {comm, pid, cpu, ts_ns, event, fields, rest}; None if not one."""
+    m = TRACE_LINE_RE.match(line)
+    if m is None:
+        return None
+    sec, _, frac = m.group("ts").partition(".")
+    ts_ns = int(sec) * 1_000_000_000 + int(frac.ljust(9, "0")[:9])
+    rest = m.group("rest")
+    return {
+        "comm": m.group("comm").strip(),
+        "pid": int(m.group("pid")),
+        "cpu": int(m.group("cpu")),
+        "ts_ns": ts_ns,
+        "event": m.group("event"),
+        "fields": dict(FIELD_RE.findall(rest)),
+        "rest": rest,
+    }
+
+
+class ProxyGrouper:
+    """rmap-walk spans from consecutive `migrate:set_migration_pte` events.
+
+    Migrating a page walks its reverse map and installs one migration entry per mapping;
+    every PTE of one walk gets the same entry value. The span from the first to the
+    last event of one entry is a lower bound of that walk's time (the walk began before
+    the first PTE and ends after the last). Pages mapped once give no span: skipped.
+    """
+
+    def __init__(self) -> None:
+        self.open: dict[int, dict[str, Any]] = {}  # per CPU: the group being collected
+
+    def feed(self, ev: dict[str, Any]) -> dict[str, Any] | None:
+        if ev["event"] != "set_migration_pte":
+            return None
+        pte = ev["fields"].get("pte")
+        cur = self.open.get(ev["cpu"])
+        if cur is not None and cur["pte"] == pte and cur["pid"] == ev["pid"]:
+            cur["last_ns"] = ev["ts_ns"]
+            cur["mappings"] += 1
+            return None
+        self.open[ev["cpu"]] = {
+            "pte": pte,
+            "pid": ev["pid"],
+            "comm": ev["comm"],
+            "first_ns": ev["ts_ns"],
+            "last_ns": ev["ts_ns"],
+            "mappings": 1,
+        }
+        return self.close(cur)
+
+    def flush(self) -> list[dict[str, Any]]:
+        out = [self.close(g) for g in self.open.values()]
+        self.open.clear()
+        return [s for s in out if s is not None]
+
+    @staticmethod
+    def close(g: dict[str, Any] | None) -> dict[str, Any] | None:
+        if g is None or g["mappings"] < 2:
+            return None
+        return {
+            "ts_ns": g["first_ns"],
+            "duration_ns": g["last_ns"] - g["first_ns"],
+            "method": "tracepoint-proxy",
+            "lower_bound": True,
+            "mappings": g["mappings"],
+            "pid": g["pid"],
+            "comm": g["comm"],
+        }
+
+
+class KprobePairer:
+    """rmap_walk_ksm durations from kprobe entry/return events paired per pid."""
+
+    def __init__(self, entry: str, ret: str) -> None:
+        self.entry, self.ret = entry, ret
+        self.started: dict[int, tuple[int, str]] = {}
+
+    def feed(self, ev: dict[str, Any]) -> dict[str, Any] | None:
+        if ev["event"] == self.entry:
+            self.started[ev["pid"]] = (ev["ts_ns"], ev["comm"])
+            return None
+        if ev["event"] != self.ret or ev["pid"] not in self.started:
+            return None
+        t0, comm = self.started.pop(ev["pid"])
+        caller = re.search(r"\((\S+?)\+", ev["rest"])
+        return {
+            "ts_ns": t0,
+            "duration_ns": ev["ts_ns"] - t0,
+            "method": "kprobe",
+            "lower_bound": False,
+            "pid": ev["pid"],
+            "comm": comm,
+            "caller": caller.group(1) if caller else None,
+        }
+
+    def flush(self) -> list[dict[str, Any]]:
+        return []
+
+
+class TraceInstance:
+    """A private tracefs instance (own buffer, own clock): global tracing is untouched."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.root = root
+        self.dir = root / "instances" / name
+        self.enabled: list[Path] = []
+
+    def __enter__(self) -> TraceInstance:
+        self.dir.mkdir()
+        # CLOCK_MONOTONIC, so trace timestamps line up with the samplers' ts_ns.
+        write_text(self.dir / "trace_clock", "mono")
+        write_text(self.dir / "buffer_size_kb", "8192")
+        return self
+
+    def enable(self, event: str) -> None:
+        path = self.dir / "events" / event / "enable"
+        write_text(path, "1")
+        self.enabled.append(path)
+
+    def disable_events(self) -> None:
+        for path in self.enabled:
+            with contextlib.suppress(AgentError):
+                write_text(path, "0")
+
+    def __exit__(self, *exc: object) -> None:
+        self.disable_events()
+        remove_trace_instance(self.dir)
+
+
+def remove_trace_instance(path: Path) -> None:
+    """rmdir an instance; the kernel refuses while its trace_pipe is open, so retry."""
+    for _ in range(50):
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AgentError(f"{path}: cannot remove trace instance")
+
+
+def kprobe_definitions(group: str) -> list[str]:
+    return [f"p:{group}/rwk rmap_walk_ksm", f"r:{group}/rwkr rmap_walk_ksm"]
+
+
+def append_line(path: Path, line: str) -> None:
+    """One write with O_APPEND: tracefs control files refuse the seek of open(..., "a")."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, (line + "\n").encode())
+    except OSError as e:
+        raise AgentError(f"{path}: cannot add {line!r}: {e.strerror}") from e
+    finally:
+        os.close(fd)
+
+
+def add_kprobes(root: Path, group: str) -> None:
+    for d in kprobe_definitions(group):
+        append_line(root / "kprobe_events", d)
+
+
+def remove_kprobes(root: Path, group: str) -> None:
+    """Remove our kprobe events (idempotent: absent events are fine)."""
+    path = root / "kprobe_events"
+    if not path.exists():
+        return
+    for name in ("rwk", "rwkr"):
+        with contextlib.suppress(AgentError, OSError):
+            append_line(path, f"-:{group}/{name}")
+
+
+def stream_trace(pipe: Path, handle: Any, out: Any, should_stop: Any) -> None:
+    """Read trace_pipe until should_stop(); feed parsed events, write samples as JSON lines."""
+    fd = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)
+    buf = b""
+    try:
+        while True:
+            stopping = should_stop()
+            r, _, _ = select.select([fd], [], [], 0.2)
+            chunk = os.read(fd, 1 << 16) if r else b""
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                ev = parse_trace_line(raw.decode(errors="replace"))
+                sample = handle.feed(ev) if ev else None
+                if sample:
+                    out.write(json.dumps(sample) + "\n")
+            out.flush()
+            if stopping and not chunk:
+                break
+    finally:
+        os.close(fd)
+    for sample in handle.flush():
+        out.write(json.dumps(sample) + "\n")
+    out.flush()
+
+
+def run_collector(method: str, out: Path, tag: str, parent_pid: int | None = None) -> None:
+    """Collect rmap_walk_ksm latency samples with `method` until SIGTERM/SIGINT.
+
+    Everything it sets up (instance, kprobe events, our tracefs mount) is removed on
+    the way out, whatever ends it.
+    """
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda s, f: stopping.append(s))
+    signal.signal(signal.SIGINT, lambda s, f: stopping.append(s))
+
+    def should_stop() -> bool:
+        return bool(stopping) or (parent_pid is not None and not pid_alive(parent_pid))
+
+    if method == "bpf-fentry":
+        run_bpf_collector(out, should_stop)
+        print("collector: stopped", file=sys.stderr, flush=True)
+        return
+    with tracefs() as root, open(out, "a") as f:
+        group = KPROBE_GROUP_PREFIX + tag
+        try:
+            with TraceInstance(root, TRACE_INSTANCE_PREFIX + tag) as inst:
+                handle: Any
+                if method == "kprobe":
+                    add_kprobes(root, group)
+                    inst.enable(f"{group}/rwk")
+                    inst.enable(f"{group}/rwkr")
+                    handle = KprobePairer("rwk", "rwkr")
+                elif method == "tracepoint-proxy":
+                    inst.enable("migrate/set_migration_pte")
+                    handle = ProxyGrouper()
+                else:
+                    raise AgentError(f"unknown latency method {method!r}")
+                print("collector: ready", file=sys.stderr, flush=True)
+                stream_trace(inst.dir / "trace_pipe", handle, f, quiet_on_stop(inst, should_stop))
+        finally:
+            if method == "kprobe":
+                remove_kprobes(root, group)
+    # Said only once everything above is removed: a killed collector never says it.
+    print("collector: stopped", file=sys.stderr, flush=True)
+
+
+def quiet_on_stop(inst: TraceInstance, should_stop: Any) -> Any:
+    """should_stop that, the first time it says stop, disables the events: the drain then
+    reads what is buffered instead of racing new events (a busy walk source can emit
+    faster than a slow VM parses)."""
+    quiet: list[bool] = []
+
+    def check() -> bool:
+        if not should_stop():
+            return False
+        if not quiet:
+            inst.disable_events()
+            quiet.append(True)
+        return True
+
+    return check
+
+
+BPF_PROGRAM = """
+kfunc:rmap_walk_ksm { @start[tid] = nsecs; }
+kretfunc:rmap_walk_ksm /@start[tid]/ {
+  printf("%lld %lld %d %s\\n", @start[tid], nsecs - @start[tid], pid, comm);
+  delete(@start[tid]);
+}
+"""
+
+
+def run_bpf_collector(out: Path, should_stop: Any) -> None:
+    """bpftrace fentry/fexit; bpftrace's nsecs is CLOCK_MONOTONIC like our samplers."""
+    p = subprocess.Popen(
+        ["bpftrace", "-e", BPF_PROGRAM],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert p.stdout is not None
+    os.set_blocking(p.stdout.fileno(), False)
+    try:
+        with open(out, "a") as f:
+            print("collector: ready", file=sys.stderr, flush=True)
+            while not should_stop() and p.poll() is None:
+                select.select([p.stdout], [], [], 0.2)
+                for line in p.stdout.readlines():
+                    parts = line.split(maxsplit=3)
+                    if len(parts) == 4 and parts[0].isdigit():
+                        f.write(
+                            json.dumps(
+                                {
+                                    "ts_ns": int(parts[0]),
+                                    "duration_ns": int(parts[1]),
+                                    "method": "bpf-fentry",
+                                    "lower_bound": False,
+                                    "pid": int(parts[2]),
+                                    "comm": parts[3].strip(),
+                                }
+                            )
+                            + "\n"
+                        )
+                f.flush()
+    finally:
+        p.terminate()
+        p.wait(timeout=10)
