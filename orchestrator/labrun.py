@@ -261,7 +261,7 @@ def lab_phases(
             {"ts_ns": st.marks[-1].ts_ns, "phase": name, "event": "phase-start", "detail": ""}
         )
 
-    st.facts = json.loads(host.agent("probe", "--no-bpf", timeout_s=120))
+    st.facts = json.loads(host.agent("probe", timeout_s=120))
     st.t0_ns = host.now_ns()
     phase("fill")
     stack.callback(stop_all, host, st)

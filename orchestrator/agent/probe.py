@@ -7,12 +7,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import cmd
+from . import bpf
 from .fs import PROC, read_text
 from .ksm import KSM_DIR, read_ksm_counters, read_ksm_knobs
 from .memory import cgroup2_root
 from .sample import read_meminfo_kib
-from .trace import tracefs
+from .trace import METHODS, RMAP_WALK_EVENT, tracefs
 
 
 def fact(value: Any, how: str, **extra: Any) -> dict[str, Any]:
@@ -91,49 +91,45 @@ def probe_numa(node_dir: Path = Path("/sys/devices/system/node")) -> dict[str, A
     return fact(len(nodes) or 1, f"{len(nodes)} node* entries in {node_dir}", nodes=nodes)
 
 
-def bpf_fentry_allowed(timeout_s: float = 30) -> tuple[bool, str]:
-    """Attach an fentry probe to rmap_walk_ksm with bpftrace and detach at once."""
-    prog = "kfunc:rmap_walk_ksm { } interval:ms:200 { exit(); }"
-    try:
-        cp = cmd.run(["bpftrace", "-e", prog], timeout_s=timeout_s, check=False)
-    except cmd.AgentCommandError as e:
-        if e.rc == 127:
-            return False, "bpftrace not installed"
-        return False, f"bpftrace did not finish in {timeout_s:.0f}s"
-    if cp.returncode == 0:
-        return True, "bpftrace attached kfunc:rmap_walk_ksm"
-    errors = [ln for ln in cp.stderr.splitlines() if "ERROR" in ln] or ["no message"]
-    last = errors[-1].split("ERROR:", 1)[-1].strip()
-    return False, f"bpftrace kfunc:rmap_walk_ksm failed: {last}"
-
-
 def probe_tracing(check_bpf: bool = True) -> dict[str, Any]:
-    """Methods that can time rmap_walk_ksm here, best first, with why the others cannot."""
-    methods: list[str] = []
+    """Methods that can time rmap_walk_ksm here, cheapest exact one first (the default),
+    with why the others cannot: the series' own walk tracepoint, BPF fentry/fexit,
+    kprobes, and the migration-only lower-bound proxy."""
+    found: dict[str, str] = {}
     notes: dict[str, str] = {}
+    tracefs_ok = "tracefs" in read_text(PROC / "filesystems")
+    if tracefs_ok:
+        with tracefs() as root:
+            tracefs_methods(root, found, notes)
+    else:
+        for m in ("tracepoint", "kprobe", "tracepoint-proxy"):
+            notes[m] = "tracefs not in /proc/filesystems"
     if check_bpf:
-        ok, why = bpf_fentry_allowed()
-        notes["bpf-fentry"] = why
-        if ok:
-            methods.append("bpf-fentry")
-    if "tracefs" not in read_text(PROC / "filesystems"):
-        notes["kprobe"] = notes["tracepoint-proxy"] = "tracefs not in /proc/filesystems"
-        return fact(methods, "; ".join(f"{k}: {v}" for k, v in notes.items()), methods=methods)
-    with tracefs() as root:
-        if (root / "kprobe_events").exists():
-            methods.append("kprobe")
-            notes["kprobe"] = f"{root}/kprobe_events exists"
-        else:
-            notes["kprobe"] = (
-                f"{root}/kprobe_events absent (no CONFIG_KPROBE_EVENTS or locked down)"
-            )
-        proxy = root / "events" / "migrate" / "set_migration_pte"
-        if proxy.exists():
-            methods.append("tracepoint-proxy")
-            notes["tracepoint-proxy"] = f"{proxy} exists (lower bound, migration only)"
-        else:
-            notes["tracepoint-proxy"] = f"{proxy} absent"
-    return fact(methods, "; ".join(f"{k}: {v}" for k, v in notes.items()), methods=methods)
+        ok, why = bpf.fentry_allowed("rmap_walk_ksm")
+        (found if ok else notes)["bpf-fentry"] = why
+    else:
+        notes["bpf-fentry"] = "not probed (--no-bpf)"
+    methods = [m for m in METHODS if m in found]
+    how = "; ".join(f"{k}: {v}" for k, v in sorted({**notes, **found}.items()))
+    return fact(methods, how, methods=methods)
+
+
+def tracefs_methods(root: Path, found: dict[str, str], notes: dict[str, str]) -> None:
+    """The tracefs-based methods of this kernel, into found (usable) or notes (not)."""
+    walk = root / "events" / RMAP_WALK_EVENT
+    if walk.is_dir():
+        found["tracepoint"] = f"{walk} exists (the walk with its duration)"
+    else:
+        notes["tracepoint"] = f"{walk} absent (kernel without the rmap walk tracepoint)"
+    if (root / "kprobe_events").exists():
+        found["kprobe"] = f"{root}/kprobe_events exists"
+    else:
+        notes["kprobe"] = f"{root}/kprobe_events absent (no CONFIG_KPROBE_EVENTS or locked down)"
+    proxy = root / "events" / "migrate" / "set_migration_pte"
+    if proxy.exists():
+        found["tracepoint-proxy"] = f"{proxy} exists (lower bound, migration only)"
+    else:
+        notes["tracepoint-proxy"] = f"{proxy} absent"
 
 
 def probe_host(check_bpf: bool = True) -> dict[str, Any]:

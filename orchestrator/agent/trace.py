@@ -9,13 +9,12 @@ import os
 import re
 import select
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from . import cmd
+from . import bpf, cmd
 from .fs import PROC, STATE_DIR, AgentError, read_text, write_text
 from .procs import pid_alive
 
@@ -51,8 +50,12 @@ def tracefs(state_dir: Path = STATE_DIR) -> Any:
             mnt.rmdir()
 
 
-# Every method `trace --method` takes.
-METHODS = ("bpf-fentry", "kprobe", "tracepoint-proxy")
+# Every method `trace --method` takes, cheapest exact one first (the probe's order).
+METHODS = ("tracepoint", "bpf-fentry", "kprobe", "tracepoint-proxy")
+# The rmap walk series' own tracepoint (with the walk's duration); in no Debian kernel yet.
+RMAP_WALK_EVENT = "rmap/rmap_walk"
+# How often the BPF collector copies its ring buffer to the file.
+RING_POLL_S = 0.25
 TRACE_INSTANCE_PREFIX = "densitylab-"
 KPROBE_GROUP_PREFIX = "densitylab_"
 # `comm-pid [cpu] flags ts: event: fields`; the flags column is absent with irq-info off.
@@ -275,7 +278,7 @@ def run_collector(method: str, out: Path, tag: str, parent_pid: int | None = Non
         return bool(stopping) or (parent_pid is not None and not pid_alive(parent_pid))
 
     if method == "bpf-fentry":
-        run_bpf_collector(out, should_stop)
+        run_fentry_collector(out, should_stop)
         print("collector: stopped", file=sys.stderr, flush=True)
         return
     with tracefs() as root, open(out, "a") as f:
@@ -291,6 +294,9 @@ def run_collector(method: str, out: Path, tag: str, parent_pid: int | None = Non
                 elif method == "tracepoint-proxy":
                     inst.enable("migrate/set_migration_pte")
                     handle = ProxyGrouper()
+                elif method == "tracepoint":
+                    inst.enable(RMAP_WALK_EVENT)
+                    handle = WalkEventReader(duration_field(root / "events" / RMAP_WALK_EVENT))
                 else:
                     raise AgentError(f"unknown latency method {method!r}")
                 print("collector: ready", file=sys.stderr, flush=True)
@@ -319,47 +325,64 @@ def quiet_on_stop(inst: TraceInstance, should_stop: Any) -> Any:
     return check
 
 
-BPF_PROGRAM = """
-kfunc:rmap_walk_ksm { @start[tid] = nsecs; }
-kretfunc:rmap_walk_ksm /@start[tid]/ {
-  printf("%lld %lld %d %s\\n", @start[tid], nsecs - @start[tid], pid, comm);
-  delete(@start[tid]);
-}
-"""
+def run_fentry_collector(out: Path, should_stop: Any) -> None:
+    """BPF fentry/fexit on rmap_walk_ksm (see bpf.py). While collecting, the ring
+    buffer's bytes only go to `out`.raw; the JSON lines are written once the programs
+    are detached, so no per-walk work runs beside the workload being timed."""
+    raw_path = out.with_name(out.name + ".raw")
+    with bpf.FentryTimer("rmap_walk_ksm") as timer, open(raw_path, "ab") as raw:
+        print("collector: ready", file=sys.stderr, flush=True)
+        while not should_stop():
+            raw.write(timer.take())
+            raw.flush()
+            time.sleep(RING_POLL_S)
+        raw.write(timer.take())
+    write_fentry_samples(raw_path, out)
+    raw_path.unlink()
 
 
-def run_bpf_collector(out: Path, should_stop: Any) -> None:
-    """bpftrace fentry/fexit; bpftrace's nsecs is CLOCK_MONOTONIC like our samplers."""
-    p = subprocess.Popen(
-        ["bpftrace", "-e", BPF_PROGRAM],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert p.stdout is not None
-    os.set_blocking(p.stdout.fileno(), False)
-    try:
-        with open(out, "a") as f:
-            print("collector: ready", file=sys.stderr, flush=True)
-            while not should_stop() and p.poll() is None:
-                select.select([p.stdout], [], [], 0.2)
-                for line in p.stdout.readlines():
-                    parts = line.split(maxsplit=3)
-                    if len(parts) == 4 and parts[0].isdigit():
-                        f.write(
-                            json.dumps(
-                                {
-                                    "ts_ns": int(parts[0]),
-                                    "duration_ns": int(parts[1]),
-                                    "method": "bpf-fentry",
-                                    "lower_bound": False,
-                                    "pid": int(parts[2]),
-                                    "comm": parts[3].strip(),
-                                }
-                            )
-                            + "\n"
-                        )
-                f.flush()
-    finally:
-        p.terminate()
-        p.wait(timeout=10)
+def write_fentry_samples(raw_path: Path, out: Path) -> int:
+    """Append the walks of a raw ring buffer file to `out` as JSON lines; returns how
+    many. `pid` is the thread id, as in the kprobe collector's trace lines."""
+    n = 0
+    with open(out, "a") as f:
+        for ts, dur, tid, _tgid, comm in bpf.records(raw_path.read_bytes()):
+            sample = {"ts_ns": ts, "duration_ns": dur, "method": "bpf-fentry"}
+            sample |= {"lower_bound": False, "pid": tid, "comm": comm}
+            f.write(json.dumps(sample) + "\n")
+            n += 1
+    return n
+
+
+def duration_field(event_dir: Path) -> str:
+    """The field of a walk tracepoint that holds its duration, from its format file."""
+    fields = re.findall(r"field:[^;]*?(\w+);", read_text(event_dir / "format"))
+    named = [f for f in fields if "duration" in f or f.endswith("_ns")]
+    if not named:
+        raise AgentError(f"{event_dir}/format: no duration field in {', '.join(fields)}")
+    return str(named[0])
+
+
+class WalkEventReader:
+    """Walks from a tracepoint that reports each walk with its duration (ns): the
+    event's time stamp is its end, so the walk began duration_ns earlier."""
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def feed(self, ev: dict[str, Any]) -> dict[str, Any] | None:
+        value = ev["fields"].get(self.field)
+        if ev["event"] != RMAP_WALK_EVENT.split("/")[1] or value is None:
+            return None
+        dur = int(value, 0)
+        return {
+            "ts_ns": ev["ts_ns"] - dur,
+            "duration_ns": dur,
+            "method": "tracepoint",
+            "lower_bound": False,
+            "pid": ev["pid"],
+            "comm": ev["comm"],
+        }
+
+    def flush(self) -> list[dict[str, Any]]:
+        return []
