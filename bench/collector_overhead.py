@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from orchestrator.agent import fs, ksm, probe, sample
+from orchestrator.errors import HostError
 
 LAB_SPEC = """\
 name: bench-collector
@@ -201,7 +202,12 @@ def lab_bench(kernel: str, args: argparse.Namespace, ratios: Ratios) -> bool:
         print(f"{kernel}: methods, cheapest exact first: {', '.join(methods)}", flush=True)
         for method in methods:
             print(f"\n{kernel}: {method} collector", flush=True)
-            results = run_pairs(args.pairs, migrate, traced_with(method))
+            try:
+                results = run_pairs(args.pairs, migrate, traced_with(method))
+            except (HostError, RuntimeError) as e:  # say it, measure the other methods
+                print(f"{kernel}: {method}: no figure: {e}", flush=True)
+                ratios[(kernel, method)] = None
+                continue
             label = f"kernel {kernel} ({release}), {method} collector, {args.vmas} VMAs"
             ratios[(kernel, method)] = summarize(label, results)
         return all(r is not None for r in ratios.values())

@@ -131,7 +131,7 @@ COMMANDS: dict[str, Command] = {
     "probe": Command(
         "print host capabilities as JSON",
         do_probe,
-        [arg("--no-bpf", action="store_true", help="skip the bpftrace attach test")],
+        [arg("--no-bpf", action="store_true", help="skip the BPF fentry attach test")],
     ),
     "sample": Command(
         "append JSON samples to a file until SIGTERM",
