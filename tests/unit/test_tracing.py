@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from orchestrator.agent import trace
@@ -115,3 +116,38 @@ def test_stop_disables_events_before_the_drain(tmp_path: Path) -> None:
         for p in sorted(inst.dir.rglob("*"), reverse=True):  # rmdir needs it empty here
             p.unlink() if p.is_file() else p.rmdir()
     assert not (inst_root / "densitylab-t").exists()
+
+
+def test_the_trace_stream_is_spooled_then_parsed(tmp_path: Path) -> None:
+    """Run against a real FIFO standing in for trace_pipe (non-blocking reads, EAGAIN
+    while empty): lines written while collecting come out as paired samples only after
+    the stop, and the spool is gone."""
+    import os
+    import threading
+
+    pipe = tmp_path / "trace_pipe"
+    os.mkfifo(pipe)
+    lines = [
+        "  migratepages-41 [001] ..... 100.000010: rwk: (rmap_walk_ksm+0x0/0x1e0)",
+        "  migratepages-41 [001] ..... 100.000510: rwkr: (rmap_walk+0x2c/0x40 <- rmap_walk_ksm)",
+    ]
+    done = threading.Event()
+
+    def writer() -> None:
+        with open(pipe, "w") as w:
+            for _ in range(3):
+                w.write("\n".join(lines) + "\n")
+                w.flush()
+        done.set()
+
+    spool, out = tmp_path / "lat.jsonl.trace", tmp_path / "lat.jsonl"
+    t = threading.Thread(target=writer)
+    fd = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)  # lets the writer open the FIFO
+    t.start()
+    with open(out, "a") as f:
+        trace.stream_trace(pipe, trace.KprobePairer("rwk", "rwkr"), f, done.is_set, spool)
+    os.close(fd)
+    t.join()
+    samples = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert [s["duration_ns"] for s in samples] == [500_000] * 3
+    assert {s["pid"] for s in samples} == {41} and not spool.exists()
