@@ -10,7 +10,8 @@ with/without ratio.
 
 Where:
   --where lab (default): inside a lab-host VM per kernel (two NUMA cells, NUMA
-    migratepages between them, kprobe collector), the case the kernel A/B runs use.
+    migratepages between them), every tracing method the lab host's probe lists, in its
+    order (the first is the default a trial uses): the case the kernel A/B runs use.
     ksmd is stopped once the region is merged, so only the migrations are timed.
   --where host: on this host, with its best tracing method; migration by NUMA where the
     host has two nodes, else memory-block offline/online (the kernel may refuse).
@@ -22,6 +23,7 @@ Where:
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -32,13 +34,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from orchestrator import hostagent
+from orchestrator.agent import fs, ksm, probe, sample
+from orchestrator.errors import HostError
 
 LAB_SPEC = """\
 name: bench-collector
 host: {kind: labvm, memory_mib: 2048, vcpus: 2, numa_cells: 2}
 kernels: ["%s"]
 """
+
+
+Ratios = dict[tuple[str, str], float | None]  # (kernel, method) -> median ratio
 
 
 @dataclass
@@ -79,11 +85,12 @@ def run_pairs(
     return out
 
 
-def summarize(label: str, pairs: list[tuple[Round, Round]]) -> bool:
+def summarize(label: str, pairs: list[tuple[Round, Round]]) -> float | None:
+    """Print a method's figures; returns the median with/without ratio (None: no pair)."""
     good = [(p, t) for p, t in pairs if p.pages and t.pages]
     if not good:
         print(f"{label}: no pair migrated pages on both sides: no figure")
-        return False
+        return None
     ratios = [t.pages_per_s / p.pages_per_s for p, t in good]
     walks = [t.walks / t.seconds for _, t in good]
     plain_rate = statistics.median(p.pages_per_s for p, _ in good)
@@ -97,7 +104,7 @@ def summarize(label: str, pairs: list[tuple[Round, Round]]) -> bool:
         f"  with/without throughput ratio: median {statistics.median(ratios):.3f} "
         f"(min {min(ratios):.3f}, max {max(ratios):.3f})"
     )
-    return True
+    return statistics.median(ratios)
 
 
 # ---------------------------------------------------------------- inside a lab host
@@ -147,7 +154,7 @@ class LabShell:
         return "collector: stopped" in self.read(log)
 
 
-def lab_bench(kernel: str, args: argparse.Namespace) -> bool:
+def lab_bench(kernel: str, args: argparse.Namespace, ratios: Ratios) -> bool:
     from orchestrator import fleet, images
     from orchestrator.hosts import agent
     from orchestrator.hosts.labvm import boot_lab_vm
@@ -159,7 +166,7 @@ def lab_bench(kernel: str, args: argparse.Namespace) -> bool:
     tag = "bench"
     work = agent.WORK
     conn = fleet.connect()
-    domain_type = pick_domain_type("auto", {"accel": hostagent.probe_accel()})
+    domain_type = pick_domain_type("auto", {"accel": probe.probe_accel()})
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         stack.callback(conn.close)
         fl = stack.enter_context(fleet.Fleet(conn, run_id, f"bench-{kernel}", domain_type))
@@ -195,7 +202,7 @@ def lab_bench(kernel: str, args: argparse.Namespace) -> bool:
         host.agent("ksm-apply", "--saved", f"{work}/ksm-stop.json", "run=0")
 
         def pgmigrate() -> int:
-            vm = hostagent.parse_key_values(host.read("/proc/vmstat"))
+            vm = fs.parse_key_values(host.read("/proc/vmstat"))
             return vm["pgmigrate_success"]
 
         node = [0]  # where the pages are now
@@ -221,22 +228,44 @@ def lab_bench(kernel: str, args: argparse.Namespace) -> bool:
                 seconds, pages = seconds + s, pages + p
             return seconds, pages
 
-        def traced(n: int) -> tuple[float, int, int]:
-            out, log = f"{work}/lat-{n}.jsonl", f"{work}/col-{n}.log"
-            host.start_collector("kprobe", tag, out, log)
-            try:
-                seconds, pages = migrate(n)
-            finally:
-                # The collector drains its buffer before it removes its probes.
-                clean = host.stop_collector(log)
-            if not clean:
-                raise RuntimeError(f"the collector did not stop cleanly: {host.read(log)[-500:]}")
-            return seconds, pages, sum(1 for ln in host.read(out).splitlines() if ln.strip())
+        def traced_with(method: str) -> Callable[[int], tuple[float, int, int]]:
+            def traced(n: int) -> tuple[float, int, int]:
+                out, log = f"{work}/lat-{method}-{n}.jsonl", f"{work}/col-{method}-{n}.log"
+                host.start_collector(method, tag, out, log)
+                try:
+                    seconds, pages = migrate(n)
+                finally:
+                    # The collector drains its buffer before it removes its probes.
+                    clean = host.stop_collector(log)
+                if not clean:
+                    raise RuntimeError(f"collector did not stop cleanly: {host.read(log)[-500:]}")
+                walks = sum(1 for ln in host.read(out).splitlines() if ln.strip())
+                host.run(["/bin/rm", "-f", out, log])
+                return seconds, pages, walks
 
-        results = run_pairs(args.pairs, migrate, traced)
-        return summarize(
-            f"kernel {kernel} ({release}), kprobe collector, {args.vmas} VMAs", results
-        )
+            return traced
+
+        methods = lab_methods(host, args.method)
+        print(f"{kernel}: methods, cheapest exact first: {', '.join(methods)}", flush=True)
+        for method in methods:
+            print(f"\n{kernel}: {method} collector", flush=True)
+            try:
+                results = run_pairs(args.pairs, migrate, traced_with(method))
+            except (HostError, RuntimeError) as e:  # say it, measure the other methods
+                print(f"{kernel}: {method}: no figure: {e}", flush=True)
+                ratios[(kernel, method)] = None
+                continue
+            label = f"kernel {kernel} ({release}), {method} collector, {args.vmas} VMAs"
+            ratios[(kernel, method)] = summarize(label, results)
+        return all(r is not None for r in ratios.values())
+
+
+def lab_methods(host: Any, wanted: list[str] | None) -> list[str]:
+    """The lab host's tracing methods in the probe's order (its default first)."""
+    probed = json.loads(host.agent("probe", timeout_s=300))["tracing"]
+    print(f"probe: {probed['how']}", flush=True)
+    methods = list(probed["value"])
+    return [m for m in methods if m in wanted] if wanted else methods
 
 
 # ---------------------------------------------------------------- on this host
@@ -247,7 +276,7 @@ def host_bench(args: argparse.Namespace) -> bool:
     from orchestrator.sampling import Collector
     from orchestrator.spec import HostWorkload, Migrate
 
-    facts = hostagent.probe_host(check_bpf=True)
+    facts = probe.probe_host(check_bpf=True)
     methods = facts["tracing"]["value"]
     if not methods:
         print("no tracing method on this host: nothing to measure")
@@ -256,26 +285,26 @@ def host_bench(args: argparse.Namespace) -> bool:
     how: Literal["numa", "offline"] = "numa" if nodes >= 2 else "offline"
     run_id = f"bench-collector-{int(time.time())}"
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        saved = hostagent.STATE_DIR / f"ksm-{run_id}.json"
-        hostagent.apply_ksm({"pages_to_scan": 5000, "sleep_millisecs": 10, "run": 1}, saved)
-        stack.callback(hostagent.restore_ksm, saved)
+        saved = fs.STATE_DIR / f"ksm-{run_id}.json"
+        ksm.apply_ksm({"pages_to_scan": 5000, "sleep_millisecs": 10, "run": 1}, saved)
+        stack.callback(ksm.restore_ksm, saved)
         procs = triggers.start_host_workload(
             HostWorkload(copies=2, mib=args.mib), args.vmas, 7, run_id, stack, Path(tmp)
         )
         pids = {f"host-dlfill-{i}": p.pid for i, p in enumerate(procs)}
         deadline = time.monotonic() + 120
-        while hostagent.read_ksm_counters()["pages_sharing"] < args.mib * 256:
+        while ksm.read_ksm_counters()["pages_sharing"] < args.mib * 256:
             if time.monotonic() > deadline:
                 print("KSM did not merge the workload within 120 s")
                 return False
             time.sleep(0.5)
 
         def migrate(n: int) -> tuple[float, int]:
-            m0, t0 = hostagent.read_vmstat()["pgmigrate_success"], time.monotonic()
+            m0, t0 = sample.read_vmstat()["pgmigrate_success"], time.monotonic()
             triggers.migrate_once(
                 Migrate(enabled=True, method=how), nodes, pids, n, lambda e, d: None, run_id
             )
-            return time.monotonic() - t0, hostagent.read_vmstat()["pgmigrate_success"] - m0
+            return time.monotonic() - t0, sample.read_vmstat()["pgmigrate_success"] - m0
 
         def traced(n: int) -> tuple[float, int, int]:
             with Collector(Path(tmp) / f"lat{n}.jsonl", method, run_id.replace("-", "_")) as c:
@@ -283,9 +312,8 @@ def host_bench(args: argparse.Namespace) -> bool:
             return seconds, pages, len(c.samples())
 
         results = run_pairs(args.pairs, migrate, traced)
-        return summarize(
-            f"this host, {method} collector, {how} migration, {args.vmas} VMAs", results
-        )
+        label = f"this host, {method} collector, {how} migration, {args.vmas} VMAs"
+        return summarize(label, results) is not None
 
 
 def main() -> int:
@@ -296,14 +324,26 @@ def main() -> int:
     ap.add_argument("--mib", type=int, default=32)
     ap.add_argument("--vmas", type=int, default=2000)
     ap.add_argument("--min-round-s", type=float, default=3.0, help="lab: repeat passes per round")
+    ap.add_argument(
+        "--method", action="append", help="lab: only these tracing methods (default: all probed)"
+    )
     args = ap.parse_args()
     if args.where == "lab":
         from orchestrator import labimage
 
         kernels = args.kernel or [k.label for k in labimage.find_lab_image().kernels]
-        ok = [lab_bench(k, args) for k in kernels]
+        ratios: Ratios = {}
+        ok = [lab_bench(k, args, ratios) for k in kernels]
+        print_table(ratios)
         return 0 if all(ok) else 1
     return 0 if host_bench(args) else 1
+
+
+def print_table(ratios: Ratios) -> None:
+    """Each kernel's methods in probe order (the first is the default), one line each."""
+    print("\nwith/without migration throughput, median of pairs (first method: the default)")
+    for (kernel, method), r in ratios.items():
+        print(f"  {kernel:8} {method:18} {'no figure' if r is None else f'{r:.3f}'}")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator import fleet, hostagent, images
+from orchestrator import fleet, images
+from orchestrator.agent import fs, ksm, probe, sample
 from orchestrator.errors import DensitylabError, GuestError, Interrupted
 from orchestrator.interrupts import InterruptGuard, TeardownStack
 
@@ -317,8 +318,8 @@ def qemu_cpu_s(pids: Sequence[int | None]) -> float | None:
     if None in pids:
         return None
     try:
-        return sum(hostagent.process_cpu_s(p) for p in pids if p is not None)
-    except hostagent.AgentError:  # exited meanwhile
+        return sum(sample.process_cpu_s(p) for p in pids if p is not None)
+    except fs.AgentError:  # exited meanwhile
         return None
 
 
@@ -410,7 +411,7 @@ def run_densitylab(b: Bench, conn: Any, round_no: int, guard: InterruptGuard) ->
 def machine_line(conn: Any, accel: dict[str, object]) -> str:
     v = fleet.versions(conn)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    ksm_run = hostagent.read_ksm_knobs().get("run", "?")
+    ksm_run = ksm.read_ksm_knobs().get("run", "?")
     return (
         f"machine: nproc {len(os.sched_getaffinity(0))}, accel {accel['value']} "
         f"({accel['how']}), QEMU {v['qemu']}, libvirt {v['libvirt']}, "
@@ -599,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.clean:
         return clean(args.clean)
-    accel_fact = hostagent.probe_accel()
+    accel_fact = probe.probe_accel()
     accel = str(accel_fact["value"]) if args.accel == "auto" else args.accel
     try:
         tiny = images.find_tiny_image()

@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orchestrator import hostagent, images, proc  # noqa: E402
+from orchestrator import images, proc  # noqa: E402
+from orchestrator.agent import procs, sample  # noqa: E402
 
 
 def start_processes(n: int, mib: int, out_dir: Path, stack: ExitStack) -> dict[str, int]:
@@ -52,14 +53,14 @@ def measure(pids: dict[str, int], vmas_every_s: float, seconds: float) -> tuple[
     """Sample at 1 Hz for `seconds`; returns (CPU seconds per second of wall time, median
     duration of one sample in ms), the CPU being this process's user+system time
     (CLOCK_PROCESS_CPUTIME_ID: os.times() ticks at 10 ms, too coarse here)."""
-    ksmd = hostagent.find_pid_by_comm("ksmd")
+    ksmd = procs.find_pid_by_comm("ksmd")
     cache: dict[int, tuple[float, int]] = {}
     durations = []
     cpu0, wall0 = time.process_time(), time.monotonic()
     next_tick = wall0
     while time.monotonic() - wall0 < seconds:
         t0 = time.perf_counter()
-        hostagent.sample_once(pids, ksmd, vmas_cache=cache, vmas_every_s=vmas_every_s)
+        sample.sample_once(pids, ksmd, vmas_cache=cache, vmas_every_s=vmas_every_s)
         durations.append((time.perf_counter() - t0) * 1000)
         next_tick += 1.0
         time.sleep(max(0.0, next_tick - time.monotonic()))
@@ -74,14 +75,14 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
-    ways = {"smaps each sample": 0.0, f"smaps every {hostagent.VMAS_EVERY_S:g} s": None}
+    ways = {"smaps each sample": 0.0, f"smaps every {sample.VMAS_EVERY_S:g} s": None}
     for n in (int(x) for x in args.procs.split(",")):
         with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
             pids = start_processes(n, args.mib, Path(tmp), stack)
             got: dict[str, list[tuple[float, float]]] = {w: [] for w in ways}
             for _ in range(args.rounds):  # alternate, so drift hits both ways
                 for way, every in ways.items():
-                    every_s = hostagent.VMAS_EVERY_S if every is None else every
+                    every_s = sample.VMAS_EVERY_S if every is None else every
                     got[way].append(measure(pids, every_s, args.seconds))
             rounds = f"{args.rounds} rounds of {args.seconds:g} s"
             print(f"{n} processes x {args.mib} MiB, 1 Hz, {rounds}:")

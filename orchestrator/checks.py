@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -25,7 +24,8 @@ from typing import Any, Literal, Protocol, get_args
 
 import pandas as pd
 
-from orchestrator import hostagent, proc, store
+from orchestrator import agentship, proc, store
+from orchestrator.agent import fs, probe
 from orchestrator.errors import (
     CommandError,
     DensitylabError,
@@ -136,7 +136,7 @@ class LocalTarget:
         return proc.run(argv, timeout_s=timeout_s).stdout
 
     def agent(self, *args: str, timeout_s: float = 120) -> str:
-        return self.run([sys.executable, hostagent.__file__, *args], timeout_s)
+        return self.run([*agentship.local_agent_argv(), *args], timeout_s)
 
 
 def build_dlcheck() -> Path:
@@ -293,7 +293,7 @@ def lab_context(spec: Spec, dlcheck: Path, guard: InterruptGuard) -> Iterator[La
     from orchestrator import fleet
     from orchestrator.runner import pick_domain_type
 
-    facts = {"accel": hostagent.probe_accel()}
+    facts = {"accel": probe.probe_accel()}
     conn = fleet.connect()
     try:
         yield LabContext(conn, pick_domain_type(spec.fleet.accel, facts), guard, dlcheck)
@@ -344,7 +344,7 @@ def run_checks(spec_path: Path, results_dir: Path) -> CheckRun:
     try:
         with guard.installed():
             if spec.host.kind == "local":
-                work = str(hostagent.STATE_DIR / f"checks-{st.run_id}")
+                work = str(fs.STATE_DIR / f"checks-{st.run_id}")
                 results += run_on_target(
                     LocalTarget(), spec, "running", str(dlcheck), work, names,
                     f"checks-{st.run_id}", guard,

@@ -15,7 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator import fleet, hostagent, runlock
+from orchestrator import fleet, runlock
+from orchestrator.agent import leftovers, procs
 from orchestrator.errors import HostError, UsageError
 
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,159}")
@@ -53,24 +54,24 @@ def discover(conn: Any) -> set[str]:
     if fleet.OVERLAY_ROOT.exists():
         found |= {d.name for d in fleet.OVERLAY_ROOT.iterdir()}
     for kind in ("ksm", "swap", "offline"):
-        found |= set(hostagent.state_files(kind))
-    found |= set(hostagent.our_cgroups())
-    found |= {h.run_id for h in hostagent.agent_helpers() if h.run_id}
+        found |= set(leftovers.state_files(kind))
+    found |= set(leftovers.our_cgroups())
+    found |= {h.run_id for h in procs.agent_helpers() if h.run_id}
     return found
 
 
 def sweep_run(run_id: str, conn: Any, report: CleanReport) -> None:
     """Remove everything of one run, going on past errors. The caller holds its lock."""
-    for h in hostagent.agent_helpers():
+    for h in procs.agent_helpers():
         if h.serves(run_id):
-            hostagent.kill_pid(h.pid)
+            procs.kill_pid(h.pid)
             report.removed.append(f"sampler process {h.pid} (run {run_id})")
     if conn is not None:
         report.add(fleet.clean_domains(conn, [run_id]))
     # The host's KSM knobs are saved by a starting run under the same mutex; a restore
     # must not interleave with that save.
     with runlock.host_mutex():
-        report.add(hostagent.clean_run_state(run_id))
+        report.add(leftovers.clean_run_state(run_id))
 
 
 def sweep_owned(run_id: str) -> CleanReport:
@@ -136,7 +137,7 @@ def clean_one(run_id: str, conn: Any, force: bool, report: CleanReport) -> bool:
 def orphan_tags(known: Iterable[str]) -> set[str]:
     """Trace tags that belong to no run id known here (their run left nothing else)."""
     mine = {r.replace("-", "_") for r in known}
-    return hostagent.trace_tags() - mine
+    return leftovers.trace_tags() - mine
 
 
 def sweep_orphans(conn: Any, no_live_run: bool, report: CleanReport) -> None:
@@ -144,11 +145,11 @@ def sweep_orphans(conn: Any, no_live_run: bool, report: CleanReport) -> None:
     directory whose parent is gone, and our tracefs mount once no run is live."""
     tags = orphan_tags(discover(conn))
     if tags:
-        report.add(hostagent.clean_tracing(run_ids=[], tags=tags))
-    for h in hostagent.agent_helpers():
-        orphaned = h.parent_pid is None or not hostagent.pid_alive(h.parent_pid)
+        report.add(leftovers.clean_tracing(run_ids=[], tags=tags))
+    for h in procs.agent_helpers():
+        orphaned = h.parent_pid is None or not procs.pid_alive(h.parent_pid)
         if h.run_id is None and h.tag is None and orphaned:
-            hostagent.kill_pid(h.pid)
+            procs.kill_pid(h.pid)
             report.removed.append(f"sampler process {h.pid}")
     if no_live_run:
-        report.add(hostagent.unmount_our_tracefs())
+        report.add(leftovers.unmount_our_tracefs())

@@ -90,7 +90,7 @@ def main_options(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = Fal
 @app.command()
 def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
-    no_bpf: Annotated[bool, typer.Option("--no-bpf", help="skip the bpftrace test")] = False,
+    no_bpf: Annotated[bool, typer.Option("--no-bpf", help="skip the BPF attach test")] = False,
 ) -> None:
     """Probe what this host allows; exit 0 when a density run can proceed, 1 when not."""
     from orchestrator import doctor as doc

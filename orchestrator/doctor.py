@@ -6,7 +6,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator import fleet, hostagent
+from orchestrator import fleet
+from orchestrator.agent import probe
 from orchestrator.errors import HostError
 
 
@@ -27,12 +28,12 @@ def probe_libvirt() -> dict[str, Any]:
     try:
         conn = fleet.connect()
     except HostError as e:
-        return hostagent.fact(None, str(e))
+        return probe.fact(None, str(e))
     try:
         v = fleet.versions(conn)
     finally:
         conn.close()
-    return hostagent.fact(v, f"{fleet.URI} answered getLibVersion/getVersion", **v)
+    return probe.fact(v, f"{fleet.URI} answered getLibVersion/getVersion", **v)
 
 
 def problems_of(facts: dict[str, Any]) -> list[str]:
@@ -50,7 +51,7 @@ def problems_of(facts: dict[str, Any]) -> list[str]:
 
 
 def run_doctor(check_bpf: bool = True) -> DoctorReport:
-    facts = hostagent.probe_host(check_bpf=check_bpf)
+    facts = probe.probe_host(check_bpf=check_bpf)
     facts["libvirt"] = probe_libvirt()
     return DoctorReport(facts, problems_of(facts))
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from orchestrator import proc
+from orchestrator import agentship, proc
 from orchestrator.errors import CommandError, HostError, UsageError, shown
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ LAB_PACKAGES = (
     "libvirt-daemon-system",
     "libvirt-clients",
 )
-AGENT_PATH = "/opt/densitylab/hostagent.py"
+AGENT_PATH = agentship.REMOTE_AGENT_PATH  # the host agent as one file (a zipapp)
 DLFILL_PATH = "/usr/local/bin/dlfill"
 STATE_DIR = "/var/lib/densitylab"
 INSTALLED_RECORD = f"{STATE_DIR}/installed-packages.json"
@@ -355,20 +355,18 @@ def wait_reachable(t: SshTransport, timeout_s: float, *, not_boot_id: str | None
 
 
 def ship_agent(t: SshTransport) -> None:
-    """Put the host agent and dlfill on the machine: the one place that says what the
-    agent is (a file today; the lead re-points it at the zipapp)."""
-    from orchestrator import hostagent, images
-
-    t.write(AGENT_PATH, Path(hostagent.__file__).read_bytes(), 0o644)
-    t.write(DLFILL_PATH, images.host_dlfill().read_bytes(), 0o755)
+    """Put the host agent and dlfill on the machine."""
+    for dest, (src, mode) in agent_files().items():
+        t.write(dest, src.read_bytes(), mode)
 
 
 def agent_files() -> dict[str, tuple[Path, int]]:
-    """Remote path -> (local file, mode) of what ship_agent copies (for the prepare play)."""
-    from orchestrator import hostagent, images
+    """Remote path -> (local file, mode) of what a machine gets (ship_agent, and the
+    prepare play): the agent's zipapp and the static workload program."""
+    from orchestrator import images
 
     return {
-        AGENT_PATH: (Path(hostagent.__file__), 0o644),
+        AGENT_PATH: (agentship.agent_zipapp(), 0o644),
         DLFILL_PATH: (images.host_dlfill(), 0o755),
     }
 

@@ -222,7 +222,7 @@ def fig_ksmd_cpu(trials: pd.DataFrame, palette: dict[str, Any]) -> Figure:
     return fig
 
 
-METHOD_STYLES = {"kprobe": "-", "bpf-fentry": "-", "tracepoint-proxy": ":"}
+METHOD_STYLES = {"tracepoint": "-", "kprobe": "-", "bpf-fentry": "-", "tracepoint-proxy": ":"}
 ECDF_COLUMNS = 4  # panels per row: a readable grid, however many workloads
 
 

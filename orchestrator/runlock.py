@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import hostagent
+from orchestrator.agent import fs
 from orchestrator.errors import HostBusy, HostError
 
 PROC = Path("/proc")
@@ -35,7 +35,7 @@ MUTEX_WAIT_S = 30.0
 
 
 def runs_dir(state_dir: Path | None = None) -> Path:
-    return (state_dir or hostagent.STATE_DIR) / "runs"
+    return (state_dir or fs.STATE_DIR) / "runs"
 
 
 def lock_path(run_id: str, state_dir: Path | None = None) -> Path:
@@ -236,7 +236,7 @@ def take(run_id: str, owner: Owner, state_dir: Path | None = None) -> RunLock:
 def host_mutex(state_dir: Path | None = None, wait_s: float = MUTEX_WAIT_S) -> Iterator[None]:
     """A short host-wide critical section (check-then-take of a run lock, saving and
     restoring the host's KSM knobs). The file is never removed, so no inode race."""
-    path = (state_dir or hostagent.STATE_DIR) / "runs.mutex"
+    path = (state_dir or fs.STATE_DIR) / "runs.mutex"
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     deadline = time.monotonic() + wait_s

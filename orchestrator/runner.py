@@ -21,12 +21,12 @@ import pandas as pd
 from orchestrator import (
     __version__,
     fleet,
-    hostagent,
     images,
     plan,
     runlock,
     store,
 )
+from orchestrator.agent import fs, leftovers, sample
 from orchestrator.engine.context import RunContext
 from orchestrator.engine.state import Progress, QuietProgress, TrialResult
 from orchestrator.engine.trial import run_trial
@@ -57,7 +57,7 @@ def adopt_saved_ksm(run_id: str) -> list[str]:
     with runlock.host_mutex():
         gone = [
             p
-            for r, p in hostagent.state_files("ksm", hostagent.STATE_DIR).items()
+            for r, p in leftovers.state_files("ksm", fs.STATE_DIR).items()
             if r != run_id and not runlock.inspect(runlock.lock_path(r)).live
         ]
         if not gone:
@@ -67,7 +67,7 @@ def adopt_saved_ksm(run_id: str) -> list[str]:
         knobs: dict[str, str] = {}
         for data in reversed(saves):  # older saves overwrite newer ones
             knobs.update(data["knobs"])
-        hostagent.write_json_atomic(mine, {"ksm_dir": saves[0]["ksm_dir"], "knobs": knobs})
+        fs.write_json_atomic(mine, {"ksm_dir": saves[0]["ksm_dir"], "knobs": knobs})
         for p in gone:
             p.unlink()
     adopted = [p.stem.removeprefix("ksm-") for p in gone]
@@ -79,7 +79,7 @@ def adopt_saved_ksm(run_id: str) -> list[str]:
 
 
 def host_available_mib() -> int:
-    return hostagent.read_meminfo_kib().get("MemAvailable", 0) // 1024
+    return sample.read_meminfo_kib().get("MemAvailable", 0) // 1024
 
 
 def pick_domain_type(requested: str, facts: dict[str, Any]) -> str:

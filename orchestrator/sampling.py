@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,13 +19,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from orchestrator import hostagent, proc
+from orchestrator import agentship, proc
+from orchestrator.agent import ksm
 from orchestrator.errors import HostError
 
-AGENT = Path(hostagent.__file__).resolve()
 PAGE_SIZE = 4096
 # The host agent's counters, in its order; general_profit gets a unit in its name.
-KSM_COLUMNS = tuple(c for c in hostagent.KSM_COUNTERS if c != "general_profit")
+KSM_COLUMNS = tuple(c for c in ksm.KSM_COUNTERS if c != "general_profit")
 
 
 class Sampler:
@@ -43,8 +42,7 @@ class Sampler:
     def __enter__(self) -> Sampler:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         argv = [
-            sys.executable,
-            str(AGENT),
+            *agentship.local_agent_argv(),
             "sample",
             "--interval-s",
             str(self.interval_s),
@@ -194,8 +192,7 @@ class Collector:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         err = self.out.with_suffix(".stderr")
         argv = [
-            sys.executable,
-            str(AGENT),
+            *agentship.local_agent_argv(),
             "trace",
             "--method",
             self.method,

@@ -317,10 +317,13 @@ class Sampling(Strict):
 
 
 class Latency(Strict):
-    """How rmap_walk_ksm is timed during migrate/reclaim; auto takes the best the host
-    allows (bpf-fentry, kprobe, then the tracepoint proxy: a lower bound)."""
+    """How rmap_walk_ksm is timed during migrate/reclaim; auto takes the cheapest exact
+    method the host allows (the kernel's rmap walk tracepoint, bpf-fentry, kprobe),
+    else the tracepoint proxy (a lower bound, migration only)."""
 
-    method: Literal["auto", "bpf-fentry", "kprobe", "tracepoint-proxy", "none"] = "auto"
+    method: Literal["auto", "tracepoint", "bpf-fentry", "kprobe", "tracepoint-proxy", "none"] = (
+        "auto"
+    )
 
 
 class HostWorkload(Strict):

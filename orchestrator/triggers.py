@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator import hostagent, images, proc
+from orchestrator import images, proc
+from orchestrator.agent import fs, memory
 from orchestrator.attribution import Window
 from orchestrator.errors import HostError
 from orchestrator.spec import HostWorkload, Migrate, Reclaim
@@ -102,9 +103,9 @@ def start_host_workload(
     if w.copies == 0:
         return []
     dlfill = images.host_dlfill()
-    mounts = hostagent.read_text(hostagent.PROC / "self" / "mounts")
-    cg = hostagent.memcg_create(f"densitylab-{run_id}", mounts)
-    stack.callback(hostagent.memcg_remove, cg)
+    mounts = fs.read_text(fs.PROC / "self" / "mounts")
+    cg = memory.memcg_create(f"densitylab-{run_id}", mounts)
+    stack.callback(memory.memcg_remove, cg)
     out_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     for i in range(w.copies):
@@ -117,7 +118,7 @@ def start_host_workload(
                 stdout=f.fileno(),
                 # Join the cgroup before exec: memory is charged where it is first
                 # touched, and moving a process later does not move its charge (v1).
-                preexec=lambda: hostagent.memcg_add_pid(cg, os.getpid()),
+                preexec=lambda: memory.memcg_add_pid(cg, os.getpid()),
             )
         stack.callback(proc.stop_group, p)
         procs.append(HostProcess(p.pid, p, wait_done(out, p, timeout_s), out))
@@ -158,7 +159,7 @@ def migrate_once(
         return []
     if method != "numa":
         t0 = time.monotonic()
-        hostagent.compact_memory()
+        memory.compact_memory()
         event("compacted", f"{time.monotonic() - t0:.2f}s")
         return []
     if numa_nodes < 2:
@@ -170,8 +171,8 @@ def migrate_once(
         if cfg.pages is None:
             proc.run(["migratepages", str(pid), str(src), str(dst)], timeout_s=600)
         else:
-            addrs = hostagent.sample_page_addresses(hostagent.mergeable_ranges(pid), cfg.pages)
-            hostagent.move_pages(pid, addrs, dst)
+            addrs = memory.sample_page_addresses(memory.mergeable_ranges(pid), cfg.pages)
+            memory.move_pages(pid, addrs, dst)
         windows.append(Window(start, time.monotonic_ns(), name, "migrate"))
     event("migrated", f"numa {src}->{dst} for {len(pids)} processes")
     return windows
@@ -185,10 +186,10 @@ def offline_blocks(pids: list[int], run_id: str, event: EventFn) -> None:
     A block with one unmovable page cannot go offline; once the kernel has scattered
     unmovable allocations over every block holding ours (seen here after hours of
     runs), this falls back to compaction and says so in the events."""
-    blocks = hostagent.memory_blocks_of(pids)
-    saved = hostagent.STATE_DIR / f"offline-{run_id}.json"
+    blocks = memory.memory_blocks_of(pids)
+    saved = fs.STATE_DIR / f"offline-{run_id}.json"
     t0 = time.monotonic()
-    done = [b for b in sorted(blocks) if hostagent.offline_online_block(b, saved)]
+    done = [b for b in sorted(blocks) if memory.offline_online_block(b, saved)]
     refused = len(blocks) - len(done)
     if not done:
         event(
@@ -196,7 +197,7 @@ def offline_blocks(pids: list[int], run_id: str, event: EventFn) -> None:
             f"all {len(blocks)} memory blocks holding our pages have "
             "unmovable pages: falling back to compaction",
         )
-        hostagent.compact_memory()
+        memory.compact_memory()
         event("compacted", f"{time.monotonic() - t0:.2f}s (fallback)")
         return
     event(
@@ -215,13 +216,13 @@ def memory_cgroups(targets: dict[str, int]) -> list[tuple[Path, list[str]]]:
 
     A KSM page stays charged to the cgroup of the page KSM kept, which for pages merged
     across guests can be any of them: each cgroup is reclaimed in turn."""
-    mounts = hostagent.read_text(hostagent.PROC / "self" / "mounts")
+    mounts = fs.read_text(fs.PROC / "self" / "mounts")
     cgs: dict[Path, list[str]] = {}
     for name, pid in targets.items():
-        cgs.setdefault(hostagent.memory_cgroup_of(pid, mounts), []).append(name)
+        cgs.setdefault(memory.memory_cgroup_of(pid, mounts), []).append(name)
     if not cgs:
         raise HostError("no process to reclaim from")
-    return sorted(cgs.items(), key=lambda kv: hostagent.memcg_usage_bytes(kv[0]), reverse=True)
+    return sorted(cgs.items(), key=lambda kv: memory.memcg_usage_bytes(kv[0]), reverse=True)
 
 
 def window_target(names: list[str]) -> str:
@@ -230,16 +231,16 @@ def window_target(names: list[str]) -> str:
 
 
 def provide_swap(cfg: Reclaim, run_id: str, stack: ExitStack, event: EventFn) -> None:
-    saved = hostagent.STATE_DIR / f"swap-{run_id}.json"
+    saved = fs.STATE_DIR / f"swap-{run_id}.json"
     try:
-        dev = hostagent.swap_on(cfg.swap, cfg.swap_mib, saved)
-    except hostagent.AgentError as e:
+        dev = memory.swap_on(cfg.swap, cfg.swap_mib, saved)
+    except fs.AgentError as e:
         if saved.exists():
-            hostagent.swap_off(saved)
+            memory.swap_off(saved)
         raise HostError(f"phases.reclaim.swap: {e}") from e
 
     def off() -> None:
-        errors = hostagent.swap_off(saved)
+        errors = memory.swap_off(saved)
         if errors:
             raise HostError("; ".join(errors))
 
@@ -277,7 +278,7 @@ def reclaim_v2(cg: Path, cfg: Reclaim, cgroup_kind: str, event: EventFn) -> None
         raise HostError(
             f"phases.reclaim.method: {cg}/memory.reclaim does not exist here (cgroup {cgroup_kind})"
         )
-    ok = hostagent.memcg_reclaim_v2(cg, cfg.reclaim_mib * MIB)
+    ok = memory.memcg_reclaim_v2(cg, cfg.reclaim_mib * MIB)
     event(
         "reclaimed",
         f"{cg.name} memory.reclaim {cfg.reclaim_mib} MiB ({'all' if ok else 'partly (EAGAIN)'})",
@@ -294,9 +295,9 @@ def set_limit_v1(cg: Path, nbytes: int) -> bool:
         if attempt:
             time.sleep(V1_RETRY_PAUSE_S)
         try:
-            hostagent.memcg_set_limit_v1(cg, nbytes)
+            memory.memcg_set_limit_v1(cg, nbytes)
             return True
-        except hostagent.AgentError:
+        except fs.AgentError:
             continue
     return False
 
@@ -304,18 +305,18 @@ def set_limit_v1(cg: Path, nbytes: int) -> bool:
 def reclaim_v1_steps(cg: Path, cfg: Reclaim, stack: ExitStack, event: EventFn) -> None:
     """Step the v1 limit down. A step the kernel refuses (EBUSY) is approached from the
     cgroup's usage in 8 MiB decrements: one big step fails where small ones go through."""
-    original = hostagent.read_text(cg / "memory.limit_in_bytes").strip()
-    stack.callback(hostagent.memcg_set_limit_v1, cg, original)
+    original = fs.read_text(cg / "memory.limit_in_bytes").strip()
+    stack.callback(memory.memcg_set_limit_v1, cg, original)
     for step in cfg.v1_limit_steps_mib:
         if set_limit_v1(cg, step * MIB):
             event("limit-step", f"{cg.name} {step} MiB")
             continue
-        limit = hostagent.memcg_usage_bytes(cg) // MIB
+        limit = memory.memcg_usage_bytes(cg) // MIB
         while limit > step and set_limit_v1(cg, limit * MIB):
             limit = max(step, limit - V1_CREEP_MIB)
         if limit == step and set_limit_v1(cg, step * MIB):
             event("limit-step", f"{cg.name} {step} MiB (in {V1_CREEP_MIB} MiB decrements)")
         else:
             event("limit-step-failed", f"{cg.name} {step} MiB: EBUSY at {limit} MiB")
-    hostagent.memcg_set_limit_v1(cg, original)
+    memory.memcg_set_limit_v1(cg, original)
     event("limit-restored", cg.name)

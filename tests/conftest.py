@@ -43,15 +43,16 @@ def tiny_image(lab: None):
 
 
 def ksm_knobs() -> dict[str, str]:
-    from orchestrator import hostagent
+    from orchestrator.agent import ksm
 
-    return hostagent.read_ksm_knobs()
+    return ksm.read_ksm_knobs()
 
 
 @pytest.fixture
 def host_untouched(lab: None) -> Iterator[dict[str, str]]:
     """Asserts after the test that no domain, overlay, sampler or KSM change is left."""
-    from orchestrator import fleet, hostagent
+    from orchestrator import fleet
+    from orchestrator.agent import fs, procs
 
     before = ksm_knobs()
     yield before
@@ -61,8 +62,8 @@ def host_untouched(lab: None) -> Iterator[dict[str, str]]:
     finally:
         conn.close()
     assert ksm_knobs() == before, "KSM knobs not restored"
-    assert hostagent.find_samplers() == [], "sampler processes left running"
-    assert not list(hostagent.STATE_DIR.glob("ksm-*.json")), "saved KSM state left behind"
+    assert procs.find_samplers() == [], "sampler processes left running"
+    assert not list(fs.STATE_DIR.glob("ksm-*.json")), "saved KSM state left behind"
     overlays = list(fleet.OVERLAY_ROOT.iterdir()) if fleet.OVERLAY_ROOT.exists() else []
     assert overlays == [], "overlays left behind"
     assert_no_tool_state()
@@ -70,16 +71,16 @@ def host_untouched(lab: None) -> Iterator[dict[str, str]]:
 
 def assert_no_tool_state() -> None:
     """No swap, trace instance, kprobe event, cgroup or mount densitylab made is left."""
-    from orchestrator import hostagent
+    from orchestrator.agent import fs, trace
 
     assert Path("/proc/swaps").read_text().count("\n") == 1, "swap left on"
-    assert not list(hostagent.STATE_DIR.glob("swap-*.json")), "swap state left behind"
+    assert not list(fs.STATE_DIR.glob("swap-*.json")), "swap state left behind"
     for z in Path("/sys/block").glob("zram*"):
         assert (z / "disksize").read_text().strip() == "0", f"{z} not reset"
     assert not list(Path("/sys/fs/cgroup/memory").glob("densitylab-*")), "cgroup left behind"
     mounts = Path("/proc/self/mounts").read_text()
-    assert str(hostagent.STATE_DIR / "tracefs") not in mounts, "our tracefs left mounted"
-    for root in {hostagent.tracefs_mountpoint(mounts)} - {None}:
+    assert str(fs.STATE_DIR / "tracefs") not in mounts, "our tracefs left mounted"
+    for root in {trace.tracefs_mountpoint(mounts)} - {None}:
         assert not list((root / "instances").glob("densitylab-*")), "trace instance left"
         kp = root / "kprobe_events"
         assert not kp.exists() or "densitylab_" not in kp.read_text(), "kprobes left"

@@ -15,14 +15,14 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from orchestrator import hostagent, images, integrity
+from orchestrator import agentship, images, integrity
 from orchestrator.attribution import Window
 from orchestrator.errors import HostError
 from orchestrator.hosts.base import EventFn, Proc
 from orchestrator.integrity import Verification
 from orchestrator.spec import HostWorkload, Migrate, Reclaim, Workload
 
-AGENT_PATH = "/opt/densitylab/hostagent.py"
+AGENT_PATH = agentship.REMOTE_AGENT_PATH  # the agent as one file (a zipapp)
 DLFILL_PATH = "/usr/local/bin/dlfill"
 WORK = "/run/densitylab"
 LATENCY_COLUMNS = ["ts_ns", "duration_ns", "method", "lower_bound", "pid", "comm", "caller"]
@@ -60,7 +60,7 @@ class AgentShell:
 def ship_tools(t: Transport) -> None:
     """The host agent and the workload program: all a host needs from us."""
     t.run(["/bin/mkdir", "-p", str(Path(AGENT_PATH).parent), WORK])
-    t.write(AGENT_PATH, Path(hostagent.__file__).read_bytes(), 0o644)
+    t.write(AGENT_PATH, agentship.agent_zipapp().read_bytes(), 0o644)
     # The same static binary as the tiny guest's and this machine's.
     t.write(DLFILL_PATH, images.host_dlfill().read_bytes(), 0o755)
 
@@ -122,7 +122,9 @@ class AgentHost:
 
     def facts(self) -> dict[str, Any]:
         if self._facts is None:
-            self._facts = json.loads(self.agent("probe", "--no-bpf", timeout_s=120))
+            self._facts = json.loads(
+                self.agent("probe", timeout_s=180)
+            )  # BPF too: a lab host allows it
         return self._facts
 
     def sync_clock(self) -> int:

@@ -12,7 +12,8 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator import fleet, hostagent, integrity, triggers
+from orchestrator import fleet, integrity, triggers
+from orchestrator.agent import fs, ksm
 from orchestrator.attribution import Window
 from orchestrator.errors import HostError
 from orchestrator.hosts.base import EventFn, Proc
@@ -24,11 +25,11 @@ from orchestrator.spec import HostWorkload, Migrate, Reclaim, Workload
 
 def ksm_saved_path(run_id: str) -> Path:
     """Where a run keeps the host's own KSM knobs while its settings are in force."""
-    return hostagent.STATE_DIR / f"ksm-{run_id}.json"
+    return fs.STATE_DIR / f"ksm-{run_id}.json"
 
 
 def restore_ksm_or_raise(path: Path) -> None:
-    errors = hostagent.restore_ksm(path)
+    errors = ksm.restore_ksm(path)
     if errors:
         raise HostError("KSM restore: " + "; ".join(errors))
 
@@ -69,14 +70,14 @@ class LocalHost:
 
     def ksm_apply(self, knobs: Mapping[str, int | str], stack: ExitStack) -> None:
         saved = ksm_saved_path(self.run_id)
-        hostagent.apply_ksm(dict(knobs), saved)
+        ksm.apply_ksm(dict(knobs), saved)
         stack.callback(restore_ksm_or_raise, saved)
 
     def ksm_set_run(self, value: int) -> None:
-        hostagent.write_knob(hostagent.KSM_DIR, "run", str(value))
+        ksm.write_knob(ksm.KSM_DIR, "run", str(value))
 
     def ksm_knobs(self) -> dict[str, str]:
-        return hostagent.read_ksm_knobs()
+        return ksm.read_ksm_knobs()
 
     def start_host_copies(
         self, w: HostWorkload, vmas: int, seed: int, stack: ExitStack, out_dir: Path

@@ -19,7 +19,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from orchestrator import cleanup, fleet, hostagent, runlock
+from orchestrator import cleanup, fleet, runlock
+from orchestrator.agent import fs, ksm, procs
 from orchestrator.store import sha256_file
 from tests.conftest import assert_no_tool_state
 
@@ -84,14 +85,14 @@ class Run:
 @pytest.fixture
 def distinctive_ksm(lab: None) -> Iterator[dict[str, str]]:
     """Set distinctive host knob values; yield every knob as the first run finds them."""
-    true_values = hostagent.read_ksm_knobs()
+    true_values = ksm.read_ksm_knobs()
     try:
         for k, v in HOST_KNOBS.items():
-            hostagent.write_knob(hostagent.KSM_DIR, k, v)
-        yield hostagent.read_ksm_knobs()
+            ksm.write_knob(ksm.KSM_DIR, k, v)
+        yield ksm.read_ksm_knobs()
     finally:
         for k in HOST_KNOBS:
-            hostagent.write_knob(hostagent.KSM_DIR, k, true_values[k])
+            ksm.write_knob(ksm.KSM_DIR, k, true_values[k])
 
 
 def qemu_guests() -> list[str]:
@@ -116,9 +117,9 @@ def leak_census(knobs_before: dict[str, str]) -> None:
     finally:
         conn.close()
     assert qemu_guests() == [], "QEMU processes left"
-    assert hostagent.read_ksm_knobs() == knobs_before, "KSM knobs differ from before the run"
-    assert hostagent.find_samplers() == [], "samplers left"
-    state = hostagent.STATE_DIR
+    assert ksm.read_ksm_knobs() == knobs_before, "KSM knobs differ from before the run"
+    assert procs.find_samplers() == [], "samplers left"
+    state = fs.STATE_DIR
     assert not list(state.glob("ksm-*.json")), "saved KSM state left"
     assert not list(runlock.runs_dir().glob("*.lock")), "run lock left"
     assert not list(fleet.OVERLAY_ROOT.glob("*")) if fleet.OVERLAY_ROOT.exists() else True
@@ -155,7 +156,7 @@ def test_clean_and_a_second_run_leave_a_live_run_alone(
         skipped = [ln for ln in cp.stdout.splitlines() if ln.startswith("skipped")]
         assert len(skipped) == 1 and run_id in skipped[0] and "live" in skipped[0], cp.stdout
         assert "removed" not in cp.stdout, cp.stdout
-        assert (hostagent.STATE_DIR / f"ksm-{run_id}.json").exists(), "saved KSM state removed"
+        assert (fs.STATE_DIR / f"ksm-{run_id}.json").exists(), "saved KSM state removed"
         assert run.p.poll() is None, "the live run died under clean"
         t0 = time.monotonic()
         cp = densitylab("run", str(spec), "--results", str(tmp_path / "second"))
@@ -232,9 +233,9 @@ def test_sigkill_then_resume_finishes_and_leaves_nothing(
             assert len(fleet.tagged_domains(conn)) == 2
         finally:
             conn.close()
-        assert hostagent.read_ksm_knobs()["pages_to_scan"] == "4000"
+        assert ksm.read_ksm_knobs()["pages_to_scan"] == "4000"
         if phase == "reclaim":  # killed with swap on and a host workload in its cgroup
-            assert (hostagent.STATE_DIR / f"swap-{rundir.name}.json").exists()
+            assert (fs.STATE_DIR / f"swap-{rundir.name}.json").exists()
             assert Path(f"/sys/fs/cgroup/memory/densitylab-{rundir.name}").is_dir()
         cp = densitylab("run", str(spec), "--resume", str(rundir))
         assert cp.returncode == 0, cp.stderr

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import kernels, labimage
+from orchestrator import agentship, kernels, labimage
 from orchestrator.errors import HostError
-from orchestrator.images import REPO_ROOT, build_dlfill
+from orchestrator.images import build_dlfill
 from orchestrator.proc import run, stop_group
 from tests.labboot import boot_until_ready
 from tests.qga import Agent
@@ -132,12 +132,13 @@ def test_host_agent_runs_inside_when_pushed(booted: Boot) -> None:
     """The agent is not baked into the image: it is pushed per boot and runs on python3."""
     a = booted.agent
     a.ok("mkdir -p /opt/densitylab")
-    a.push(
-        (REPO_ROOT / "orchestrator" / "hostagent.py").read_bytes(), "/opt/densitylab/hostagent.py"
-    )
-    probe = json.loads(a.ok("python3 /opt/densitylab/hostagent.py probe --no-bpf", 120))
-    print(f"LABHOST {booted.kernel.label} hostagent probe keys: {sorted(probe)}")
-    assert isinstance(probe, dict) and probe
+    a.push(agentship.agent_zipapp().read_bytes(), agentship.REMOTE_AGENT_PATH)
+    python = a.ok("python3 --version").strip()
+    probe = json.loads(a.ok(f"python3 {agentship.REMOTE_AGENT_PATH} probe --no-bpf", 120))
+    print(f"LABHOST {booted.kernel.label} {python}: agent.pyz probe keys {sorted(probe)}")
+    assert probe["kernel_release"]["value"] == a.ok("uname -r").strip()
+    assert probe["ksm"]["value"] is True and probe["cgroup"]["value"] == "v2"
+    assert "kprobe" in probe["tracing"]["value"]
 
 
 # ---------------------------------------------------------------- real rmap_walk_ksm samples
@@ -273,6 +274,58 @@ def test_migrating_ksm_pages_gives_rmap_walk_ksm_samples(booted: Boot, dlfill: b
     assert entries > 0 and returns > 0, trace[-2000:]
     assert after.get("N1", 0) > before.get("N1", 0), (before, after)
     assert len(durations) >= min(entries, returns) * 0.9
+
+
+def agent_sh(args: str) -> str:
+    return f"python3 {agentship.REMOTE_AGENT_PATH} {args}"
+
+
+def test_bpf_fentry_collector_times_every_walk_of_a_migration(booted: Boot, dlfill: bytes) -> None:
+    """The agent's own BPF collector (no bpftrace in the image) inside the lab host:
+    the probe puts it first, and a migration's walks come out with time and pid."""
+    a = booted.agent
+    a.ok("mkdir -p /opt/densitylab")
+    a.push(agentship.agent_zipapp().read_bytes(), agentship.REMOTE_AGENT_PATH)
+    a.push(dlfill, "/usr/local/bin/dlfill", 0o755)
+    tracing = json.loads(a.ok(agent_sh("probe"), 300))["tracing"]
+    print(f"LABHOST {booted.kernel.label} tracing methods {tracing['value']}: {tracing['how']}")
+    assert tracing["value"][0] == "bpf-fentry", tracing
+    a.ok(KSM_SETUP.format(mib=DLFILL_MIB, vmas=FRAGMENT_VMAS))
+    try:
+        for i in (1, 2):
+            deadline = time.monotonic() + 120
+            while "DLFILL DONE" not in a.ok(f"cat /tmp/dlfill{i}.out"):
+                assert time.monotonic() < deadline, a.ok(f"cat /tmp/dlfill{i}.out")
+                time.sleep(0.5)
+        wait_merged(a, int(DLFILL_PAGES * 0.9), MERGE_TIMEOUT_S)
+        a.ok("echo 0 > /sys/kernel/mm/ksm/run")  # only the migration walks from here
+        pid = a.ok("cat /tmp/dlfill1.pid").strip()
+        a.ok(agent_sh("spawn --out /tmp/col.log --pidfile /tmp/col.pid -- /usr/bin/python3 "
+                      f"{agentship.REMOTE_AGENT_PATH} trace --method bpf-fentry "
+                      "--out /tmp/lat.jsonl --tag t"))  # fmt: skip
+        deadline = time.monotonic() + 120
+        while "collector: ready" not in a.ok("cat /tmp/col.log"):
+            assert time.monotonic() < deadline, a.ok("cat /tmp/col.log")
+            time.sleep(0.5)
+        t0 = int(a.ok(agent_sh("now")))
+        a.ok(f"migratepages {pid} 0 1", timeout_s=600)
+        t1 = int(a.ok(agent_sh("now")))
+        a.ok(agent_sh("stop --pidfile /tmp/col.pid --grace-s 120"), timeout_s=180)
+        log = a.ok("cat /tmp/col.log")
+        walks = [json.loads(ln) for ln in a.ok("cat /tmp/lat.jsonl").splitlines()]
+    finally:
+        a.exec_sh("kill $(cat /tmp/dlfill1.pid /tmp/dlfill2.pid) 2>/dev/null; echo 2 > "
+                  "/sys/kernel/mm/ksm/run")  # fmt: skip
+    assert "collector: stopped" in log, log
+    inside = [w for w in walks if t0 <= w["ts_ns"] <= t1 and w["comm"] == "migratepages"]
+    durations = sorted(w["duration_ns"] / 1e3 for w in inside)
+    summary = {"walks": len(walks), "migratepages_walks": len(inside)}
+    if durations:
+        summary |= {"p50_us": round(statistics.median(durations), 1), "max_us": durations[-1]}
+    print(f"LABHOST {booted.kernel.label} bpf-fentry: {json.dumps(summary)}")
+    # Two copies, each KSM page mapped by both: one walk per KSM page migrated.
+    assert len(inside) >= DLFILL_PAGES * 0.5, summary
+    assert all(w["method"] == "bpf-fentry" and w["duration_ns"] > 0 for w in walks)
 
 
 # ---------------------------------------------------------------- kernels on their own

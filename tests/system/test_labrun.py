@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from orchestrator import hostagent
+from orchestrator.agent import ksm
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -45,7 +45,7 @@ def test_lab_host_kprobe_samples(lab_image, tmp_path: Path, host_untouched) -> N
     kernel = (
         "7.3" if any(k.label == "7.3" for k in lab_image.kernels) else lab_image.kernels[0].label
     )
-    host_ksm_before = hostagent.read_ksm_knobs()
+    host_ksm_before = ksm.read_ksm_knobs()
     spec = tmp_path / "lab.yaml"
     spec.write_text(SPEC % kernel)
     cp = subprocess.run(
@@ -94,7 +94,7 @@ def test_lab_host_kprobe_samples(lab_image, tmp_path: Path, host_untouched) -> N
     # 2 pattern processes (8 MiB, all duplicated) + 2 fragmented copies (8 MiB): 16 MiB.
     assert t.predicted_saving_mib == pytest.approx(16.0, abs=0.1)
     assert t.measured_saving_mib == pytest.approx(t.predicted_saving_mib, rel=0.10)
-    assert hostagent.read_ksm_knobs() == host_ksm_before, "the lab host's KSM is its own"
+    assert ksm.read_ksm_knobs() == host_ksm_before, "the lab host's KSM is its own"
     # Every lab process verified its pages after merge, migrate, reclaim and swap-off.
     integ = pd.read_parquet(run / "integrity.parquet")
     assert set(integ.phase) == {"merge", "migrate", "reclaim", "restore", "attribute"}

@@ -13,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from orchestrator import fleet, hostagent
+from orchestrator import fleet
+from orchestrator.agent import ksm, probe
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -186,11 +187,11 @@ def test_sigkill_then_clean_restores_the_host(tiny_image, tmp_path: Path, host_u
     finally:
         conn.close()
     assert len(left) == 4, "a killed run leaves its domains (clean must find them)"
-    assert hostagent.read_ksm_knobs()["pages_to_scan"] == "2000"
+    assert ksm.read_ksm_knobs()["pages_to_scan"] == "2000"
     cp = densitylab("clean", timeout=180)
     assert cp.returncode == 0, cp.stderr
     assert "removed domain" in cp.stdout and "KSM settings" in cp.stdout
-    assert hostagent.read_ksm_knobs() == before
+    assert ksm.read_ksm_knobs() == before
     cp = densitylab("clean", timeout=180)
     assert cp.returncode == 0 and "nothing to clean" in cp.stdout
 
@@ -201,9 +202,7 @@ def deltas_of(run: Path, phase: str) -> pd.Series:
 
 
 def test_reclaim_and_migrate_with_latency(tiny_image, tmp_path: Path, host_untouched) -> None:
-    from orchestrator import hostagent
-
-    probed = hostagent.probe_tracing(check_bpf=False)["value"]
+    probed = probe.probe_tracing(check_bpf=False)["value"]
     if not probed:
         pytest.skip("no tracing method on this host")
     cp = densitylab("run", "experiments/reclaim-migrate.yaml", "--results", str(tmp_path))

@@ -2,6 +2,7 @@
 
 import pandas as pd
 
+from orchestrator.agent.memory import sample_page_addresses
 from orchestrator.attribution import (
     UNATTRIBUTED,
     Target,
@@ -11,7 +12,6 @@ from orchestrator.attribution import (
     measured_mappings,
     pattern_mappings,
 )
-from orchestrator.hostagent import sample_page_addresses
 
 TARGETS = {
     "pattern-0": Target("pattern-0", "host-process", "distinct", 1, 2),

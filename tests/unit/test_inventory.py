@@ -159,9 +159,9 @@ def test_domain_xml_forwards_ssh_only_when_asked(tmp_path: Path) -> None:
 
 def host_facts() -> dict[str, object]:
     """This machine's own probe (the agent's real output)."""
-    from orchestrator import hostagent
+    from orchestrator.agent import probe
 
-    return json.loads(json.dumps(hostagent.probe_host(check_bpf=False)))
+    return json.loads(json.dumps(probe.probe_host(check_bpf=False)))
 
 
 def test_spec_problems_name_what_the_machine_lacks() -> None:

@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from orchestrator import cleanup, hostagent, runlock
+from orchestrator import agentship, cleanup, runlock
+from orchestrator.agent import fs, procs
 from orchestrator.errors import HostBusy, UsageError
-
-AGENT = Path(hostagent.__file__).resolve()
 
 
 @pytest.fixture
@@ -128,18 +126,18 @@ def test_samplers_match_run_ids_exactly(tmp_path: Path) -> None:
     out = tmp_path / run_id / "trials" / "t0" / "samples.jsonl"
     out.parent.mkdir(parents=True)
     p = subprocess.Popen(
-        [sys.executable, str(AGENT), "sample", "--out", str(out), "--stop-after-s", "30"],
+        [*agentship.local_agent_argv(), "sample", "--out", str(out), "--stop-after-s", "30"],
         stderr=subprocess.DEVNULL,
     )
     try:
         for _ in range(100):
-            if p.pid in hostagent.find_samplers():
+            if p.pid in procs.find_samplers():
                 break
             subprocess.run(["sleep", "0.05"], check=True)
-        assert p.pid in hostagent.find_samplers(run_ids=[run_id])
+        assert p.pid in procs.find_samplers(run_ids=[run_id])
         for other in ("", "smoke", run_id[:-1], "20260101", run_id + "x"):
-            assert p.pid not in hostagent.find_samplers(run_ids=[other]), other
-        h = next(h for h in hostagent.agent_helpers() if h.pid == p.pid)
+            assert p.pid not in procs.find_samplers(run_ids=[other]), other
+        h = next(h for h in procs.agent_helpers() if h.pid == p.pid)
         assert h.run_id == run_id and h.tag is None
     finally:
         p.terminate()
@@ -147,7 +145,7 @@ def test_samplers_match_run_ids_exactly(tmp_path: Path) -> None:
 
 
 def test_collector_tag_matches_its_run_exactly() -> None:
-    h = hostagent.AgentHelper(
+    h = procs.AgentHelper(
         1, ["python3", "hostagent.py", "trace", "--tag", "20260101_000000_smoke_ab12"]
     )
     assert h.serves("20260101-000000-smoke-ab12")
@@ -166,7 +164,7 @@ def test_a_new_run_adopts_the_host_values_a_gone_run_saved(
 ) -> None:
     from orchestrator import runner
 
-    monkeypatch.setattr(hostagent, "STATE_DIR", tmp_path)
+    monkeypatch.setattr(fs, "STATE_DIR", tmp_path)
     killed = "20260101-000000-killed-0001"
     live = "20260101-000000-live-0002"
     write_lock(tmp_path, replace(owner_of(1, killed), pid=dead_pid()))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from orchestrator import hostagent as h
+from orchestrator.agent import trace
 from orchestrator.triggers import pick_latency
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "trace"
@@ -12,7 +13,7 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "trace"
 
 def recorded_events() -> list[dict]:
     lines = (DATA / "set_migration_pte.txt").read_text().splitlines()
-    events = [h.parse_trace_line(line) for line in lines]
+    events = [trace.parse_trace_line(line) for line in lines]
     assert all(e is not None for e in events), "every recorded line parses"
     return events  # type: ignore[return-value]
 
@@ -27,7 +28,7 @@ def test_parse_recorded_line() -> None:
 
 def test_proxy_groups_consecutive_ptes_of_one_entry() -> None:
     events = recorded_events()
-    g = h.ProxyGrouper()
+    g = trace.ProxyGrouper()
     samples = [s for ev in events if (s := g.feed(ev))] + g.flush()
     # Independent count: runs of equal (cpu, pid, pte) of length >= 2 in file order.
     runs, last, n = [], None, 0
@@ -49,9 +50,9 @@ def test_proxy_groups_consecutive_ptes_of_one_entry() -> None:
 
 def test_proxy_span_is_first_to_last_event() -> None:
     mk = "  kcompactd0-40 [000] .... {ts}: set_migration_pte: addr=1000, pte={pte} order=0"
-    g = h.ProxyGrouper()
+    g = trace.ProxyGrouper()
     out = [
-        g.feed(h.parse_trace_line(mk.format(ts=t, pte=p)))  # type: ignore[arg-type]
+        g.feed(trace.parse_trace_line(mk.format(ts=t, pte=p)))  # type: ignore[arg-type]
         for t, p in (
             ("10.000001", "aa"),
             ("10.000004", "aa"),
@@ -70,8 +71,8 @@ def test_kprobe_pairs_entry_and_return_per_pid() -> None:
         "  kcompactd0-40 [001] ..... 100.000510: rwkr: (rmap_walk+0x2c/0x40 <- rmap_walk_ksm)",
         "  bash-77 [000] ..... 100.001020: rwkr: (rmap_walk+0x2c/0x40 <- rmap_walk_ksm)",
     ]
-    p = h.KprobePairer("rwk", "rwkr")
-    out = [p.feed(h.parse_trace_line(line)) for line in lines]  # type: ignore[arg-type]
+    p = trace.KprobePairer("rwk", "rwkr")
+    out = [p.feed(trace.parse_trace_line(line)) for line in lines]  # type: ignore[arg-type]
     assert out[0] is None and out[1] is None
     assert out[2] == {
         "ts_ns": 100_000010_000,
@@ -101,11 +102,11 @@ def test_stop_disables_events_before_the_drain(tmp_path: Path) -> None:
     inst_root = tmp_path / "instances"
     inst_root.mkdir()
     enable = tmp_path / "instances" / "densitylab-t" / "events" / "migrate" / "x" / "enable"
-    with h.TraceInstance(tmp_path, "densitylab-t") as inst:
+    with trace.TraceInstance(tmp_path, "densitylab-t") as inst:
         enable.parent.mkdir(parents=True)
         inst.enable("migrate/x")
         stop = [False]
-        check = h.quiet_on_stop(inst, lambda: stop[0])
+        check = trace.quiet_on_stop(inst, lambda: stop[0])
         assert not check() and enable.read_text() == "1"
         stop[0] = True
         assert check() and enable.read_text() == "0"
@@ -115,3 +116,38 @@ def test_stop_disables_events_before_the_drain(tmp_path: Path) -> None:
         for p in sorted(inst.dir.rglob("*"), reverse=True):  # rmdir needs it empty here
             p.unlink() if p.is_file() else p.rmdir()
     assert not (inst_root / "densitylab-t").exists()
+
+
+def test_the_trace_stream_is_spooled_then_parsed(tmp_path: Path) -> None:
+    """Run against a real FIFO standing in for trace_pipe (non-blocking reads, EAGAIN
+    while empty): lines written while collecting come out as paired samples only after
+    the stop, and the spool is gone."""
+    import os
+    import threading
+
+    pipe = tmp_path / "trace_pipe"
+    os.mkfifo(pipe)
+    lines = [
+        "  migratepages-41 [001] ..... 100.000010: rwk: (rmap_walk_ksm+0x0/0x1e0)",
+        "  migratepages-41 [001] ..... 100.000510: rwkr: (rmap_walk+0x2c/0x40 <- rmap_walk_ksm)",
+    ]
+    done = threading.Event()
+
+    def writer() -> None:
+        with open(pipe, "w") as w:
+            for _ in range(3):
+                w.write("\n".join(lines) + "\n")
+                w.flush()
+        done.set()
+
+    spool, out = tmp_path / "lat.jsonl.trace", tmp_path / "lat.jsonl"
+    t = threading.Thread(target=writer)
+    fd = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)  # lets the writer open the FIFO
+    t.start()
+    with open(out, "a") as f:
+        trace.stream_trace(pipe, trace.KprobePairer("rwk", "rwkr"), f, done.is_set, spool)
+    os.close(fd)
+    t.join()
+    samples = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert [s["duration_ns"] for s in samples] == [500_000] * 3
+    assert {s["pid"] for s in samples} == {41} and not spool.exists()

@@ -47,6 +47,7 @@ LATENCY_QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p99.9": 0.999}
 TAIL_MIN = 10  # fewer samples than this beyond a quantile: its interval is unreliable
 
 METHOD_LABELS = {
+    "tracepoint": "rmap walk tracepoint",
     "bpf-fentry": "BPF fentry/fexit",
     "kprobe": "kprobe pair",
     "tracepoint-proxy": "lower-bound proxy",

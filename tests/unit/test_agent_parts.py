@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import hostagent as h
+from orchestrator import agentship
+from orchestrator.agent import fs, ksm, probe, sample
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -27,7 +28,7 @@ def fake_proc(tmp_path: Path, pid: int = 4242) -> Path:
 
 def test_process_ksm_from_recorded_qemu(tmp_path: Path) -> None:
     proc = fake_proc(tmp_path)
-    stats = h.read_process_ksm(4242, proc)
+    stats = sample.read_process_ksm(4242, proc)
     assert stats["ksm_rmap_items"] == 12500
     assert stats["ksm_process_profit"] == -800000
     # QEMU's guest RAM and ROM blocks are the mergeable mappings of the recorded process.
@@ -39,23 +40,23 @@ def test_process_ksm_from_recorded_qemu(tmp_path: Path) -> None:
 def test_vma_layout_read_once_per_interval_ksm_stat_every_time(tmp_path: Path) -> None:
     proc = fake_proc(tmp_path)
     cache: dict[int, tuple[float, int]] = {}
-    first = h.read_process_ksm(4242, proc, cache, vmas_every_s=3600)
+    first = sample.read_process_ksm(4242, proc, cache, vmas_every_s=3600)
     (proc / "4242" / "smaps").write_text("")  # the layout changes behind the cache
     (proc / "4242" / "ksm_stat").write_text("ksm_rmap_items 7\n")
-    again = h.read_process_ksm(4242, proc, cache, vmas_every_s=3600)
+    again = sample.read_process_ksm(4242, proc, cache, vmas_every_s=3600)
     assert again["ram_vmas"] == first["ram_vmas"] > 0 and again["ksm_rmap_items"] == 7
-    assert h.read_process_ksm(4242, proc, cache, vmas_every_s=0)["ram_vmas"] == 0
+    assert sample.read_process_ksm(4242, proc, cache, vmas_every_s=0)["ram_vmas"] == 0
 
 
 def test_vmstat_keeps_ksm_swap_migration_counters(tmp_path: Path) -> None:
-    v = h.read_vmstat(fake_proc(tmp_path))
+    v = sample.read_vmstat(fake_proc(tmp_path))
     for k in ("pswpout", "pgmigrate_success", "ksm_swpin_copy", "cow_ksm", "compact_stall"):
         assert k in v
     assert "nr_free_pages" not in v
 
 
 def test_meminfo_in_kib(tmp_path: Path) -> None:
-    m = h.read_meminfo_kib(fake_proc(tmp_path))
+    m = sample.read_meminfo_kib(fake_proc(tmp_path))
     assert m["MemTotal"] > m["MemAvailable"] > 0
 
 
@@ -63,12 +64,12 @@ def test_cpu_seconds_from_stat(tmp_path: Path) -> None:
     proc = fake_proc(tmp_path)
     fields = (DATA / "qemu" / "stat").read_text().rsplit(")", 1)[1].split()
     expected = (int(fields[11]) + int(fields[12])) / 100  # utime (14), stime (15) at 100 Hz
-    assert h.process_cpu_s(4242, proc) == pytest.approx(expected)
+    assert sample.process_cpu_s(4242, proc) == pytest.approx(expected)
 
 
 def test_choice_knob_reads_its_selected_value() -> None:
-    assert h.knob_value("[none] scan-time\n") == "none"
-    assert h.knob_value("2000\n") == "2000"
+    assert ksm.knob_value("[none] scan-time\n") == "none"
+    assert ksm.knob_value("2000\n") == "2000"
 
 
 def test_cgroup_probe_on_recorded_mounts(tmp_path: Path) -> None:
@@ -76,7 +77,7 @@ def test_cgroup_probe_on_recorded_mounts(tmp_path: Path) -> None:
     (root / "memory").mkdir(parents=True)
     (root / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
     mounts = (DATA / "host" / "mounts").read_text()
-    f = h.probe_cgroup(mounts, root)
+    f = probe.probe_cgroup(mounts, root)
     assert f["value"] == "v1"
     assert "memory.limit_in_bytes" in f["how"]
 
@@ -88,56 +89,55 @@ def ksm_dir_copy(tmp_path: Path) -> Path:
 
 
 def test_apply_saves_first_then_restore_puts_values_back(tmp_path: Path) -> None:
-    ksm = ksm_dir_copy(tmp_path)
-    before = h.read_ksm_knobs(ksm)
+    kdir = ksm_dir_copy(tmp_path)
+    before = ksm.read_ksm_knobs(kdir)
     saved = tmp_path / "state" / "ksm-run1.json"
-    h.apply_ksm({"pages_to_scan": 1234, "sleep_millisecs": 7, "run": 1}, saved, ksm)
+    ksm.apply_ksm({"pages_to_scan": 1234, "sleep_millisecs": 7, "run": 1}, saved, kdir)
     assert json.loads(saved.read_text())["knobs"]["pages_to_scan"] == before["pages_to_scan"]
-    assert h.read_ksm_knobs(ksm)["pages_to_scan"] == "1234"
-    assert h.read_ksm_knobs(ksm)["run"] == "1"
-    assert h.restore_ksm(saved) == []
-    assert h.read_ksm_knobs(ksm) == before
+    assert ksm.read_ksm_knobs(kdir)["pages_to_scan"] == "1234"
+    assert ksm.read_ksm_knobs(kdir)["run"] == "1"
+    assert ksm.restore_ksm(saved) == []
+    assert ksm.read_ksm_knobs(kdir) == before
     assert not saved.exists()
 
 
 def test_a_second_apply_never_overwrites_the_saved_original(tmp_path: Path) -> None:
     """The SIGKILL-then-resume case: a run's knobs are in force and its saved file
     holds the host's values; applying again must keep those, not save the run's."""
-    ksm = ksm_dir_copy(tmp_path)
-    before = h.read_ksm_knobs(ksm)
+    kdir = ksm_dir_copy(tmp_path)
+    before = ksm.read_ksm_knobs(kdir)
     saved = tmp_path / "state" / "ksm-run1.json"
-    h.apply_ksm({"pages_to_scan": 1234, "run": 1}, saved, ksm)  # then killed: no restore
-    h.apply_ksm({"pages_to_scan": 1234, "sleep_millisecs": 7, "run": 0}, saved, ksm)
+    ksm.apply_ksm({"pages_to_scan": 1234, "run": 1}, saved, kdir)  # then killed: no restore
+    ksm.apply_ksm({"pages_to_scan": 1234, "sleep_millisecs": 7, "run": 0}, saved, kdir)
     knobs = json.loads(saved.read_text())["knobs"]
     assert knobs["pages_to_scan"] == before["pages_to_scan"]
     assert knobs["run"] == before["run"]
     assert knobs["sleep_millisecs"] == before["sleep_millisecs"]  # added, not re-read
-    assert h.restore_ksm(saved) == []
-    assert h.read_ksm_knobs(ksm) == before
+    assert ksm.restore_ksm(saved) == []
+    assert ksm.read_ksm_knobs(kdir) == before
 
 
 def test_unknown_knob_changes_nothing(tmp_path: Path) -> None:
-    ksm = ksm_dir_copy(tmp_path)
-    before = h.read_ksm_knobs(ksm)
-    with pytest.raises(h.AgentError, match="no writable KSM knob bogus"):
-        h.apply_ksm({"pages_to_scan": 5, "bogus": 1}, tmp_path / "s.json", ksm)
-    assert h.read_ksm_knobs(ksm) == before
+    kdir = ksm_dir_copy(tmp_path)
+    before = ksm.read_ksm_knobs(kdir)
+    with pytest.raises(fs.AgentError, match="no writable KSM knob bogus"):
+        ksm.apply_ksm({"pages_to_scan": 5, "bogus": 1}, tmp_path / "s.json", kdir)
+    assert ksm.read_ksm_knobs(kdir) == before
     assert not (tmp_path / "s.json").exists()
 
 
 def test_run_is_written_last() -> None:
-    order = [k for k, _ in h.ordered_for_write({"run": "1", "a": "1", "z": "2"})]
+    order = [k for k, _ in ksm.ordered_for_write({"run": "1", "a": "1", "z": "2"})]
     assert order == ["a", "z", "run"]
 
 
 def test_sampler_writes_json_lines_and_stops_on_sigterm(tmp_path: Path) -> None:
     import subprocess
-    import sys
     import time
 
     out = tmp_path / "s.jsonl"
     p = subprocess.Popen(
-        [sys.executable, h.__file__, "sample", "--interval-s", "0.1", "--out", str(out)]
+        [*agentship.local_agent_argv(), "sample", "--interval-s", "0.1", "--out", str(out)]
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 3):
@@ -153,15 +153,13 @@ def test_sampler_writes_json_lines_and_stops_on_sigterm(tmp_path: Path) -> None:
 
 def test_sampler_stops_when_its_parent_is_gone(tmp_path: Path) -> None:
     import subprocess
-    import sys
 
     out = tmp_path / "s.jsonl"
     dead = subprocess.Popen(["true"])
     dead.wait()
     p = subprocess.run(
         [
-            sys.executable,
-            h.__file__,
+            *agentship.local_agent_argv(),
             "sample",
             "--interval-s",
             "0.05",

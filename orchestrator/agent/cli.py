@@ -1,0 +1,235 @@
+"""The agent's command line: one table of subcommands, each its arguments and handler.
+
+Lab hosts drive the agent by these names, flags and outputs: keep them stable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import ksm, memory, probe, procs, sample, trace
+from .fs import PROC, AgentError, read_text
+
+# One argument: its flags and argparse keywords.
+Arg = tuple[tuple[str, ...], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    run: Callable[[argparse.Namespace], int]
+    args: list[Arg] = field(default_factory=list)
+
+
+def arg(*flags: str, **kw: Any) -> Arg:
+    return flags, kw
+
+
+def report_errors(errors: list[str]) -> int:
+    for e in errors:
+        print(f"hostagent: {e}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def do_probe(a: argparse.Namespace) -> int:
+    print(json.dumps(probe.probe_host(check_bpf=not a.no_bpf), indent=2))
+    return 0
+
+
+def do_sample(a: argparse.Namespace) -> int:
+    pids = {k: int(v) for k, v in (x.split("=", 1) for x in a.pid)}
+    sample.run_sampler(pids, a.interval_s, a.out, a.stop_after_s, a.parent_pid)
+    return 0
+
+
+def do_ksm_apply(a: argparse.Namespace) -> int:
+    ksm.apply_ksm(dict(x.split("=", 1) for x in a.settings), a.saved)
+    return 0
+
+
+def do_ksm_restore(a: argparse.Namespace) -> int:
+    return report_errors(ksm.restore_ksm(a.saved))
+
+
+def do_trace(a: argparse.Namespace) -> int:
+    trace.run_collector(a.method, a.out, a.tag, a.parent_pid)
+    return 0
+
+
+def do_spawn(a: argparse.Namespace) -> int:
+    print(procs.spawn_detached(a.argv, a.out, a.pidfile, a.cgroup))
+    return 0
+
+
+def do_now(_a: argparse.Namespace) -> int:
+    print(time.monotonic_ns())
+    return 0
+
+
+def do_stop(a: argparse.Namespace) -> int:
+    procs.stop_pidfile(a.pidfile, a.grace_s)
+    return 0
+
+
+def do_swap_on(a: argparse.Namespace) -> int:
+    print(memory.swap_on(a.kind, a.mib, a.saved))
+    return 0
+
+
+def do_swap_off(a: argparse.Namespace) -> int:
+    return report_errors(memory.swap_off(a.saved))
+
+
+def our_cgroup(name: str) -> Path:
+    """A cgroup of ours by name (made if absent: every cgroup subcommand may be first)."""
+    return memory.memcg_create(name, read_text(PROC / "self" / "mounts"))
+
+
+def do_reclaim(a: argparse.Namespace) -> int:
+    cg = our_cgroup(a.cgroup)
+    start = time.monotonic_ns()
+    result = "all" if memory.memcg_reclaim_v2(cg, a.mib << 20) else "partly"
+    window = {"start_ns": start, "end_ns": time.monotonic_ns()}
+    print(json.dumps({"result": result, **window}) if a.json else result)
+    return 0
+
+
+def do_cgroup_create(a: argparse.Namespace) -> int:
+    print(our_cgroup(a.cgroup))
+    return 0
+
+
+def do_cgroup_remove(a: argparse.Namespace) -> int:
+    memory.memcg_remove(our_cgroup(a.cgroup))
+    return 0
+
+
+def do_move_pages(a: argparse.Namespace) -> int:
+    ranges = memory.mergeable_ranges(a.pid)
+    total = sum((hi - lo) // 4096 for lo, hi in ranges)
+    addrs = memory.sample_page_addresses(ranges, a.pages or total)
+    start = time.monotonic_ns()
+    moved = memory.move_pages(a.pid, addrs, a.node)
+    # The window on this host's clock, so the caller needs no round trips for it.
+    print(json.dumps({**moved, "start_ns": start, "end_ns": time.monotonic_ns()}))
+    return 0
+
+
+PARENT_PID = arg("--parent-pid", type=int, help="stop when this process is gone")
+SAVED = arg("--saved", type=Path, required=True)
+CGROUP = arg("--cgroup", required=True)
+
+# In `--help` order (as before the split).
+COMMANDS: dict[str, Command] = {
+    "probe": Command(
+        "print host capabilities as JSON",
+        do_probe,
+        [arg("--no-bpf", action="store_true", help="skip the BPF fentry attach test")],
+    ),
+    "sample": Command(
+        "append JSON samples to a file until SIGTERM",
+        do_sample,
+        [
+            arg("--interval-s", type=float, default=1.0),
+            arg("--pid", action="append", default=[], metavar="NAME=PID"),
+            arg("--out", type=Path, required=True),
+            arg("--stop-after-s", type=float),
+            PARENT_PID,
+        ],
+    ),
+    "ksm-apply": Command(
+        "save KSM knobs to a file, then set them",
+        do_ksm_apply,
+        [SAVED, arg("settings", nargs="+", metavar="KNOB=VALUE")],
+    ),
+    "trace": Command(
+        "collect rmap_walk_ksm latency samples until SIGTERM",
+        do_trace,
+        [
+            arg("--method", required=True, choices=list(trace.METHODS)),
+            arg("--out", type=Path, required=True),
+            arg("--tag", required=True, help="names our trace instance and kprobe group"),
+            PARENT_PID,
+        ],
+    ),
+    "spawn": Command(
+        "start a command detached, optionally in a cgroup",
+        do_spawn,
+        [
+            arg("--out", type=Path, required=True),
+            arg("--pidfile", type=Path, required=True),
+            arg("--cgroup", help="memory cgroup to join before exec"),
+            arg("argv", nargs="+"),
+        ],
+    ),
+    "now": Command("print CLOCK_MONOTONIC in ns (to line up remote phases)", do_now),
+    "stop": Command(
+        "stop a process started by spawn",
+        do_stop,
+        [
+            arg("--pidfile", type=Path, required=True),
+            arg("--grace-s", type=float, default=30, help="SIGKILL after this long"),
+        ],
+    ),
+    "swap-on": Command(
+        "provide swap (zram or swapfile)",
+        do_swap_on,
+        [
+            arg("--kind", choices=["zram", "swapfile"], default="zram"),
+            arg("--mib", type=int, required=True),
+            SAVED,
+        ],
+    ),
+    "swap-off": Command("remove swap provided by swap-on", do_swap_off, [SAVED]),
+    "reclaim": Command(
+        "cgroup v2 memory.reclaim on a cgroup of ours",
+        do_reclaim,
+        [
+            CGROUP,
+            arg("--mib", type=int, required=True),
+            arg("--json", action="store_true", help="print the result and its window"),
+        ],
+    ),
+    "cgroup-remove": Command("remove a cgroup of ours", do_cgroup_remove, [CGROUP]),
+    "move-pages": Command(
+        "move a sample of a process's mergeable pages",
+        do_move_pages,
+        [
+            arg("--pid", type=int, required=True),
+            arg("--pages", type=int, required=True, help="pages to sample (0: all)"),
+            arg("--node", type=int, required=True),
+        ],
+    ),
+    "cgroup-create": Command(
+        "make a memory cgroup of ours, print its path", do_cgroup_create, [CGROUP]
+    ),
+    "ksm-restore": Command("restore KSM knobs saved by ksm-apply", do_ksm_restore, [SAVED]),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    from . import __doc__ as doc
+
+    p = argparse.ArgumentParser(prog="hostagent", description=doc)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, c in COMMANDS.items():
+        sp = sub.add_parser(name, help=c.help)
+        for flags, kw in c.args:
+            sp.add_argument(*flags, **kw)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.cmd].run(args)
+    except AgentError as e:
+        print(f"hostagent: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,190 @@
+"""The host agent package: stdlib only, one command runner, the CLI lab hosts drive, and
+the one-file zipapp it ships as (built and run here for real)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator import agentship
+from orchestrator.agent import cli, cmd
+
+PACKAGE = agentship.AGENT_PACKAGE
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def imports_of(path: Path) -> list[tuple[int, str, list[str]]]:
+    """(level, module, names) of every import statement in a file, nested ones too."""
+    out: list[tuple[int, str, list[str]]] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(0, a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            out.append((node.level, node.module or "", [a.name for a in node.names]))
+    return out
+
+
+def test_the_agent_imports_nothing_but_the_stdlib_and_itself() -> None:
+    parts = {p.stem for p in PACKAGE.glob("*.py")}
+    bad = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        for level, module, names in imports_of(path):
+            if level == 0:
+                top = module.split(".")[0]
+                if top != "__future__" and top not in sys.stdlib_module_names:
+                    bad.append(f"{path.name}: import {module}")
+            elif level > 1:
+                bad.append(f"{path.name}: import reaches above the package ({'.' * level}{module})")
+            else:
+                # `from . import ksm` or `from .ksm import x`: must name a part of the package
+                wanted = [module] if module else [n for n in names if n != "__doc__"]
+                bad += [f"{path.name}: no part {w!r}" for w in wanted if w not in parts]
+    assert not bad, bad
+    assert len(parts) >= 8  # the split happened: not one file again
+
+
+def test_the_import_walk_catches_a_third_party_import(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    import yaml\n    from orchestrator import proc\n")
+    tops = {m.split(".")[0] for _, m, _ in imports_of(bad)}
+    assert tops == {"yaml", "orchestrator"}
+    assert not tops & set(sys.stdlib_module_names)
+
+
+# ---------------------------------------------------------------- the one command runner
+
+
+def test_cmd_run_returns_the_output_of_a_command_that_succeeds() -> None:
+    assert cmd.run(["sh", "-c", "echo hi"], timeout_s=10).stdout == "hi\n"
+
+
+def test_cmd_run_raises_with_argv_rc_and_the_tail_of_stderr() -> None:
+    argv = ["sh", "-c", "echo early >&2; echo the reason >&2; exit 3"]
+    with pytest.raises(cmd.AgentCommandError) as e:
+        cmd.run(argv, timeout_s=10)
+    assert (e.value.argv, e.value.rc) == (argv, 3)
+    assert e.value.stderr_tail.endswith("the reason")
+    assert "rc 3" in str(e.value) and "the reason" in str(e.value)
+
+
+def test_cmd_run_keeps_only_the_tail_of_a_long_stderr() -> None:
+    with pytest.raises(cmd.AgentCommandError) as e:
+        cmd.run(["sh", "-c", "seq 1 5000 >&2; exit 1"], timeout_s=10)
+    assert e.value.stderr_tail.endswith("5000") and len(e.value.stderr_tail) < 420
+
+
+def test_cmd_run_names_a_missing_program_rc_127() -> None:
+    with pytest.raises(cmd.AgentCommandError) as e:
+        cmd.run(["/nonexistent/densitylab-tool", "x"], timeout_s=10)
+    assert e.value.rc == 127 and "not found" in str(e.value)
+
+
+def test_cmd_run_kills_a_command_past_its_timeout() -> None:
+    with pytest.raises(cmd.AgentCommandError) as e:
+        cmd.run(["sleep", "30"], timeout_s=0.3)
+    assert e.value.rc is None and "timed out" in str(e.value)
+
+
+def test_cmd_run_without_check_returns_the_failure() -> None:
+    assert cmd.run(["false"], timeout_s=10, check=False).returncode == 1
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def cli_shape(p: argparse.ArgumentParser) -> dict[str, list[list[object]]]:
+    """Subcommand -> its arguments (flags, nargs, default, required, choices, action)."""
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    return {
+        name: sorted(
+            [
+                ",".join(a.option_strings) or a.dest,
+                a.nargs if a.nargs is not None else "",
+                str(a.default),
+                bool(a.required),
+                list(a.choices or []),
+                type(a).__name__,
+            ]
+            for a in sp._actions
+            if a.dest != "help"
+        )
+        for name, sp in sub.choices.items()
+    }
+
+
+def test_every_subcommand_keeps_the_flags_lab_hosts_drive() -> None:
+    """tests/data/agent_cli.json was recorded from the one-file agent before the split:
+    every subcommand, flag, default and choice it had is still there, in its order; new
+    choices may be added (a new latency method), none taken away."""
+    recorded = json.loads((DATA / "agent_cli.json").read_text())
+    now = cli_shape(cli.parser())
+    assert list(now) == list(recorded)
+    for name, args in recorded.items():
+        assert len(now[name]) == len(args), name
+        for old, new in zip(args, now[name], strict=True):
+            assert new[:4] + new[5:] == old[:4] + old[5:], (name, old, new)
+            assert set(old[4]) <= set(new[4]), (name, old, new)  # type: ignore[arg-type]
+
+
+def test_the_dispatch_table_is_the_parser() -> None:
+    assert list(cli_shape(cli.parser())) == list(cli.COMMANDS)
+
+
+# ---------------------------------------------------------------- the zipapp
+
+
+def pythons() -> list[str]:
+    """This Python and the system's python3 (Debian's, the one lab machines have)."""
+    found = [sys.executable]
+    system = shutil.which("python3", path="/usr/bin")
+    if system and os.path.realpath(system) != os.path.realpath(sys.executable):
+        found.append(system)
+    return found
+
+
+def test_the_zipapp_is_built_once_per_content_and_atomically(tmp_path: Path) -> None:
+    pkg = tmp_path / "agent"
+    shutil.copytree(PACKAGE, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    first = agentship.agent_zipapp(tmp_path / "cache", pkg)
+    assert agentship.agent_zipapp(tmp_path / "cache", pkg) == first
+    (pkg / "fs.py").write_text((pkg / "fs.py").read_text() + "\n# changed\n")
+    second = agentship.agent_zipapp(tmp_path / "cache", pkg)
+    assert second != first and second.is_file() and first.is_file()
+    leftovers = [p.name for p in (tmp_path / "cache").iterdir() if p.suffix != ".pyz"]
+    assert leftovers == []  # no temp build folder left behind
+
+
+@pytest.mark.parametrize("python", pythons())
+def test_the_zipapp_runs_its_subcommands_under_python(python: str, tmp_path: Path) -> None:
+    pyz = agentship.agent_zipapp(tmp_path / "cache")
+    # The archive alone, from another folder, with no path to this checkout.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    shipped = tmp_path / "opt" / "agent.pyz"
+    shipped.parent.mkdir()
+    shutil.copy(pyz, shipped)
+
+    def agent(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [python, "-I", str(shipped), *args],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+        )  # fmt: skip
+
+    version = subprocess.run([python, "--version"], capture_output=True, text=True).stdout
+    print(f"{python}: {version.strip()}")
+    assert int(agent("now").stdout) > 0
+    out = tmp_path / "s.jsonl"
+    cp = agent("sample", "--interval-s", "0.1", "--stop-after-s", "0.25", "--out", str(out))
+    assert cp.returncode == 0, cp.stderr
+    samples = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert len(samples) >= 2 and all("ts_ns" in s and "vmstat" in s for s in samples)
+    bad = agent("ksm-restore", "--saved", str(tmp_path / "absent.json"))
+    assert bad.returncode == 1 and bad.stderr.startswith("hostagent: ")
+    assert agent("no-such-subcommand").returncode == 2
