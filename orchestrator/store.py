@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import secrets
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,7 +21,8 @@ from typing import Any
 
 import pandas as pd
 
-from orchestrator.errors import UsageError
+from orchestrator import proc
+from orchestrator.errors import CommandError, UsageError
 
 TABLES = (
     "trials",
@@ -79,15 +79,10 @@ def sha256_file(path: Path) -> str:
 
 
 def git_commit(repo: Path) -> str | None:
+    """HEAD of the checkout at repo; None when there is none (an installed copy, no git)."""
     try:
-        cp = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
+        cp = proc.run(["git", "-C", str(repo), "rev-parse", "HEAD"], timeout_s=10, check=False)
+    except (OSError, CommandError):  # no git (rc 127), or it hung
         return None
     return cp.stdout.strip() or None if cp.returncode == 0 else None
 
