@@ -30,7 +30,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,7 +40,7 @@ from typing import Protocol
 
 from orchestrator.errors import DensitylabError, HostError, UsageError
 from orchestrator.images import DEFAULT_CACHE_ROOT, build_lock, sha256_file, write_atomic
-from orchestrator.proc import run
+from orchestrator.proc import CompletedProcess, run
 
 log = logging.getLogger(__name__)
 
@@ -540,7 +539,7 @@ class PrivateApt:
         argv: Sequence[str | os.PathLike[str]],
         timeout_s: float = 600,
         cwd: str | Path | None = None,
-    ) -> subprocess.CompletedProcess[str]:
+    ) -> CompletedProcess[str]:
         """proc.run with APT_CONFIG pointing at the private configuration."""
         self.ensure()
         return run(argv, env=self.env(), timeout_s=timeout_s, cwd=cwd)

@@ -39,7 +39,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,7 +63,7 @@ from orchestrator.images import (
 )
 from orchestrator.kernels import KernelArtifact, PrivateApt
 from orchestrator.kernelspec import KernelEntry, label_of
-from orchestrator.proc import STDERR_TAIL_CHARS, run, spawn_group, stop_group
+from orchestrator.proc import STDERR_TAIL_CHARS, TimeoutExpired, run, spawn_group, stop_group
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +380,7 @@ def run_in_group(argv: Sequence[str], log_path: Path, timeout_s: float) -> None:
         rc = child.wait(timeout=timeout_s)
     except BaseException as e:
         stop_group(child)
-        timed_out = isinstance(e, subprocess.TimeoutExpired)
+        timed_out = isinstance(e, TimeoutExpired)
         tail = log_path.read_text(errors="replace")[-STDERR_TAIL_CHARS:]
         if timed_out:
             raise CommandError(list(argv), None, tail, timed_out=True) from e

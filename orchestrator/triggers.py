@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -70,7 +69,7 @@ def pick_latency(requested: str, probed: list[str], triggers: list[str]) -> Late
 @dataclass
 class HostProcess:
     pid: int
-    popen: subprocess.Popen[bytes]
+    popen: proc.Popen[bytes]
     done: dict[str, Any]
     out: Path
 
@@ -124,7 +123,7 @@ def start_host_workload(
     return procs
 
 
-def wait_done(out: Path, p: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
+def wait_done(out: Path, p: proc.Popen[bytes], timeout_s: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for line in out.read_text().splitlines():
