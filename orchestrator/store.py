@@ -7,14 +7,9 @@ from the parts after every trial, so a resumed run and a fresh one look the same
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import secrets
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,6 +18,11 @@ import pandas as pd
 
 from orchestrator import proc
 from orchestrator.errors import CommandError, UsageError
+
+# The run store's atomic writes and checksums are every module's: kept here under their
+# old names for the store's callers.
+from orchestrator.files import atomic_path as atomic_path
+from orchestrator.files import sha256_file as sha256_file
 
 TABLES = (
     "trials",
@@ -46,20 +46,6 @@ def new_run_id(spec_name: str) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{spec_name}-{secrets.token_hex(2)}"
 
 
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path next to `path`; it replaces `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
@@ -68,14 +54,6 @@ def write_json(path: Path, data: Any) -> None:
 def write_parquet(path: Path, df: pd.DataFrame) -> None:
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def git_commit(repo: Path) -> str | None:
