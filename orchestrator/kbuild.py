@@ -48,7 +48,8 @@ from typing import Any
 
 from orchestrator import kernels
 from orchestrator.errors import CommandError, HostError, UsageError
-from orchestrator.images import IMAGES_DIR, sha256_file
+from orchestrator.files import sha256_file
+from orchestrator.images import IMAGES_DIR
 from orchestrator.kernelspec import (
     BuildKernel,
     DebianSource,

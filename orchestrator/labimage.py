@@ -49,6 +49,7 @@ from pathlib import Path
 
 from orchestrator import kbuild, kernels
 from orchestrator.errors import CommandError, DensitylabError, HostError, UsageError
+from orchestrator.files import sha256_file
 from orchestrator.images import (
     DEFAULT_CACHE_ROOT,
     DEFAULT_OUT_ROOT,
@@ -58,7 +59,6 @@ from orchestrator.images import (
     host_package_versions,
     point_current,
     publish,
-    sha256_file,
     source_digests,
 )
 from orchestrator.kernels import KernelArtifact, PrivateApt
