@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -35,6 +34,7 @@ from orchestrator import analysis as an
 from orchestrator import integrity, walkcost
 from orchestrator.capacity import MODEL_NOTES, CapacityResult
 from orchestrator.errors import UsageError
+from orchestrator.files import atomic_path
 from orchestrator.walkcost import WalkCost
 
 log = logging.getLogger(__name__)
@@ -729,13 +729,9 @@ FIG_CAPTIONS = {
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same directory, then rename over path."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    """write(tmp) to a temporary file beside path, renamed over path if it succeeds."""
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
