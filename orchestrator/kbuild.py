@@ -48,7 +48,7 @@ from typing import Any
 
 from orchestrator import kernels
 from orchestrator.errors import CommandError, HostError, UsageError
-from orchestrator.files import sha256_file
+from orchestrator.files import sha256_file, write_text_atomic
 from orchestrator.images import IMAGES_DIR
 from orchestrator.kernelspec import (
     BuildKernel,
@@ -325,9 +325,8 @@ def read_state(work: Path) -> dict[str, Any] | None:
 
 
 def write_state(work: Path, digest: str, applied: Sequence[str], clean: bool) -> None:
-    tmp = work / ".state.json.tmp"
-    tmp.write_text(json.dumps({"digest": digest, "applied": list(applied), "clean": clean}))
-    os.replace(tmp, work / "state.json")
+    state = {"digest": digest, "applied": list(applied), "clean": clean}
+    write_text_atomic(work / "state.json", json.dumps(state))
 
 
 def populate(work: Path, source: SourceTree) -> None:
