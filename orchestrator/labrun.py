@@ -22,6 +22,7 @@ from typing import Any
 import pandas as pd
 
 from orchestrator import (
+    dlfill,
     fleet,
     hostagent,
     images,
@@ -190,8 +191,8 @@ def wait_done_line(host: LabHost, path: str, timeout_s: float = 300) -> dict[str
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for line in host.read(path).splitlines():
-            if line.startswith("DLFILL DONE "):
-                return dict(json.loads(line.removeprefix("DLFILL DONE ")))
+            if (done := dlfill.done_record(line)) is not None:
+                return done
             if line.startswith("dlfill: "):
                 raise GuestError(host.name, f"{path}: {line}")
         time.sleep(0.5)

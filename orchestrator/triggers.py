@@ -6,7 +6,6 @@ processes (dlfill, migratepages); each step registers its undo on the caller's s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator import hostagent, images, proc
+from orchestrator import dlfill, hostagent, images, proc
 from orchestrator.attribution import Window
 from orchestrator.errors import HostError
 from orchestrator.spec import HostWorkload, Migrate, Reclaim
@@ -126,9 +125,8 @@ def start_host_workload(
 def wait_done(out: Path, p: proc.Popen[bytes], timeout_s: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for line in out.read_text().splitlines():
-            if line.startswith("DLFILL DONE "):
-                return dict(json.loads(line.removeprefix("DLFILL DONE ")))
+        if (done := dlfill.done_record(out.read_text())) is not None:
+            return done
         if p.poll() is not None:
             raise HostError(f"host dlfill exited {p.returncode} before filling")
         time.sleep(0.05)
