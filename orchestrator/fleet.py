@@ -23,8 +23,8 @@ from xml.etree import ElementTree
 import jinja2
 import libvirt
 
-from orchestrator import proc
 from orchestrator.errors import DensitylabError, GuestError, HostError
+from orchestrator.qemuparts import create_overlay
 
 log = logging.getLogger(__name__)
 
@@ -140,17 +140,6 @@ def cell_cpus(vcpus: int, cells: int) -> list[str]:
         raise GuestError("numa", f"{vcpus} vCPUs cannot be split into {cells} equal cells")
     per = vcpus // cells
     return [f"{c * per}-{c * per + per - 1}" if per > 1 else str(c) for c in range(cells)]
-
-
-def create_overlay(backing: Path, overlay: Path) -> None:
-    """A qcow2 overlay on a shared, read-only backing file (one per guest and boot)."""
-    overlay.parent.mkdir(parents=True, exist_ok=True)
-    with open(backing, "rb") as f:  # the magic only: backing files can be GiBs
-        fmt = "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
-    proc.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(backing), str(overlay)],
-        timeout_s=60,
-    )
 
 
 def qemu_pid(name: str) -> int | None:

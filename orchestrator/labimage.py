@@ -629,13 +629,6 @@ def qemu_argv(plan: BootPlan) -> list[str]:
             *disk_args(plan), *agent_args(plan)]  # fmt: skip
 
 
-def create_overlay(rootfs: Path, overlay: Path) -> None:
-    """A qcow2 overlay over the (never written) raw rootfs image, one per boot."""
-    overlay.parent.mkdir(parents=True, exist_ok=True)
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(rootfs), str(overlay)]
-    run(argv, timeout_s=60)
-
-
 def describe(image: LabImage) -> str:
     lines = [f"key      {image.key}", f"rootfs   {image.rootfs}"]
     for k in image.kernels:
