@@ -24,7 +24,7 @@ import jinja2
 import libvirt
 
 from orchestrator.errors import DensitylabError, GuestError, HostError
-from orchestrator.qemuparts import create_overlay
+from orchestrator.qemuparts import cell_cpus, create_overlay
 
 log = logging.getLogger(__name__)
 
@@ -130,16 +130,6 @@ def domain_xml(spec: GuestSpec, *, run_id: str, trial_id: str, domain_type: str)
         numa_cells=spec.numa_cells,
         cell_cpus=cell_cpus(spec.vcpus, spec.numa_cells),
     )
-
-
-def cell_cpus(vcpus: int, cells: int) -> list[str]:
-    """vCPU ranges of equal NUMA cells: 4 vCPUs in 2 cells -> ['0-1', '2-3']."""
-    if cells <= 1:
-        return []
-    if vcpus % cells:
-        raise GuestError("numa", f"{vcpus} vCPUs cannot be split into {cells} equal cells")
-    per = vcpus // cells
-    return [f"{c * per}-{c * per + per - 1}" if per > 1 else str(c) for c in range(cells)]
 
 
 def qemu_pid(name: str) -> int | None:

@@ -64,6 +64,7 @@ from orchestrator.images import (
 from orchestrator.kernels import KernelArtifact, PrivateApt
 from orchestrator.kernelspec import KernelEntry, label_of
 from orchestrator.proc import STDERR_TAIL_CHARS, TimeoutExpired, run, spawn_group, stop_group
+from orchestrator.qemuparts import cell_cpus
 
 log = logging.getLogger(__name__)
 
@@ -593,14 +594,10 @@ def machine_args(plan: BootPlan) -> list[str]:
 def numa_args(plan: BootPlan) -> list[str]:
     """Equal NUMA cells, each with its own RAM backend and an equal block of vCPUs."""
     n = plan.numa_nodes
-    if n < 1 or plan.vcpus % n or plan.memory_mib % n:
-        raise UsageError(f"{n} NUMA nodes need vCPUs and memory divisible by {n}")
-    if n == 1:
-        return []
-    per = plan.vcpus // n
+    if n < 1 or plan.memory_mib % n:
+        raise UsageError(f"{n} NUMA nodes need memory divisible by {n}")
     args: list[str] = []
-    for node in range(n):
-        cpus = f"{node * per}" if per == 1 else f"{node * per}-{node * per + per - 1}"
+    for node, cpus in enumerate(cell_cpus(plan.vcpus, n)):  # UsageError: vCPUs do not split
         args += ["-object", f"memory-backend-ram,size={plan.memory_mib // n}M,id=m{node}"]
         args += ["-numa", f"node,nodeid={node},cpus={cpus},memdev=m{node}"]
     return args

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from orchestrator.errors import UsageError
 from orchestrator.proc import run
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -21,3 +22,14 @@ def create_overlay(backing: Path, overlay: Path) -> None:
         ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(backing), str(overlay)],
         timeout_s=60,
     )
+
+
+def cell_cpus(vcpus: int, cells: int) -> list[str]:
+    """vCPU ranges of equal NUMA cells: 4 vCPUs in 2 cells -> ['0-1', '2-3'], 2 in 2 ->
+    ['0', '1']; one cell (or none) -> []. Raises UsageError when they do not split evenly."""
+    if cells <= 1:
+        return []
+    if vcpus % cells:
+        raise UsageError(f"{vcpus} vCPUs cannot be split into {cells} equal NUMA cells")
+    per = vcpus // cells
+    return [f"{c * per}-{c * per + per - 1}" if per > 1 else str(c) for c in range(cells)]

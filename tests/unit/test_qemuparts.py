@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.errors import UsageError
 from orchestrator.proc import run
-from orchestrator.qemuparts import create_overlay
+from orchestrator.qemuparts import cell_cpus, create_overlay
 
 
 def backing_format(overlay: Path) -> str:
@@ -28,3 +29,12 @@ def test_an_overlay_names_its_backing_files_format(tmp_path: Path):
         create_overlay(backing, overlay)
         assert backing_format(overlay) == fmt
     assert raw.read_bytes() == b"\0" * (1 << 20)  # the backing file is never written
+
+
+def test_vcpus_split_into_equal_cells():
+    assert cell_cpus(4, 1) == []
+    assert cell_cpus(2, 2) == ["0", "1"]
+    assert cell_cpus(4, 2) == ["0-1", "2-3"]
+    assert cell_cpus(6, 3) == ["0-1", "2-3", "4-5"]
+    with pytest.raises(UsageError, match="3 vCPUs cannot be split into 2 equal NUMA cells"):
+        cell_cpus(3, 2)
