@@ -293,7 +293,7 @@ def compare(run_a: Path, run_b: Path) -> None:
 
 @app.command()
 def reproduce(
-    run_dir: Path,
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a finished run directory")],
     results: Annotated[
         Path | None, typer.Option(help="where the new run goes (default: beside RUN)")
     ] = None,
