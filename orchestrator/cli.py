@@ -164,11 +164,7 @@ def run(
     for tid in outcome.skipped:
         out.print(f"skipped {tid}: finished in the resumed run")
     out.print(f"run directory: {outcome.store.root}")
-    if not outcome.ok:
-        for r in outcome.results:
-            if r.status != "successful":
-                print(f"densitylab: {r.trial_id} {r.status}: {r.reason}", file=sys.stderr)
-        raise typer.Exit(1)
+    exit_if_trials_failed(outcome)
 
 
 @app.command()
@@ -291,6 +287,15 @@ def compare(run_a: Path, run_b: Path) -> None:
     out.print(text, markup=False, highlight=False)
 
 
+def exit_if_trials_failed(outcome: Any) -> None:
+    """A line on stderr per trial that did not succeed, and exit 1 (run, reproduce)."""
+    if not outcome.ok:
+        for r in outcome.results:
+            if r.status != "successful":
+                print(f"densitylab: {r.trial_id} {r.status}: {r.reason}", file=sys.stderr)
+        raise typer.Exit(1)
+
+
 @app.command()
 def reproduce(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a finished run directory")],
@@ -323,11 +328,7 @@ def reproduce(
     for line in repro.saving_verdict(result.metrics):
         out.print(line, markup=False, highlight=False)
     out.print(f"run directory: {outcome.store.root}")
-    if not outcome.ok:
-        for r in outcome.results:
-            if r.status != "successful":
-                print(f"densitylab: {r.trial_id} {r.status}: {r.reason}", file=sys.stderr)
-        raise typer.Exit(1)
+    exit_if_trials_failed(outcome)
 
 
 kernels_app = typer.Typer(no_args_is_help=True, help="Kernels built from source for a spec.")
