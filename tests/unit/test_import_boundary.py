@@ -10,6 +10,7 @@ ansible_runner, the host agent's split into a package), add its path to the rule
 from __future__ import annotations
 
 import ast
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +69,10 @@ SYS_RULE = Rule(
     ),
     "only the host agent's KSM and memory code writes KSM knobs, zram, cgroups",
 )
+# The host agent runs alone (on a lab machine over Ansible, inside a lab-host VM): it
+# imports the standard library and its own package's modules (relative imports), nothing
+# else, not even the orchestrator. (The orchestrator may import it.)
+AGENT = ("orchestrator/hostagent.py", "orchestrator/agent/")
 WRITE_CALLS = frozenset({"write_text", "write_bytes", "write", "writelines"})
 
 
@@ -139,6 +144,23 @@ def violations(root: Path) -> list[str]:
     return out
 
 
+def agent_violations(root: Path) -> list[str]:
+    out = []
+    for path in modules(root):
+        rel = path.relative_to(root).as_posix()
+        if not rel.startswith(AGENT):
+            continue
+        for line, name in imported(ast.parse(path.read_text(encoding="utf-8"))):
+            if name not in sys.stdlib_module_names and name != "__future__":
+                out.append(f"{rel}:{line}: imports {name}: the host agent is stdlib-only")
+    return out
+
+
+def test_the_host_agent_imports_only_the_standard_library():
+    found = agent_violations(REPO)
+    assert not found, "\n".join(found)
+
+
 def test_every_external_system_stays_in_its_module():
     found = violations(REPO)
     assert not found, "\n".join(found)
@@ -194,3 +216,15 @@ def test_reading_sys_or_writing_elsewhere_is_no_crossing(tmp_path: Path):
     )
     (root / PACKAGE / "w.py").write_text("open('/var/tmp/x', 'w').write('1')\n")
     assert violations(root) == []
+
+
+def test_the_agent_may_import_itself_and_the_stdlib_only(tmp_path: Path):
+    agent = tmp_path / PACKAGE / "agent"
+    agent.mkdir(parents=True)
+    (agent / "ksm.py").write_text("import json\nfrom . import fs\nfrom .fs import read_text\n")
+    (agent / "cmd.py").write_text("import subprocess\nfrom orchestrator import proc\n")
+    (tmp_path / PACKAGE / "hostagent.py").write_text("import os\nimport yaml\n")
+    assert agent_violations(tmp_path) == [
+        "orchestrator/agent/cmd.py:2: imports orchestrator: the host agent is stdlib-only",
+        "orchestrator/hostagent.py:2: imports yaml: the host agent is stdlib-only",
+    ]
