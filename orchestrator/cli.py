@@ -164,11 +164,7 @@ def run(
     for tid in outcome.skipped:
         out.print(f"skipped {tid}: finished in the resumed run")
     out.print(f"run directory: {outcome.store.root}")
-    if not outcome.ok:
-        for r in outcome.results:
-            if r.status != "successful":
-                print(f"densitylab: {r.trial_id} {r.status}: {r.reason}", file=sys.stderr)
-        raise typer.Exit(1)
+    exit_if_trials_failed(outcome)
 
 
 @app.command()
@@ -291,6 +287,50 @@ def compare(run_a: Path, run_b: Path) -> None:
     except DensitylabError as e:
         fail(e)
     out.print(text.render_comparison(result, fmt="text"), markup=False, highlight=False)
+
+
+def exit_if_trials_failed(outcome: Any) -> None:
+    """A line on stderr per trial that did not succeed, and exit 1 (run, reproduce)."""
+    if not outcome.ok:
+        for r in outcome.results:
+            if r.status != "successful":
+                print(f"densitylab: {r.trial_id} {r.status}: {r.reason}", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+@app.command()
+def reproduce(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="a finished run directory")],
+    results: Annotated[
+        Path | None, typer.Option(help="where the new run goes (default: beside RUN)")
+    ] = None,
+) -> None:
+    """Run RUN's recorded spec again with its seeds, warn about every version that
+    differs here, and compare the two runs (RUN is A, the new run B)."""
+    from orchestrator import reproduce as repro
+    from orchestrator.progress import RichProgress
+
+    try:
+        target = results or run_dir.parent
+        check_results_dir(target, "--results")
+        rep = repro.plan_reproduction(run_dir)  # UsageError before the host is touched
+        out.print(f"spec: {rep.spec_source}", markup=False, highlight=False)
+        for w in repro.drift_warnings(
+            repro.versions_of(rep.manifest), repro.versions_here(rep.spec)
+        ):
+            print(f"densitylab: warning: {printable(w)}", file=sys.stderr)
+        with RichProgress(console) as progress:
+            outcome = repro.rerun(rep, target, progress)
+        from orchestrator import analysis
+
+        result = analysis.compare_runs(run_dir, outcome.store.root)
+    except DensitylabError as e:
+        fail(e)
+    out.print(analysis.render_comparison(result, fmt="text"), markup=False, highlight=False)
+    for line in repro.saving_verdict(result.metrics):
+        out.print(line, markup=False, highlight=False)
+    out.print(f"run directory: {outcome.store.root}")
+    exit_if_trials_failed(outcome)
 
 
 kernels_app = typer.Typer(no_args_is_help=True, help="Kernels built from source for a spec.")

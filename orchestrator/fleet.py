@@ -23,8 +23,8 @@ from xml.etree import ElementTree
 import jinja2
 import libvirt
 
-from orchestrator import proc
 from orchestrator.errors import DensitylabError, GuestError, HostError
+from orchestrator.qemuparts import cell_cpus, create_overlay
 
 log = logging.getLogger(__name__)
 
@@ -133,27 +133,6 @@ def domain_xml(spec: GuestSpec, *, run_id: str, trial_id: str, domain_type: str)
         numa_cells=spec.numa_cells,
         cell_cpus=cell_cpus(spec.vcpus, spec.numa_cells),
         ssh_port=spec.ssh_port,
-    )
-
-
-def cell_cpus(vcpus: int, cells: int) -> list[str]:
-    """vCPU ranges of equal NUMA cells: 4 vCPUs in 2 cells -> ['0-1', '2-3']."""
-    if cells <= 1:
-        return []
-    if vcpus % cells:
-        raise GuestError("numa", f"{vcpus} vCPUs cannot be split into {cells} equal cells")
-    per = vcpus // cells
-    return [f"{c * per}-{c * per + per - 1}" if per > 1 else str(c) for c in range(cells)]
-
-
-def create_overlay(backing: Path, overlay: Path) -> None:
-    """A qcow2 overlay on a shared, read-only backing file (one per guest and boot)."""
-    overlay.parent.mkdir(parents=True, exist_ok=True)
-    with open(backing, "rb") as f:  # the magic only: backing files can be GiBs
-        fmt = "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
-    proc.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(backing), str(overlay)],
-        timeout_s=60,
     )
 
 

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from orchestrator.errors import DensitylabError, HostError, UsageError
+from orchestrator.files import sha256_file, write_text_atomic
 from orchestrator.proc import run
 
 log = logging.getLogger(__name__)
@@ -125,14 +126,6 @@ def cache_key(inputs: BuildInputs) -> str:
     """sha256 over a canonical JSON rendering of the inputs (dict order does not matter)."""
     blob = json.dumps(asdict(inputs), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- inputs (no downloads)
@@ -236,7 +229,7 @@ def resolve_kernel_package(cache_root: Path) -> KernelPackage:
     except (OSError, ValueError, KeyError, TypeError):
         pass
     kernel = query_kernel_package()
-    write_atomic(memo, json.dumps({"apt_state": stamp, "kernel": asdict(kernel)}, indent=1))
+    write_text_atomic(memo, json.dumps({"apt_state": stamp, "kernel": asdict(kernel)}, indent=1))
     return kernel
 
 
@@ -499,13 +492,6 @@ def make_initrd(root: Path) -> bytes:
 
 
 # ---------------------------------------------------------------- build, cache, publish
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @contextmanager

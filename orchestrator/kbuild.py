@@ -37,7 +37,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -49,7 +48,8 @@ from typing import Any
 
 from orchestrator import kernels
 from orchestrator.errors import CommandError, HostError, UsageError
-from orchestrator.images import IMAGES_DIR, sha256_file
+from orchestrator.files import sha256_file, write_text_atomic
+from orchestrator.images import IMAGES_DIR
 from orchestrator.kernelspec import (
     BuildKernel,
     DebianSource,
@@ -58,7 +58,15 @@ from orchestrator.kernelspec import (
     SourceKernel,
     TreeSource,
 )
-from orchestrator.proc import STDERR_TAIL_CHARS, run, spawn_group, stop_group
+from orchestrator.proc import (
+    PIPE,
+    STDERR_TAIL_CHARS,
+    STDOUT,
+    TimeoutExpired,
+    run,
+    spawn_group,
+    stop_group,
+)
 
 log = logging.getLogger(__name__)
 
@@ -317,9 +325,8 @@ def read_state(work: Path) -> dict[str, Any] | None:
 
 
 def write_state(work: Path, digest: str, applied: Sequence[str], clean: bool) -> None:
-    tmp = work / ".state.json.tmp"
-    tmp.write_text(json.dumps({"digest": digest, "applied": list(applied), "clean": clean}))
-    os.replace(tmp, work / "state.json")
+    state = {"digest": digest, "applied": list(applied), "clean": clean}
+    write_text_atomic(work / "state.json", json.dumps(state))
 
 
 def populate(work: Path, source: SourceTree) -> None:
@@ -489,8 +496,7 @@ def run_build(
     t0 = time.monotonic()
     steps = 0
     with log_path.open("w", buffering=1) as logf:  # line-buffered: tail -f works
-        child = spawn_group(["nice", "-n", "19", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=env)  # fmt: skip
+        child = spawn_group(["nice", "-n", "19", *argv], stdout=PIPE, stderr=STDOUT, env=env)
         try:
             assert child.stdout is not None
             for raw in child.stdout:
@@ -501,7 +507,7 @@ def run_build(
                     if progress is not None:
                         progress(steps, expected, time.monotonic() - t0)
                 if time.monotonic() - t0 > BUILD_TIMEOUT_S:
-                    raise subprocess.TimeoutExpired(list(argv), BUILD_TIMEOUT_S)
+                    raise TimeoutExpired(list(argv), BUILD_TIMEOUT_S)
             rc = child.wait()
         except BaseException:
             stop_group(child)

@@ -30,7 +30,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,8 +39,9 @@ from pathlib import Path
 from typing import Protocol
 
 from orchestrator.errors import DensitylabError, HostError, UsageError
-from orchestrator.images import DEFAULT_CACHE_ROOT, build_lock, sha256_file, write_atomic
-from orchestrator.proc import run
+from orchestrator.files import sha256_file, write_text_atomic
+from orchestrator.images import DEFAULT_CACHE_ROOT, build_lock
+from orchestrator.proc import CompletedProcess, run
 
 log = logging.getLogger(__name__)
 
@@ -526,9 +526,9 @@ class PrivateApt:
             (self.etc / "apt.conf", ""),
         ):
             if not path.is_file() or path.read_text() != text:
-                write_atomic(path, text)
+                write_text_atomic(path, text)
         if not (self.root / "status").exists():
-            write_atomic(self.root / "status", "")
+            write_text_atomic(self.root / "status", "")
         if not KEYRING.is_file():
             raise HostError(f"{KEYRING} missing: apt-get install debian-archive-keyring")
 
@@ -540,7 +540,7 @@ class PrivateApt:
         argv: Sequence[str | os.PathLike[str]],
         timeout_s: float = 600,
         cwd: str | Path | None = None,
-    ) -> subprocess.CompletedProcess[str]:
+    ) -> CompletedProcess[str]:
         """proc.run with APT_CONFIG pointing at the private configuration."""
         self.ensure()
         return run(argv, env=self.env(), timeout_s=timeout_s, cwd=cwd)
@@ -729,7 +729,7 @@ def fetch_debian_kernel(
     if not cached or not (kdir / "vmlinuz").is_file() or not (kdir / "config").is_file():
         kdir.mkdir(parents=True, exist_ok=True)
         extract_boot_files(own_debs, resolution.release, kdir)
-        write_atomic(stamp, json.dumps(want, indent=1, sort_keys=True))
+        write_text_atomic(stamp, json.dumps(want, indent=1, sort_keys=True))
     config_text = (kdir / "config").read_text()
     values, missing = check_config(parse_kconfig(config_text))
     return KernelArtifact(
@@ -827,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
             rec = RecordingApt(apt.apt_cache)
             for text in args.specs:
                 resolve_kernel(parse_kernel_spec(text), rec)
-            write_atomic(args.record, json.dumps(rec.answers, indent=1, sort_keys=True) + "\n")
+            write_text_atomic(args.record, json.dumps(rec.answers, indent=1, sort_keys=True) + "\n")
         for text in args.specs:
             k = fetch_kernel(text, cache_root=args.cache_root, refresh=args.refresh)
             print(json.dumps(k.record(), indent=2))

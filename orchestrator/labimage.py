@@ -40,7 +40,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +50,7 @@ from pathlib import Path
 
 from orchestrator import kbuild, kernels
 from orchestrator.errors import CommandError, DensitylabError, HostError, UsageError
+from orchestrator.files import sha256_file
 from orchestrator.images import (
     DEFAULT_CACHE_ROOT,
     DEFAULT_OUT_ROOT,
@@ -60,13 +60,13 @@ from orchestrator.images import (
     host_package_versions,
     point_current,
     publish,
-    sha256_file,
     source_digests,
 )
 from orchestrator.inventory import LAB_PACKAGES
 from orchestrator.kernels import KernelArtifact, PrivateApt
 from orchestrator.kernelspec import KernelEntry, label_of
-from orchestrator.proc import STDERR_TAIL_CHARS, run, spawn_group, stop_group
+from orchestrator.proc import STDERR_TAIL_CHARS, TimeoutExpired, run, spawn_group, stop_group
+from orchestrator.qemuparts import cell_cpus
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +387,7 @@ def run_in_group(argv: Sequence[str], log_path: Path, timeout_s: float) -> None:
         rc = child.wait(timeout=timeout_s)
     except BaseException as e:
         stop_group(child)
-        timed_out = isinstance(e, subprocess.TimeoutExpired)
+        timed_out = isinstance(e, TimeoutExpired)
         tail = log_path.read_text(errors="replace")[-STDERR_TAIL_CHARS:]
         if timed_out:
             raise CommandError(list(argv), None, tail, timed_out=True) from e
@@ -600,14 +600,10 @@ def machine_args(plan: BootPlan) -> list[str]:
 def numa_args(plan: BootPlan) -> list[str]:
     """Equal NUMA cells, each with its own RAM backend and an equal block of vCPUs."""
     n = plan.numa_nodes
-    if n < 1 or plan.vcpus % n or plan.memory_mib % n:
-        raise UsageError(f"{n} NUMA nodes need vCPUs and memory divisible by {n}")
-    if n == 1:
-        return []
-    per = plan.vcpus // n
+    if n < 1 or plan.memory_mib % n:
+        raise UsageError(f"{n} NUMA nodes need memory divisible by {n}")
     args: list[str] = []
-    for node in range(n):
-        cpus = f"{node * per}" if per == 1 else f"{node * per}-{node * per + per - 1}"
+    for node, cpus in enumerate(cell_cpus(plan.vcpus, n)):  # UsageError: vCPUs do not split
         args += ["-object", f"memory-backend-ram,size={plan.memory_mib // n}M,id=m{node}"]
         args += ["-numa", f"node,nodeid={node},cpus={cpus},memdev=m{node}"]
     return args
@@ -634,13 +630,6 @@ def qemu_argv(plan: BootPlan) -> list[str]:
     """The whole QEMU command line; the serial console is QEMU's stdout."""
     return ["qemu-system-x86_64", *machine_args(plan), *numa_args(plan), *kernel_args(plan),
             *disk_args(plan), *agent_args(plan)]  # fmt: skip
-
-
-def create_overlay(rootfs: Path, overlay: Path) -> None:
-    """A qcow2 overlay over the (never written) raw rootfs image, one per boot."""
-    overlay.parent.mkdir(parents=True, exist_ok=True)
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(rootfs), str(overlay)]
-    run(argv, timeout_s=60)
 
 
 def describe(image: LabImage) -> str:

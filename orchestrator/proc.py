@@ -9,6 +9,16 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+# What other modules need of subprocess (result and process types, stream constants, the
+# timeout exception), so that this stays the one module that imports it (see
+# tests/unit/test_import_boundary.py).
+from subprocess import DEVNULL as DEVNULL
+from subprocess import PIPE as PIPE
+from subprocess import STDOUT as STDOUT
+from subprocess import CompletedProcess as CompletedProcess
+from subprocess import Popen as Popen
+from subprocess import TimeoutExpired as TimeoutExpired
+
 from orchestrator.errors import CommandError
 
 log = logging.getLogger(__name__)

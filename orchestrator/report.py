@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ from matplotlib.lines import Line2D
 from orchestrator import integrity, walkcost
 from orchestrator.capacity import MODEL_NOTES, CapacityResult
 from orchestrator.errors import UsageError
+from orchestrator.files import atomic_path
 from orchestrator.results import analysis as an
 from orchestrator.results import campaign
 from orchestrator.results import text as tx
@@ -732,13 +732,9 @@ FIG_CAPTIONS = {
 
 
 def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same directory, then rename over path."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    """write(tmp) to a temporary file beside path, renamed over path if it succeeds."""
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:

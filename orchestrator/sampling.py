@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ class Sampler:
         self.out = out
         self.pids = dict(pids)
         self.interval_s = interval_s
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: proc.Popen[bytes] | None = None
         self._offset = 0
         self.samples: list[dict[str, Any]] = []
 
@@ -53,7 +52,7 @@ class Sampler:
         ]
         for name, pid in self.pids.items():
             argv += ["--pid", f"{name}={pid}"]
-        self.proc = proc.spawn_group(argv, stderr=subprocess.DEVNULL)
+        self.proc = proc.spawn_group(argv, stderr=proc.DEVNULL)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -186,7 +185,7 @@ class Collector:
         self.method = method
         self.tag = tag
         self.ready_timeout_s = ready_timeout_s
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: proc.Popen[bytes] | None = None
 
     def __enter__(self) -> Collector:
         self.out.parent.mkdir(parents=True, exist_ok=True)

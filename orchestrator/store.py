@@ -7,22 +7,22 @@ from the parts after every trial, so a resumed run and a fresh one look the same
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import secrets
-import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from orchestrator.errors import UsageError
+from orchestrator import proc
+from orchestrator.errors import CommandError, UsageError
+
+# The run store's atomic writes and checksums are every module's: kept here under their
+# old names for the store's callers.
+from orchestrator.files import atomic_path as atomic_path
+from orchestrator.files import sha256_file as sha256_file
 from orchestrator.results import schema
 
 TABLES = tuple(schema.RUN_TABLES)  # rebuilt from the trials' parts, in this order
@@ -35,20 +35,6 @@ def utc_now() -> str:
 
 def new_run_id(spec_name: str) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{spec_name}-{secrets.token_hex(2)}"
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path next to `path`; it replaces `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -89,24 +75,11 @@ def write_table(path: Path, name: str, df: pd.DataFrame) -> None:
     write_parquet(path, conform(name, df))
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def git_commit(repo: Path) -> str | None:
+    """HEAD of the checkout at repo; None when there is none (an installed copy, no git)."""
     try:
-        cp = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
+        cp = proc.run(["git", "-C", str(repo), "rev-parse", "HEAD"], timeout_s=10, check=False)
+    except (OSError, CommandError):  # no git (rc 127), or it hung
         return None
     return cp.stdout.strip() or None if cp.returncode == 0 else None
 

@@ -6,11 +6,9 @@ processes (dlfill, migratepages); each step registers its undo on the caller's s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -18,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator import images, proc
+from orchestrator import dlfill, images, proc
 from orchestrator.agent import fs, memory
 from orchestrator.attribution import Window
 from orchestrator.errors import HostError
@@ -71,7 +69,7 @@ def pick_latency(requested: str, probed: list[str], triggers: list[str]) -> Late
 @dataclass
 class HostProcess:
     pid: int
-    popen: subprocess.Popen[bytes]
+    popen: proc.Popen[bytes]
     done: dict[str, Any]
     out: Path
 
@@ -125,12 +123,11 @@ def start_host_workload(
     return procs
 
 
-def wait_done(out: Path, p: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
+def wait_done(out: Path, p: proc.Popen[bytes], timeout_s: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for line in out.read_text().splitlines():
-            if line.startswith("DLFILL DONE "):
-                return dict(json.loads(line.removeprefix("DLFILL DONE ")))
+        if (done := dlfill.done_record(out.read_text())) is not None:
+            return done
         if p.poll() is not None:
             raise HostError(f"host dlfill exited {p.returncode} before filling")
         time.sleep(0.05)

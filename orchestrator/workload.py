@@ -7,7 +7,6 @@ read from the job events, never scraped from text.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -20,14 +19,13 @@ from typing import Any
 import ansible_runner
 import yaml
 
-from orchestrator import integrity
+from orchestrator import dlfill, integrity
 from orchestrator.errors import DensitylabError
 from orchestrator.spec import Workload
 
 log = logging.getLogger(__name__)
 
 PLAYBOOKS = Path(__file__).resolve().parent.parent / "playbooks"
-DONE_PREFIX = "DLFILL DONE "
 # ansible-playbook must be the venv's (it imports libvirt for the connection plugin).
 VENV_BIN = str(Path(sys.executable).parent)
 
@@ -159,20 +157,19 @@ def fill_results(events: Sequence[Mapping[str, Any]]) -> list[FillResult]:
         if ev.get("event") != "runner_on_ok":
             continue
         data = ev.get("event_data", {})
-        for line in str(data.get("res", {}).get("stdout", "")).splitlines():
-            if line.startswith(DONE_PREFIX):
-                d = json.loads(line[len(DONE_PREFIX) :])
-                out.append(
-                    FillResult(
-                        guest=data["host"],
-                        fill_s=float(d["fill_s"]),
-                        dup_pages=d["dup_pages"],
-                        zero_pages=d["zero_pages"],
-                        unique_pages=d["unique_pages"],
-                        volatile_pages=d["volatile_pages"],
-                        vmas=d["vmas"],
-                    )
+        d = dlfill.done_record(str(data.get("res", {}).get("stdout", "")))
+        if d is not None:
+            out.append(
+                FillResult(
+                    guest=data["host"],
+                    fill_s=float(d["fill_s"]),
+                    dup_pages=d["dup_pages"],
+                    zero_pages=d["zero_pages"],
+                    unique_pages=d["unique_pages"],
+                    volatile_pages=d["volatile_pages"],
+                    vmas=d["vmas"],
                 )
+            )
     return out
 
 

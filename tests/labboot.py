@@ -8,7 +8,7 @@ from subprocess import Popen
 
 import pytest
 
-from orchestrator import fleet, labimage
+from orchestrator import fleet, labimage, qemuparts
 from orchestrator.proc import spawn_group, stop_group
 from tests.qga import wait_for_marker
 
@@ -23,7 +23,7 @@ def boot_until_ready(
     for attempt in range(1 + fleet.BOOT_RETRIES):
         plan.overlay.unlink(missing_ok=True)
         plan.agent_socket.unlink(missing_ok=True)
-        labimage.create_overlay(plan.image.rootfs, plan.overlay)
+        qemuparts.create_overlay(plan.image.rootfs, plan.overlay)
         with console.open("wb") as log:
             qemu = spawn_group(labimage.qemu_argv(plan), stdout=log.fileno(), stderr=log.fileno())
         try:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import pandas as pd
 
-from orchestrator import agentship, images, integrity
+from orchestrator import agentship, dlfill, images, integrity
 from orchestrator.attribution import Window
 from orchestrator.errors import HostError
 from orchestrator.hosts.base import EventFn, Proc
@@ -220,8 +220,8 @@ class AgentHost:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for line in self.read_text(path).splitlines():
-                if line.startswith("DLFILL DONE "):
-                    return dict(json.loads(line.removeprefix("DLFILL DONE ")))
+                if (done := dlfill.done_record(line)) is not None:
+                    return done
                 if line.startswith("dlfill: "):
                     raise HostError(f"{self.transport.name}: {path}: {line}")
             time.sleep(0.5)

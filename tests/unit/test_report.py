@@ -266,3 +266,26 @@ def test_ecdf_is_a_grid_not_a_strip(bench_report: report.ReportPaths) -> None:
 
     width, height = Image.open(bench_report.figures["latency_ecdf"]).size
     assert width <= report.ECDF_COLUMNS * 400 and height < 3 * width
+
+
+# What pdflatex with textcomp defines, of what a tabular cell may need (LATEX_SPECIAL's
+# commands and the tabular's own): a command outside it would stop a paper's build.
+LATEX_KNOWN = {"begin", "end", "hline", "textmu", "textasciitilde", "textasciicircum"} | {
+    "textbackslash", "textsuperscript", "textless", "textgreater", "textbar", "delta",
+    "geq", "leq", "rightarrow", "times", "pm", "infty",
+}  # fmt: skip
+
+
+def test_every_latex_table_is_ascii_with_known_commands_and_closed_math(
+    bench_report: report.ReportPaths,
+) -> None:
+    for name, path in bench_report.latex.items():
+        tex = path.read_text(encoding="utf-8")
+        # pdflatex reads UTF-8 but has no glyph for most symbols: µ, δ, ≥ must be commands.
+        assert tex.isascii(), (name, sorted({c for c in tex if not c.isascii()}))
+        words = set(re.findall(r"\\([A-Za-z]+)", tex))
+        assert words <= LATEX_KNOWN, (name, words - LATEX_KNOWN)
+        for line in tex.splitlines():  # math opened in a cell is closed in it
+            assert len(re.findall(r"(?<!\\)\$", line)) % 2 == 0, (name, line)
+    # Every special character the escaper knows comes out as ASCII the same way.
+    assert report.latex_escape("".join(report.LATEX_SPECIAL)).isascii()
