@@ -321,12 +321,12 @@ def reproduce(
             print(f"densitylab: warning: {printable(w)}", file=sys.stderr)
         with RichProgress(console) as progress:
             outcome = repro.rerun(rep, target, progress)
-        from orchestrator import analysis
+        from orchestrator.results import analysis, text
 
         result = analysis.compare_runs(run_dir, outcome.store.root)
     except DensitylabError as e:
         fail(e)
-    out.print(analysis.render_comparison(result, fmt="text"), markup=False, highlight=False)
+    out.print(text.render_comparison(result, fmt="text"), markup=False, highlight=False)
     for line in repro.saving_verdict(result.metrics):
         out.print(line, markup=False, highlight=False)
     out.print(f"run directory: {outcome.store.root}")

@@ -230,18 +230,18 @@ def ratio_text(b: float, a: float) -> str:
 def saving_verdict(metrics: Any) -> list[str]:
     """One line per saving metric of a comparison (analysis.compare_runs' metrics):
     the medians, the ratio, and whether a difference was called."""
-    from orchestrator import analysis
+    from orchestrator.results import analysis, text
 
     if metrics.empty:
         return ["saving: nothing to compare (no kernel and fleet size in both runs)"]
     lines = []
     rows = metrics[metrics["metric"].isin(SAVING_METRICS)]
     for _, r in rows.iterrows():
-        v = analysis.verdict(r, "B higher", "B lower")
+        v = text.verdict(r, "B higher", "B lower")
         said = "significant difference" if r.get("significant") else "no significant difference"
         lines.append(
             f"{analysis.TRIAL_METRICS[r['metric']]} [{r['kernel_a']}, {r['fleet_size']} guests]: "
-            f"A {analysis.fmt_value(r['median_a'])}, B {analysis.fmt_value(r['median_b'])}, "
+            f"A {text.fmt_value(r['median_a'])}, B {text.fmt_value(r['median_b'])}, "
             f"B/A {ratio_text(r['median_b'], r['median_a'])}: {said} ({v})"
         )
     return lines or ["saving: no saving metric measured in both runs"]
