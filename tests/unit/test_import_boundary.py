@@ -46,9 +46,9 @@ RULES = (
     Rule(
         "subprocess",
         ("subprocess",),
-        # proc.py is the command runner. The host agent ships as one stdlib-only file
-        # (or, split, as a package whose cmd module runs its commands), so it has its own.
-        ("orchestrator/proc.py", "orchestrator/hostagent.py", "orchestrator/agent/cmd.py"),
+        # proc.py is the command runner. The host agent ships alone (a stdlib-only
+        # zipapp), so its cmd module is its own.
+        ("orchestrator/proc.py", "orchestrator/agent/cmd.py"),
         "external commands go through orchestrator/proc.py (argv lists, timeouts, errors)",
     ),
     Rule(
@@ -62,7 +62,6 @@ SYS_RULE = Rule(
     "writes under /sys",
     (),
     (
-        "orchestrator/hostagent.py",  # while the agent is one file
         "orchestrator/agent/ksm.py",
         "orchestrator/agent/memory.py",  # zram, cgroups, memory blocks
         "orchestrator/agent/leftovers.py",  # undoes those two after a kill -9
@@ -72,7 +71,7 @@ SYS_RULE = Rule(
 # The host agent runs alone (on a lab machine over Ansible, inside a lab-host VM): it
 # imports the standard library and its own package's modules (relative imports), nothing
 # else, not even the orchestrator. (The orchestrator may import it.)
-AGENT = ("orchestrator/hostagent.py", "orchestrator/agent/")
+AGENT = ("orchestrator/agent/",)
 WRITE_CALLS = frozenset({"write_text", "write_bytes", "write", "writelines"})
 
 
@@ -168,14 +167,7 @@ def test_every_external_system_stays_in_its_module():
 
 def test_every_owner_named_in_the_table_is_a_module_or_a_planned_one():
     # A typo in the table would silently allow nothing; planned modules are listed here.
-    planned = {
-        "orchestrator/inventory.py",
-        "orchestrator/agent/cmd.py",
-        "orchestrator/agent/ksm.py",
-        "orchestrator/agent/memory.py",
-        "orchestrator/agent/leftovers.py",
-        "orchestrator/report/figures.py",
-    }
+    planned = {"orchestrator/report/figures.py"}
     for rule in (*RULES, SYS_RULE):
         for owner in rule.owners:
             assert (REPO / owner).is_file() or owner in planned, owner
@@ -223,8 +215,8 @@ def test_the_agent_may_import_itself_and_the_stdlib_only(tmp_path: Path):
     agent.mkdir(parents=True)
     (agent / "ksm.py").write_text("import json\nfrom . import fs\nfrom .fs import read_text\n")
     (agent / "cmd.py").write_text("import subprocess\nfrom orchestrator import proc\n")
-    (tmp_path / PACKAGE / "hostagent.py").write_text("import os\nimport yaml\n")
+    (agent / "probe.py").write_text("import os\nimport yaml\n")
     assert agent_violations(tmp_path) == [
         "orchestrator/agent/cmd.py:2: imports orchestrator: the host agent is stdlib-only",
-        "orchestrator/hostagent.py:2: imports yaml: the host agent is stdlib-only",
+        "orchestrator/agent/probe.py:2: imports yaml: the host agent is stdlib-only",
     ]
