@@ -121,6 +121,7 @@ TRIAL_METRICS = {
     "saved_profit_mib": "saved, general_profit (MiB)",
     "saved_sharing_mib": "saved, pages_sharing x page size (MiB)",
     "measured_saving_mib": "saved, attributed to the workload by the runner (MiB)",
+    "scramble_saving_mib": "saved, attributed by the scramble's difference (MiB)",
     "saved_per_guest_mib": "saved per guest, general_profit (MiB)",
     "ksmd_cpu_s": "ksmd CPU (s)",
     "ksmd_cpu_s_per_gib": "ksmd CPU per GiB saved (s/GiB)",
@@ -580,6 +581,23 @@ def _fill_times(guests: pd.DataFrame) -> pd.DataFrame:
     return out.rename_axis("trial_id").reset_index()
 
 
+def attributed_saving(trials: pd.DataFrame) -> pd.Series:
+    """The workload's saving per trial (MiB): counted page by page where the run did
+    (orchestrator.pagecount, column pagecount_saving_mib), else the runner's difference
+    (the scramble's, or the idle baseline's)."""
+    diff = trials["measured_saving_mib"].astype(float)
+    if "pagecount_saving_mib" not in trials:
+        return diff
+    return trials["pagecount_saving_mib"].astype(float).fillna(diff)
+
+
+def saving_methods(trials: pd.DataFrame) -> pd.Series:
+    """How attributed_saving got each trial's figure: "pagemap" or "difference"."""
+    if "saving_method" not in trials:
+        return pd.Series("difference", index=trials.index)
+    return trials["saving_method"].fillna("difference").astype(str)
+
+
 def trial_metrics(run: Run) -> pd.DataFrame:
     """One row per trial (every status) with the metrics of TRIAL_METRICS, in their units.
     Values the runner recorded in trials.parquet win; samples fill what it left empty."""
@@ -605,7 +623,9 @@ def trial_metrics(run: Run) -> pd.DataFrame:
     sharing = pd.to_numeric(run.trials["pages_sharing"], errors="coerce").astype(float)
     tm["saved_sharing_mib"] = sharing * page_bytes / MIB
     tm["ksmd_cpu_s"] = run.trials["ksmd_cpu_s"].astype(float)
-    tm["measured_saving_mib"] = run.trials["measured_saving_mib"].astype(float)
+    tm["measured_saving_mib"] = attributed_saving(run.trials)
+    tm["scramble_saving_mib"] = run.trials["measured_saving_mib"].astype(float)
+    tm["saving_method"] = saving_methods(run.trials)
     tm["mappings_per_ksm_page"] = run.trials["mappings_per_ksm_page"].astype(float)
     if run.ksm is not None and len(run.ksm):
         tm = tm.merge(merge_milestones(run.ksm), on="trial_id", how="left")
@@ -627,6 +647,7 @@ def trial_metrics(run: Run) -> pd.DataFrame:
         "saved_profit_mib",
         "saved_sharing_mib",
         "measured_saving_mib",
+        "scramble_saving_mib",
         "mappings_per_ksm_page",
         "ksmd_cpu_s",
         "fill_s_median",

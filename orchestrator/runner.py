@@ -27,6 +27,7 @@ from orchestrator import (
     images,
     integrity,
     labrun,
+    pagecount,
     plan,
     runlock,
     sampling,
@@ -99,6 +100,8 @@ class TrialResult:
     pre_scramble_saving_mib: float | None = None  # sharing just before the scramble
     attributed: bool = False
     measured_saving_mib: float | None = None
+    pagecount_saving_mib: float | None = None  # orchestrator.pagecount, after the merge
+    saving_method: str | None = None  # "pagemap" when pagecount_saving_mib is measured
     general_profit_mib: float | None = None
     pages_sharing: int | None = None
     pages_shared: int | None = None
@@ -413,6 +416,7 @@ def merge_phases(
     res.settled, res.settle_s = m.settled, m.seconds
     st.event("merge", "settled" if m.settled else "timeout", f"{m.seconds:.1f}s")
     verify(ctx, st, "merge")
+    pagecount.record(ctx.store, trial.trial_id, fl, st.fills, res)
     if m.sample:
         k = m.sample["ksm"]
         res.total_saving_mib = sharing_pages(m.sample) / PAGES_PER_MIB

@@ -34,6 +34,7 @@ TABLES = (
     "latency",
     "phase_deltas",
     "integrity",
+    "workload_pages",  # orchestrator.pagecount: the workload's saving page by page
 )
 FINISHED = ("successful",)
 
