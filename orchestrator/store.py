@@ -36,6 +36,8 @@ TABLES = (
     "integrity",
     "workload_pages",  # orchestrator.pagecount: the workload's saving page by page
 )
+# Written once per run, not per trial (orchestrator.checks): listed with their checksums.
+RUN_TABLES = ("checks", "check_figures")
 FINISHED = ("successful",)
 
 
@@ -156,4 +158,8 @@ class RunStore:
             path = self.root / f"{name}.parquet"
             write_parquet(path, df)
             checksums[path.name] = sha256_file(path)
+        for name in RUN_TABLES:
+            path = self.root / f"{name}.parquet"
+            if path.is_file():
+                checksums[path.name] = sha256_file(path)
         return checksums
