@@ -644,12 +644,15 @@ static void check_mremap_swap(const struct options *o)
 	long swapped = count_swapped(&r);
 	fig_int("swapped_out", swapped);
 	fig_int("merged_resident_after_push", count_merged(&r));
-	fig_int("pswpout_delta", vmstat("pswpout") - out0);
+	/* Absent (not 0) without CONFIG_VM_EVENT_COUNTERS, as in the tinyconfig builds. */
+	if (out0 >= 0)
+		fig_int("pswpout_delta", vmstat("pswpout") - out0);
 	if (o->memcg && memcg_has(o, "memory.limit_in_bytes") && !memcg_has(o, "memory.reclaim"))
 		memcg_write(o, "memory.limit_in_bytes", "-1"); /* before swapping back in */
 	long long copy0 = vmstat("ksm_swpin_copy");
 	long bad = mismatched_pages(&r);
-	fig_int("pswpin_delta", vmstat("pswpin") - in0);
+	if (in0 >= 0)
+		fig_int("pswpin_delta", vmstat("pswpin") - in0);
 	if (copy0 >= 0)
 		fig_int("ksm_swpin_copy_delta", vmstat("ksm_swpin_copy") - copy0);
 	fig_int("mismatched_pages", bad);
