@@ -343,19 +343,57 @@ def run_checks(spec_path: Path, results_dir: Path) -> CheckRun:
     guard = InterruptGuard()
     try:
         with guard.installed():
-            if spec.host.kind == "local":
-                work = str(fs.STATE_DIR / f"checks-{st.run_id}")
-                results += run_on_target(
-                    LocalTarget(), spec, "running", str(dlcheck), work, names,
-                    f"checks-{st.run_id}", guard,
-                )  # fmt: skip
-            else:
-                with lab_context(spec, dlcheck, guard) as ctx:
-                    for kernel in labels(spec.kernels):
-                        results += kernel_or_failures(spec, kernel, names, st, ctx)
+            execute(spec, st, names, dlcheck, guard, results)
     finally:
-        write_results(st, manifest, results)
+        manifest["files"] = write_tables(st, results)
+        record_results(manifest, results)
+        manifest["ended_at"] = store.utc_now()
+        st.write_manifest(manifest)
     return CheckRun(st, results)
+
+
+def run_within(
+    spec: Spec, st: store.RunStore, manifest: dict[str, Any], guard: InterruptGuard
+) -> list[CheckResult]:
+    """The spec's `checks:` as part of `densitylab run`, after its trials: the same
+    tables and lines as `densitylab check` writes, in the run's own directory (the
+    run's finish_run lists them in the manifest's files). Nothing when the spec asks
+    for no checks. A check's FAIL is a result, not the run's failure."""
+    if not spec.checks:
+        return []
+    names = list(spec.checks)
+    manifest["checks"] = names
+    manifest["dlcheck_sha256"] = store.sha256_file(build_dlcheck())
+    results: list[CheckResult] = []
+    try:
+        execute(spec, st, names, CHECKS_DIR / "dlcheck", guard, results)
+    finally:
+        write_tables(st, results)
+        record_results(manifest, results)
+        st.write_manifest(manifest)
+    return results
+
+
+def execute(
+    spec: Spec,
+    st: store.RunStore,
+    names: Sequence[str],
+    dlcheck: Path,
+    guard: InterruptGuard,
+    results: list[CheckResult],
+) -> None:
+    """Every named check on every kernel (this machine's for `host.kind: local`),
+    appended to results as they come (so that an interrupt keeps what ran)."""
+    if spec.host.kind == "local":
+        work = str(fs.STATE_DIR / f"checks-{st.run_id}")
+        results += run_on_target(
+            LocalTarget(), spec, "running", str(dlcheck), work, names,
+            f"checks-{st.run_id}", guard,
+        )  # fmt: skip
+        return
+    with lab_context(spec, dlcheck, guard) as ctx:
+        for kernel in labels(spec.kernels):
+            results += kernel_or_failures(spec, kernel, names, st, ctx)
 
 
 def kernel_or_failures(
@@ -429,9 +467,9 @@ def tables(results: Sequence[CheckResult]) -> dict[str, pd.DataFrame]:
     return {"checks": checks, "check_figures": figures}
 
 
-def write_results(
-    st: store.RunStore, manifest: dict[str, Any], results: Sequence[CheckResult]
-) -> None:
+def write_tables(st: store.RunStore, results: Sequence[CheckResult]) -> dict[str, str]:
+    """checks.parquet, check_figures.parquet and checks/KERNEL.jsonl (dlcheck's lines as
+    printed) in the run directory; returns file name -> sha256 of the tables."""
     files = {}
     for name, df in tables(results).items():
         path = st.root / schema.table(name).file
@@ -442,10 +480,45 @@ def write_results(
         lines = [r.line for r in results if r.kernel == kernel and r.line]
         with store.atomic_path(path) as tmp:
             tmp.write_text("".join(f"{ln}\n" for ln in lines))
-    manifest["files"] = files
-    manifest["results"] = [
+    return files
+
+
+def record_results(manifest: dict[str, Any], results: Sequence[CheckResult]) -> None:
+    manifest["check_results"] = [
         {"kernel": r.kernel, "check": r.check, "status": r.status, "reason": r.reason}
         for r in results
     ]
-    manifest["ended_at"] = store.utc_now()
-    st.write_manifest(manifest)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def read_table(run_dir: Path) -> pd.DataFrame | None:
+    path = run_dir / "checks.parquet"
+    return pd.read_parquet(path) if path.is_file() else None
+
+
+def report_table(run_dirs: Sequence[Path]) -> pd.DataFrame | None:
+    """The report's checks section: checks down, kernels across, each cell the status
+    with its reason and the check's own figures; None when no run has checks.parquet."""
+    rows: dict[str, dict[str, str]] = {}
+    for d in run_dirs:
+        df = read_table(d)
+        if df is None or df.empty:
+            continue
+        figs = d / "check_figures.parquet"
+        f = pd.read_parquet(figs) if figs.is_file() else pd.DataFrame()
+        for r in df.itertuples():
+            own = f[(f["kernel"] == r.kernel) & (f["check"] == r.check)] if len(f) else f
+            shown = [
+                f"{x.figure}={x.value:g}"
+                for x in own.itertuples()
+                if x.figure not in COMMON_FIGURES
+            ][:4]
+            cell = f"{r.status}: {r.reason}" + (f" ({' '.join(shown)})" if shown else "")
+            rows.setdefault(str(r.check), {})[str(r.kernel)] = cell
+    if not rows:
+        return None
+    out = pd.DataFrame.from_dict(rows, orient="index")
+    out.index.name = "check"
+    return out.reset_index()

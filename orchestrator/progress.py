@@ -131,15 +131,19 @@ def summary_table(results: Sequence[TrialResult]) -> Table:
         t.add_column(c, justify="left" if c in ("trial", "status") else "right")
     for r in results:
         err = None
-        if r.measured_saving_mib is not None and r.predicted_saving_mib:
-            err = 100 * (r.measured_saving_mib - r.predicted_saving_mib) / r.predicted_saving_mib
+        # The per-page count where it was measured (orchestrator.pagecount), else the
+        # scramble's difference.
+        saved = r.pagecount_saving_mib
+        saved = r.measured_saving_mib if saved is None else saved
+        if saved is not None and r.predicted_saving_mib:
+            err = 100 * (saved - r.predicted_saving_mib) / r.predicted_saving_mib
         settle = fmt(r.settle_s) + ("" if r.settled else " (timeout)")
         t.add_row(
             r.trial_id,
             r.status,
             str(r.fleet_size),
             fmt(r.pages_sharing, "d") if r.pages_sharing is not None else "-",
-            fmt(r.measured_saving_mib),
+            fmt(saved),
             fmt(r.predicted_saving_mib),
             fmt(err, "+.1f"),
             fmt(r.general_profit_mib),

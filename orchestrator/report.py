@@ -30,7 +30,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from orchestrator import integrity, walkcost
+from orchestrator import abdiff, checks, integrity, walkcost
 from orchestrator.capacity import MODEL_NOTES, CapacityResult
 from orchestrator.errors import UsageError
 from orchestrator.files import atomic_path
@@ -1049,8 +1049,16 @@ def write_report(
         _write_atomic(tables["integrity"], partial(_write_csv, integ))
         latex["integrity"] = out_dir / "integrity.tex"
         _write_atomic(latex["integrity"], partial(_write_latex, integ))
+    # So are the KSM correctness checks (orchestrator.checks), kernel x check.
+    kchecks = checks.report_table([Path(d) for d in run_dirs])
+    if kchecks is not None:
+        tables["checks"] = out_dir / "checks.csv"
+        _write_atomic(tables["checks"], partial(_write_csv, kchecks))
     ctx = _context(a, figures, tables)
     ctx["integrity"] = None if integ is None else view(integ, "integrity.csv")
+    ctx["checks"] = None if kchecks is None else view(kchecks, "checks.csv")
+    ctx["ab_pairs"], pair_warnings = abdiff.report_lines(a.manifests)
+    ctx["warnings"] = [*ctx["warnings"], *pair_warnings]
     for stem, table in _display_views(ctx):
         latex[stem] = out_dir / f"{stem}.tex"
         text = latex_tabular(table.columns, table.rows)

@@ -20,6 +20,8 @@ import pandas as pd
 
 from orchestrator import (
     __version__,
+    abdiff,
+    checks,
     fleet,
     images,
     plan,
@@ -170,7 +172,7 @@ def kernel_records(spec: Spec) -> tuple[list[dict[str, Any]], list[str]]:
         if a["config_sha256"] != b["config_sha256"]:
             diffs.append("configs differ")
         if a.get("tree_sha256") and b.get("tree_sha256"):
-            b["differs_from"] = source_pair_diff(a, b)
+            b["differs_from"] = abdiff.source_pair_diff(a, b)
             if a["tree_sha256"] != b["tree_sha256"]:
                 diffs.append("source trees differ")
         if diffs:
@@ -180,19 +182,6 @@ def kernel_records(spec: Spec) -> tuple[list[dict[str, Any]], list[str]]:
                 "them can move these numbers too"
             )
     return recs, warnings
-
-
-def source_pair_diff(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """What separates two kernels built from source: the change under study, stated."""
-    pa = {p["sha256"]: p["name"] for p in a.get("patches", [])}
-    pb = {p["sha256"]: p["name"] for p in b.get("patches", [])}
-    return {
-        "kernel": a["name"],
-        "patches_added": [n for h, n in pb.items() if h not in pa],
-        "patches_removed": [n for h, n in pa.items() if h not in pb],
-        "same_tree": a["tree_sha256"] == b["tree_sha256"],
-        "same_config": a["config_sha256"] == b["config_sha256"],
-    }
 
 
 def lab_image_record(spec: Spec) -> dict[str, Any]:
@@ -393,6 +382,7 @@ def run_trials(
                 run_on_inventory(ctx, pending, on_result, manifest, outcome, lock)
             else:
                 run_on_one_host(ctx, host_for(ctx), pending, on_result, manifest)
+            checks.run_within(spec, st, manifest, guard)  # the spec's checks:, per kernel
     finally:
         finish_run(st, manifest)
         conn.close()

@@ -431,6 +431,12 @@ class Spec(Strict):
     def _kernels_fit_host(self) -> Spec:
         check_kernel_labels([label_of(k) for k in self.kernels], self.host.kind)
         h = self.host
+        if h.kind == "inventory" and self.checks:
+            raise field_error(
+                "checks",
+                "not yet on host.kind inventory (they run here or in lab VMs: "
+                "`densitylab check` with host.kind labvm)",
+            )
         if h.kind == "inventory" and h.inventory is None:
             raise field_error("host.inventory", "host.kind inventory needs an inventory file")
         if h.kind != "inventory" and h.inventory is not None:

@@ -26,6 +26,8 @@ from orchestrator.files import sha256_file as sha256_file
 from orchestrator.results import schema
 
 TABLES = tuple(schema.RUN_TABLES)  # rebuilt from the trials' parts, in this order
+# Written once per run, not per trial (orchestrator.checks): listed with their checksums.
+ONCE_PER_RUN = ("checks", "check_figures")
 FINISHED = ("successful",)
 
 
@@ -149,4 +151,8 @@ class RunStore:
             path = self.root / schema.table(name).file
             write_table(path, name, df)
             checksums[path.name] = sha256_file(path)
+        for name in ONCE_PER_RUN:
+            path = self.root / f"{name}.parquet"
+            if path.is_file():
+                checksums[path.name] = sha256_file(path)
         return checksums

@@ -55,6 +55,9 @@ class FillResult:
     unique_pages: int
     volatile_pages: int
     vmas: int
+    pages: int = 0
+    dlfill_pid: int | None = None  # in the guest (pagecount follows its pages)
+    region_addr: int | None = None  # guest virtual address of the region
 
 
 def inventory(guests: Sequence[str], uri: str) -> dict[str, Any]:
@@ -168,6 +171,9 @@ def fill_results(events: Sequence[Mapping[str, Any]]) -> list[FillResult]:
                     unique_pages=d["unique_pages"],
                     volatile_pages=d["volatile_pages"],
                     vmas=d["vmas"],
+                    pages=int(d.get("pages", 0)),
+                    dlfill_pid=d.get("pid"),
+                    region_addr=int(d["addr"], 16) if "addr" in d else None,
                 )
             )
     return out

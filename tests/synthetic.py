@@ -538,7 +538,10 @@ def _manifest(syn: Synthetic, trials: list[_Trial], files: dict[str, str]) -> di
 def _per_trial_tables(syn: Synthetic, trials: list[_Trial], rng) -> dict[str, pd.DataFrame]:
     """Every table except latency, concatenated over trials."""
     n_ok = sum(t.status == "successful" for t in trials)
-    parts: dict[str, list[pd.DataFrame]] = {k: [] for k in ALL_TABLES - {"latency"}}
+    # latency and workload_pages (orchestrator.pagecount) are not synthesised
+    parts: dict[str, list[pd.DataFrame]] = {
+        k: [] for k in ALL_TABLES - {"latency", "workload_pages"}
+    }
     for trial in trials:
         t, phase = _sample_times(syn, trial, n_ok)
         ksm = _ksm_table(syn, trial, t, phase, rng)

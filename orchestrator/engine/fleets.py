@@ -8,9 +8,9 @@ import time
 from contextlib import ExitStack
 from typing import Protocol
 
-from orchestrator import fleet, integrity, plan
+from orchestrator import fleet, integrity, pagecount, plan
 from orchestrator.engine.context import RunContext
-from orchestrator.engine.state import TrialState
+from orchestrator.engine.state import TrialResult, TrialState
 from orchestrator.errors import HostError
 from orchestrator.hosts.base import Host, Proc
 from orchestrator.workload import FillResult, PlayError, WorkloadDriver
@@ -26,6 +26,9 @@ class TrialFleet(Protocol):
     def fill(self, stack: ExitStack) -> list[FillResult]: ...
     def verify(self) -> list[integrity.Verification]: ...
     def scramble(self) -> None: ...
+    def count_pages(self, fills: list[FillResult], res: TrialResult) -> None:
+        """The workload's saving page by page, where the fleet's pages can be followed
+        (guests: guest pagemap -> QEMU's RAM mapping -> host pagemap)."""
 
 
 def fleet_for(ctx: RunContext, host: Host, trial: plan.Trial, st: TrialState) -> TrialFleet:
@@ -120,6 +123,10 @@ class GuestFleet:
         assert self.driver is not None
         self.driver.scramble()
 
+    def count_pages(self, fills: list[FillResult], res: TrialResult) -> None:
+        assert self.fl is not None
+        pagecount.record(self.ctx.store, self.trial.trial_id, self.fl, fills, res)
+
 
 class ProcessFleet:
     """fleet.count processes with the guests' fill pattern (named pattern-<i>)."""
@@ -161,3 +168,6 @@ class ProcessFleet:
 
     def scramble(self) -> None:
         self.host.scramble(self.procs)
+
+    def count_pages(self, fills: list[FillResult], res: TrialResult) -> None:
+        pass  # processes' own pages: the merge's total is theirs (no boot leftovers)

@@ -64,6 +64,8 @@ class TrialResult:
     pre_scramble_saving_mib: float | None = None  # sharing just before the scramble
     attributed: bool = False
     measured_saving_mib: float | None = None
+    pagecount_saving_mib: float | None = None  # orchestrator.pagecount, after the merge
+    saving_method: str | None = None  # "pagemap" when pagecount_saving_mib is measured
     general_profit_mib: float | None = None
     pages_sharing: int | None = None
     pages_shared: int | None = None

@@ -153,6 +153,7 @@ class Trial:
         res.settled, res.settle_s = m.settled, m.seconds
         st.event("merge", "settled" if m.settled else "timeout", f"{m.seconds:.1f}s")
         self.verify("merge")
+        fl.count_pages(st.fills, res)
         if m.sample:
             k = m.sample["ksm"]
             res.total_saving_mib = sharing_pages(m.sample) / PAGES_PER_MIB

@@ -91,13 +91,13 @@ TRIALS = Table(
         _cols("trial_id kernel", "str", True),
         _cols("fleet_size", "int", True),
         _cols("status", "str", True),
-        _cols("kernel_release accel reason latency_method latency_notes host", "str"),
+        _cols("kernel_release accel reason latency_method latency_notes host saving_method", "str"),
         _cols("repeat guest_memory_mib workload_mib walks started_ns ended_ns", "int"),
         _cols("pages_sharing pages_shared", "int"),
         _cols("settled baseline_settled attributed", "bool"),
         _cols(
             "settle_s baseline_saving_mib predicted_saving_mib total_saving_mib "
-            "residual_saving_mib pre_scramble_saving_mib measured_saving_mib "
+            "residual_saving_mib pre_scramble_saving_mib measured_saving_mib pagecount_saving_mib "
             "general_profit_mib ksmd_cpu_s mappings_per_ksm_page",
             "float",
         ),
@@ -189,6 +189,16 @@ INTEGRITY = Table(
         (Column("ts_ns", "int"), Column("t_s", "float")),
     ),
 )
+# orchestrator.pagecount: the workload's saving counted page by page, per guest.
+WORKLOAD_PAGES = Table(
+    "workload_pages",
+    _join(
+        _cols("trial_id guest", "str", True),
+        _cols("method", "str"),
+        _cols("pages guest_present host_present ksm_pages zero_pages saving_pages", "int"),
+        _cols("saving_mib", "float"),
+    ),
+)
 # `densitylab check` runs: written at the run's root, not rebuilt from trial parts.
 CHECKS = Table(
     "checks",
@@ -216,12 +226,14 @@ RUN_TABLES: dict[str, Table] = {
         LATENCY,
         PHASE_DELTAS,
         INTEGRITY,
+        WORKLOAD_PAGES,
     )
 }
 CHECK_TABLES: dict[str, Table] = {t.name: t for t in (CHECKS, CHECK_FIGURES)}
 TABLES: dict[str, Table] = RUN_TABLES | CHECK_TABLES
-# The analysis reads these; integrity.parquet is read by orchestrator.integrity.
-ANALYSIS_TABLES = tuple(n for n in RUN_TABLES if n != "integrity")
+# The analysis reads these; integrity.parquet is read by orchestrator.integrity, and
+# workload_pages.parquet is the per-guest detail of trials.pagecount_saving_mib.
+ANALYSIS_TABLES = tuple(n for n in RUN_TABLES if n not in ("integrity", "workload_pages"))
 
 
 def table(name: str) -> Table:

@@ -222,7 +222,7 @@ def test_cache_root_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_source_pair_diff_names_the_patch_under_study() -> None:
-    from orchestrator.runner import source_pair_diff
+    from orchestrator.abdiff import source_pair_diff
 
     p = {"name": "0001-x.patch", "sha256": "a" * 64}
     base = {"name": "base", "tree_sha256": "t", "config_sha256": "c", "patches": []}

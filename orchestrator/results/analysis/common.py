@@ -91,6 +91,7 @@ TRIAL_METRICS = {
     "saved_profit_mib": "saved, general_profit (MiB)",
     "saved_sharing_mib": "saved, pages_sharing x page size (MiB)",
     "measured_saving_mib": "saved, attributed to the workload by the runner (MiB)",
+    "scramble_saving_mib": "saved, attributed by the scramble's difference (MiB)",
     "saved_per_guest_mib": "saved per guest, general_profit (MiB)",
     "ksmd_cpu_s": "ksmd CPU (s)",
     "ksmd_cpu_s_per_gib": "ksmd CPU per GiB saved (s/GiB)",

@@ -112,6 +112,23 @@ def _fill_times(guests: pd.DataFrame) -> pd.DataFrame:
     return out.rename_axis("trial_id").reset_index()
 
 
+def attributed_saving(trials: pd.DataFrame) -> pd.Series:
+    """The workload's saving per trial (MiB): counted page by page where the run did
+    (orchestrator.pagecount, column pagecount_saving_mib), else the runner's difference
+    (the scramble's, or the idle baseline's)."""
+    diff = trials["measured_saving_mib"].astype(float)
+    if "pagecount_saving_mib" not in trials:
+        return diff
+    return trials["pagecount_saving_mib"].astype(float).fillna(diff)
+
+
+def saving_methods(trials: pd.DataFrame) -> pd.Series:
+    """How attributed_saving got each trial's figure: "pagemap" or "difference"."""
+    if "saving_method" not in trials:
+        return pd.Series("difference", index=trials.index)
+    return trials["saving_method"].fillna("difference").astype(str)
+
+
 def trial_metrics(run: Run) -> pd.DataFrame:
     """One row per trial (every status) with the metrics of TRIAL_METRICS, in their units.
     Values the runner recorded in trials.parquet win; samples fill what it left empty."""
@@ -137,7 +154,9 @@ def trial_metrics(run: Run) -> pd.DataFrame:
     sharing = pd.to_numeric(run.trials["pages_sharing"], errors="coerce").astype(float)
     tm["saved_sharing_mib"] = sharing * page_bytes / MIB
     tm["ksmd_cpu_s"] = run.trials["ksmd_cpu_s"].astype(float)
-    tm["measured_saving_mib"] = run.trials["measured_saving_mib"].astype(float)
+    tm["measured_saving_mib"] = attributed_saving(run.trials)
+    tm["scramble_saving_mib"] = run.trials["measured_saving_mib"].astype(float)
+    tm["saving_method"] = saving_methods(run.trials)
     tm["mappings_per_ksm_page"] = run.trials["mappings_per_ksm_page"].astype(float)
     if run.has("ksm"):
         milestones, finals = [], []
@@ -163,6 +182,7 @@ def trial_metrics(run: Run) -> pd.DataFrame:
         "saved_profit_mib",
         "saved_sharing_mib",
         "measured_saving_mib",
+        "scramble_saving_mib",
         "mappings_per_ksm_page",
         "ksmd_cpu_s",
         "fill_s_median",
