@@ -39,7 +39,12 @@ def test_the_status_play_events_give_one_fill_result_per_guest():
         {"event": "runner_on_ok", "event_data": {"host": "g0", "res": {"stdout": SESSION}}},
         {"event": "runner_on_ok", "event_data": {"host": "g1", "res": {"stdout": "waiting"}}},
     ]
-    assert fill_results(events) == [FillResult("g0", 0.002018, 512, 256, 128, 128, 101)]
+    d = dlfill.done_record(SESSION)
+    assert d is not None  # pid and address let orchestrator.pagecount follow the pages
+    expected = FillResult(
+        "g0", 0.002018, 512, 256, 128, 128, 101, 1024, d["pid"], int(d["addr"], 16)
+    )
+    assert fill_results(events) == [expected]
 
 
 def test_a_host_copy_is_done_when_its_output_has_the_line(tmp_path: Path):
