@@ -23,7 +23,7 @@ class LogStatus(logging.Handler):
     on a terminal; elsewhere nothing changes. Warnings still reach the root handlers."""
 
     def __init__(self, console: Console, *loggers: str):
-        super().__init__(logging.INFO)
+        super().__init__()
         self.console = console
         self.names = loggers
         self.status: Any = None
@@ -38,7 +38,7 @@ class LogStatus(logging.Handler):
             logger = logging.getLogger(name)
             self.saved.append((logger, logger.level, logger.propagate))
             logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
-            logger.propagate = False  # INFO goes to the status line, not to stderr
+            logger.propagate = False  # INFO goes to the status line; emit forwards the rest
             logger.addHandler(self)
         return self
 
@@ -52,10 +52,10 @@ class LogStatus(logging.Handler):
             self.status.stop()
 
     def emit(self, record: logging.LogRecord) -> None:
-        if self.status is not None:
+        if self.status is not None and record.levelno >= logging.INFO:
             self.status.update(record.getMessage())
         root = logging.getLogger()
-        if record.levelno >= root.getEffectiveLevel() and record.levelno > logging.INFO:
+        if record.levelno >= root.getEffectiveLevel():  # what the root would have shown
             root.handle(record)
 
 

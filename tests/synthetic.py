@@ -24,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from orchestrator import integrity
+from orchestrator import integrity, store
 from orchestrator.results import schema
 
 PAGE_BYTES = 4096
@@ -484,8 +484,10 @@ def _trial_row(syn: Synthetic, trial: _Trial, ksm: pd.DataFrame | None, rng) -> 
     return row
 
 
-def _write(path: Path, df: pd.DataFrame) -> None:
-    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), path)
+def _write(run_dir: Path, name: str, df: pd.DataFrame) -> None:
+    """Table name, held to the run-directory schema as the run store holds its own."""
+    table = pa.Table.from_pandas(store.conform(name, df), preserve_index=False)
+    pq.write_table(table, run_dir / schema.table(name).file)
 
 
 def _manifest(syn: Synthetic, trials: list[_Trial], files: dict[str, str]) -> dict[str, Any]:
@@ -571,9 +573,9 @@ def make_run(parent: Path, syn: Synthetic | None = None, **overrides: Any) -> Pa
     trials = _plan(syn)
     for name, df in _per_trial_tables(syn, trials, rng).items():
         if name in syn.tables:
-            _write(run_dir / f"{name}.parquet", df)
+            _write(run_dir, name, df)
     if "latency" in syn.tables and syn.latency_samples > 0:
-        _write_latency(run_dir / "latency.parquet", syn, trials, rng)
+        _write_latency(run_dir / schema.LATENCY.file, syn, trials, rng)
     files = {
         p.name: hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(run_dir.glob("*.parquet"))

@@ -77,3 +77,22 @@ def test_an_unreadable_walk_table_names_the_file(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:200])  # truncated after the run was loaded
     with pytest.raises(UsageError, match=str(path)):
         walks.walk_combos(run, _ok(run))
+
+
+def test_walks_without_a_duration_count_nowhere(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run_dir = make_run(tmp_path, latency_samples=3_000)
+    path = run_dir / "latency.parquet"
+    table = pq.read_table(path)
+    dur = table.column("duration_ns").to_numpy().copy()
+    untimed = np.zeros(len(dur), dtype=bool)
+    untimed[::10] = True
+    i = table.schema.get_field_index("duration_ns")
+    pq.write_table(table.set_column(i, "duration_ns", pa.array(dur, mask=untimed)), path)
+    run = an.load_run(run_dir)
+    ok = _ok(run)
+    w = walks.read_walks(run, walks.walk_combos(run, ok))  # type: ignore[arg-type]
+    trial = table.column("trial_id").to_pandas().astype(str).isin(ok).to_numpy()
+    assert w.n == len(w.lat) == int((trial & ~untimed).sum())

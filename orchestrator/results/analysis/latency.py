@@ -86,8 +86,29 @@ def _latency_groups(lat: pd.DataFrame) -> dict[LatencyKey, np.ndarray]:
     """Sorted walk durations (ns) per LatencyKey; one sort serves every quantile, interval
     and ECDF point of the group."""
     dur = lat["duration_ns"].to_numpy()
-    grouped = lat.groupby(LATENCY_KEYS, observed=True, sort=True)
-    return {_key(k): np.sort(dur[idx]) for k, idx in grouped.indices.items()}
+    if not all(isinstance(lat[k].dtype, pd.CategoricalDtype) for k in LATENCY_KEYS):
+        grouped = lat.groupby(LATENCY_KEYS, observed=True, sort=True)
+        return {_key(k): np.sort(dur[idx]) for k, idx in grouped.indices.items()}
+    # Categoricals (as the walk reader gives them): one combined code per row and one
+    # stable radix sort of it, in the order groupby(sort=True) gives, ~10x cheaper.
+    cats = [lat[k].cat.categories for k in LATENCY_KEYS]
+    key = np.zeros(len(lat), dtype=np.int64)
+    known = np.ones(len(lat), dtype=bool)
+    for k, c in zip(LATENCY_KEYS, cats, strict=True):
+        codes = lat[k].cat.codes.to_numpy()
+        known &= codes >= 0  # a missing label: in no row, as groupby drops it
+        key = key * max(len(c), 1) + codes
+    rows = np.flatnonzero(known)
+    order = rows[np.argsort(key[rows], kind="stable")]
+    uniq, start = np.unique(key[order], return_index=True)
+    out = {}
+    for u, lo, hi in zip(uniq, start, [*start[1:], len(order)], strict=True):
+        labels, rest = [], int(u)
+        for c in reversed(cats):
+            labels.append(str(c[rest % max(len(c), 1)]))
+            rest //= max(len(c), 1)
+        out[LatencyKey(*reversed(labels))] = np.sort(dur[order[lo:hi]])
+    return out
 
 
 def _key_row(key: LatencyKey) -> dict[str, Any]:

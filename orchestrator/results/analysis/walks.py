@@ -89,7 +89,8 @@ def _select(part: Part, index: int) -> str:
     )
     cols += [f"{lb} AS lower_bound", '"duration_ns"::BIGINT AS duration_ns', "file_row_number"]
     source = f"read_parquet({_quote(str(part.path))}, file_row_number = true)"
-    return f"SELECT {', '.join(cols)} FROM {source}"
+    # A walk without a duration was not timed: it counts nowhere (neither n nor a sample).
+    return f'SELECT {", ".join(cols)} FROM {source} WHERE "duration_ns" IS NOT NULL'
 
 
 KEY = ", ".join((*STRINGS, *COUNTS))
