@@ -354,23 +354,22 @@ def wait_reachable(t: SshTransport, timeout_s: float, *, not_boot_id: str | None
     raise Unreachable(t.name, f"not back within {timeout_s:.0f}s: {reason}")
 
 
-def ship_agent(t: SshTransport) -> None:
-    """Put the host agent and dlfill on the machine: the one place that says what the
-    agent is (a file today; the lead re-points it at the zipapp)."""
-    from orchestrator import hostagent, images
-
-    t.write(AGENT_PATH, Path(hostagent.__file__).read_bytes(), 0o644)
-    t.write(DLFILL_PATH, images.host_dlfill().read_bytes(), 0o755)
-
-
 def agent_files() -> dict[str, tuple[Path, int]]:
-    """Remote path -> (local file, mode) of what ship_agent copies (for the prepare play)."""
+    """Remote path -> (local file, mode) of what a machine gets: the one place that says
+    what the agent is (a file today; re-point it at the zipapp here). Used by ship_agent
+    and by the prepare play."""
     from orchestrator import hostagent, images
 
     return {
         AGENT_PATH: (Path(hostagent.__file__), 0o644),
         DLFILL_PATH: (images.host_dlfill(), 0o755),
     }
+
+
+def ship_agent(t: SshTransport) -> None:
+    """Put the host agent and dlfill on the machine."""
+    for dest, (src, mode) in agent_files().items():
+        t.write(dest, src.read_bytes(), mode)
 
 
 # ---------------------------------------------------------------- kernels
