@@ -154,7 +154,7 @@ def test_domain_xml_forwards_ssh_only_when_asked(tmp_path: Path) -> None:
     ns = "{http://libvirt.org/schemas/domain/qemu/1.0}"
     args = [a.get("value") for a in ElementTree.fromstring(xml).iter(f"{ns}arg")]
     assert args == ["-netdev", "user,id=dlnet0,restrict=on,hostfwd=tcp:127.0.0.1:40022-:22",
-                    "-device", "virtio-net-pci,netdev=dlnet0"]  # fmt: skip
+                    "-device", "virtio-net-pci,netdev=dlnet0,bus=pci.0,addr=0x1f"]  # fmt: skip
 
 
 def host_facts() -> dict[str, object]:
