@@ -3,6 +3,7 @@ them ready. SSH is inventory.py's; plays are workload.py's (ansible-runner)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -49,8 +50,6 @@ def cpu_model(cpuinfo: str) -> str:
 
 def probe(t: inv.SshTransport) -> tuple[dict[str, Any], str]:
     """The host agent's facts and the CPU model of a machine (the agent is shipped first)."""
-    import json
-
     inv.ship_agent(t)
     facts = json.loads(t.agent("probe", "--no-bpf", timeout_s=CHECK_TIMEOUT_S))
     return facts, cpu_model(t.read("/proc/cpuinfo").decode(errors="replace"))
@@ -103,7 +102,7 @@ def check_all(
     """Every machine's check, in parallel, in inventory order."""
     with tempfile.TemporaryDirectory(prefix="dl-lab-") as tmp:
         kh = known_hosts or Path(tmp) / "known_hosts"
-        with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(machines))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL, len(machines)))) as pool:
             return list(pool.map(lambda m: check_machine(m, kh, spec), machines))
 
 
@@ -183,5 +182,5 @@ def sweep(machines: Sequence[inv.Machine], known_hosts: Path | None = None) -> d
         with inv.SshTransport(m, known_hosts) as t:
             return inv.remove_installed(t)
 
-    with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(machines))) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL, len(machines)))) as pool:
         return dict(zip((m.name for m in machines), pool.map(one, machines), strict=True))
