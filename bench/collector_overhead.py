@@ -63,12 +63,13 @@ def run_pairs(
     pairs: int,
     plain: Callable[[int], tuple[float, int]],
     traced: Callable[[int], tuple[float, int, int]],
+    first: int = 0,
 ) -> list[tuple[Round, Round]]:
     """ABBA order: pair i runs plain-then-traced for even i, traced-then-plain for odd.
     Round n gets its index (the migration direction alternates with it)."""
     out = []
-    n = 0
-    for i in range(pairs):
+    n = 2 * first
+    for i in range(first, first + pairs):
         got: dict[bool, Round] = {}
         for with_collector in (False, True) if i % 2 == 0 else (True, False):
             got[with_collector] = (
@@ -82,6 +83,31 @@ def run_pairs(
             f"with {t.pages_per_s:9.0f} pages/s ({t.seconds:6.2f} s, {t.walks} walks timed)",
             flush=True,
         )
+    return out
+
+
+def run_interleaved(
+    pairs: int,
+    plain: Callable[[int], tuple[float, int]],
+    traced: dict[str, Callable[[int], tuple[float, int, int]]],
+    errors: dict[str, str],
+) -> dict[str, list[tuple[Round, Round]]]:
+    """Pair i of every method before pair i+1 of any, the methods' order rotated each
+    time, each pair ABBA by i: a drift of this shared machine (other work on its two
+    cores slows the TCG lab host) then hits every method alike, not the first measured.
+    A method that fails is dropped with its reason in `errors`."""
+    out: dict[str, list[tuple[Round, Round]]] = {m: [] for m in traced}
+    for i in range(pairs):
+        live = [m for m in traced if m not in errors]
+        for method in live[i % len(live) :] + live[: i % len(live)] if live else []:
+            try:
+                (pair,) = run_pairs(1, plain, traced[method], first=i)
+            except (HostError, RuntimeError) as e:  # say it, measure the other methods
+                errors[method] = str(e)
+                print(f"{method}: no figure: {e}", flush=True)
+                continue
+            out[method].append(pair)
+            print(f"  ^ {method}", flush=True)
     return out
 
 
@@ -239,7 +265,8 @@ def lab_bench(kernel: str, args: argparse.Namespace, ratios: Ratios) -> bool:
                     clean = host.stop_collector(log)
                 if not clean:
                     raise RuntimeError(f"collector did not stop cleanly: {host.read(log)[-500:]}")
-                walks = sum(1 for ln in host.read(out).splitlines() if ln.strip())
+                # Counted in the lab host: reading the file out costs more than the rounds.
+                walks = int(host.run(["/usr/bin/wc", "-l", out]).split()[0])
                 host.run(["/bin/rm", "-f", out, log])
                 return seconds, pages, walks
 
@@ -247,16 +274,11 @@ def lab_bench(kernel: str, args: argparse.Namespace, ratios: Ratios) -> bool:
 
         methods = lab_methods(host, args.method)
         print(f"{kernel}: methods, cheapest exact first: {', '.join(methods)}", flush=True)
+        errors: dict[str, str] = {}
+        results = run_interleaved(args.pairs, migrate, {m: traced_with(m) for m in methods}, errors)
         for method in methods:
-            print(f"\n{kernel}: {method} collector", flush=True)
-            try:
-                results = run_pairs(args.pairs, migrate, traced_with(method))
-            except (HostError, RuntimeError) as e:  # say it, measure the other methods
-                print(f"{kernel}: {method}: no figure: {e}", flush=True)
-                ratios[(kernel, method)] = None
-                continue
             label = f"kernel {kernel} ({release}), {method} collector, {args.vmas} VMAs"
-            ratios[(kernel, method)] = summarize(label, results)
+            ratios[(kernel, method)] = summarize(label, results[method])
         return all(r is not None for r in ratios.values())
 
 
