@@ -18,7 +18,7 @@ import pandas as pd
 from orchestrator import agentship, dlfill, images, integrity
 from orchestrator.attribution import Window
 from orchestrator.errors import HostError
-from orchestrator.hosts.base import EventFn, Proc
+from orchestrator.hosts.base import EventFn, Proc, ProcKind
 from orchestrator.integrity import Verification
 from orchestrator.spec import HostWorkload, Migrate, Reclaim, Workload
 
@@ -167,7 +167,9 @@ class AgentHost:
 
     # -------------------------------------------------------------- workloads
 
-    def spawn(self, name: str, argv: list[str], stack: ExitStack, kind: Any, pattern: str) -> Proc:
+    def spawn(
+        self, name: str, argv: list[str], stack: ExitStack, kind: ProcKind, pattern: str
+    ) -> Proc:
         """Start argv detached in a memory cgroup of its own (so reclaim can act on one
         workload at a time), its memory on node 0 (so 0 -> 1 moves every page)."""
         cgroup = f"densitylab-{self.tag}-{name}"

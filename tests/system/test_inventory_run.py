@@ -14,9 +14,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from orchestrator import fleet, labimage, labvms, runner
+from orchestrator import fleet, labvms, runner
 from orchestrator import inventory as inv
 from orchestrator.errors import HostError
+from tests.labvmset import lab_vms
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -61,23 +62,8 @@ def leftovers(m: inv.Machine, tag: str) -> list[str]:
 
 @pytest.fixture()
 def vms(lab: None, tmp_path: Path) -> Iterator[labvms.LabVms]:
-    try:
-        image = labimage.find_lab_image()
-    except HostError as e:
-        pytest.skip(str(e))
-    if len(image.kernels) < 2:
-        pytest.skip("the lab image has fewer than two kernels")
-    started = labvms.start(tmp_path / "vms")
-    print(f"\nlab VMs: {len(started.names)} up in {started.boot_s:.1f} s")
-    try:
+    with lab_vms(tmp_path / "vms") as started:
         yield started
-    finally:
-        labvms.stop(tmp_path / "vms")
-        conn = fleet.connect()
-        try:
-            assert fleet.tagged_domains(conn, started.run_id) == []
-        finally:
-            conn.close()
 
 
 def test_trials_spread_over_two_machines_with_kexec(vms: labvms.LabVms, tmp_path: Path) -> None:

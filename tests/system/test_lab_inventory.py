@@ -15,51 +15,17 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import cli, fleet, lab, labimage, labvms
+from orchestrator import cli, lab, labimage, labvms
 from orchestrator import inventory as inv
-from orchestrator.errors import HostError
+from tests.labvmset import lab_vms
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
 
-def ssh_processes() -> list[str]:
-    """Command lines of ssh processes using one of our private control folders."""
-    found = []
-    for p in Path("/proc").iterdir():
-        try:
-            argv = (p / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and argv[0].endswith(b"ssh") and any(b"dl-ssh-" in a for a in argv):
-            found.append(b" ".join(argv).decode(errors="replace"))
-    return found
-
-
 @pytest.fixture(scope="module")
 def vms(lab: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[labvms.LabVms]:
-    try:
-        image = labimage.find_lab_image()
-    except HostError as e:
-        pytest.skip(str(e))
-    if len(image.kernels) < 2:
-        pytest.skip("the lab image has fewer than two kernels")
-    directory = tmp_path_factory.mktemp("lab-vms")
-    started = labvms.start(directory)
-    print(f"\nlab VMs: {len(started.names)} up in {started.boot_s:.1f} s")
-    try:
+    with lab_vms(tmp_path_factory.mktemp("lab-vms")) as started:
         yield started
-    finally:
-        labvms.stop(directory)
-        # nothing left here: no domain, no QEMU of ours, no SSH master
-        conn = fleet.connect()
-        try:
-            assert fleet.tagged_domains(conn, started.run_id) == []
-        finally:
-            conn.close()
-        qemus = subprocess.run(["pgrep", "-f", started.run_id], capture_output=True, text=True)
-        assert qemus.stdout.strip() == "", f"QEMU left: {qemus.stdout}"
-        assert ssh_processes() == []
-        assert not (fleet.OVERLAY_ROOT / started.run_id).exists()
 
 
 @pytest.fixture(scope="module")

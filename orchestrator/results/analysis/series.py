@@ -9,19 +9,13 @@ import pyarrow.parquet as pq
 
 from orchestrator.results.analysis.common import MIB
 from orchestrator.results.analysis.load import Run
-from orchestrator.results.analysis.metrics import _ksm_frame, successful
+from orchestrator.results.analysis.metrics import KSM_METRIC_COLUMNS, _ksm_frame, successful
 
 __all__ = ["TIMELINE_COLUMNS", "guest_table", "ksm_timeline", "run_timeline"]
 
 
-TIMELINE_COLUMNS = (
-    "trial_id",
-    "phase",
-    "t_s",
-    "pages_sharing",
-    "general_profit_bytes",
-    "ksmd_cpu_s",
-)
+# The timeline reads the KSM columns the per-trial metrics read.
+TIMELINE_COLUMNS = KSM_METRIC_COLUMNS
 
 
 def run_timeline(run: Run, tm: pd.DataFrame, page_bytes: int, bins: int = 240) -> pd.DataFrame:
