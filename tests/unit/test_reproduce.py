@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from orchestrator import analysis, cli, reproduce
+from orchestrator import cli, reproduce
+from orchestrator.results import analysis
 from orchestrator.errors import UsageError
 from orchestrator.spec import load_spec
 from tests.conftest import DATA, REPO
