@@ -210,14 +210,25 @@ def check_table(results: list[Any]) -> Table:
     return t
 
 
+PatternOpt = Annotated[str, typer.Option("--pattern", help="Ansible host pattern")]
+
+
 @app.command()
 def clean(
     run_id: Annotated[list[str] | None, typer.Argument(help="only these runs (exact ids)")] = None,
     force: Annotated[bool, typer.Option(help="clean runs whose owner is still alive too")] = False,
+    inventory: Annotated[
+        Path | None, typer.Option(help="clean the machines of this Ansible inventory instead")
+    ] = None,
+    pattern: PatternOpt = "all",
 ) -> None:
     """Remove what killed runs left: domains, overlays, KSM settings, samplers, swap,
-    probes, cgroups. Runs whose owner is alive are skipped unless --force."""
+    probes, cgroups. Runs whose owner is alive are skipped unless --force. With
+    --inventory: the same on every machine (`lab clean`)."""
     from orchestrator import cleanup
+
+    if inventory is not None:
+        clean_machines(inventory, pattern)
 
     try:
         report = cleanup.clean(run_id or None, force=force)
@@ -395,7 +406,6 @@ lab_app = typer.Typer(no_args_is_help=True, help="Real lab machines from an Ansi
 app.add_typer(lab_app, name="lab")
 lab_vms_app = typer.Typer(no_args_is_help=True, help="Lab-host VMs on loopback SSH ports.")
 lab_app.add_typer(lab_vms_app, name="vms")
-PatternOpt = Annotated[str, typer.Option("--pattern", help="Ansible host pattern")]
 
 
 @lab_app.command("check")
@@ -458,16 +468,26 @@ def lab_prepare(
 
 @lab_app.command("clean")
 def lab_clean(inventory: Path, pattern: PatternOpt = "all") -> None:
-    """Purge the packages densitylab installed on the machines (never one they had)."""
+    """Remove what killed runs left on the machines (processes, cgroups, probes, swap,
+    KSM knobs) and the packages densitylab installed (never one they had); a machine a
+    live run holds keeps that run's state."""
+    clean_machines(inventory, pattern)
+
+
+def clean_machines(inventory: Path, pattern: str) -> None:
     from orchestrator import inventory as inv
     from orchestrator import lab
 
     try:
-        removed = lab.sweep(inv.load_inventory(inventory, pattern))
+        swept = lab.sweep(inv.load_inventory(inventory, pattern))
     except DensitylabError as e:
         fail(e)
-    for name, pkgs in sorted(removed.items()):
-        out.print(f"{name}: removed {', '.join(pkgs) or 'nothing'}", markup=False)
+    for name, r in sorted(swept.items()):
+        held = f" (held by live run {r.kept_for}: its state left alone)" if r.kept_for else ""
+        out.print(f"{name}: removed {', '.join(r.removed) or 'nothing'}{held}", markup=False)
+        for line in [*r.errors, *([r.note] if r.note else [])]:
+            out.print(f"{name}: {line}", markup=False)
+    raise typer.Exit(1 if any(r.errors for r in swept.values()) else 0)
 
 
 @lab_vms_app.command("start")

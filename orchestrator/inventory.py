@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from orchestrator import agentship, proc
-from orchestrator.errors import CommandError, HostError, UsageError, shown
+from orchestrator.errors import CommandError, HostBusy, HostError, UsageError, shown
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +374,48 @@ def agent_files() -> dict[str, tuple[Path, int]]:
 # ---------------------------------------------------------------- kernels
 
 
+class MachineHold:
+    """This run's claim on a machine: the agent's `hold` kept running over its own SSH
+    session. The lock on the machine lives as long as that session, so a killed run
+    frees the machine by itself, and another run (or `clean --inventory`) sees who
+    has it. A kernel switch ends the session; take() again once the machine is back."""
+
+    def __init__(self, t: SshTransport, run_id: str):
+        self.t = t
+        self.run_id = run_id
+        self.session: proc.Popen[bytes] | None = None  # while held
+
+    def take(self, timeout_s: float = 60) -> None:
+        """Raises HostBusy naming the run that has the machine, or Unreachable."""
+        self.release()
+        argv = ["/usr/bin/python3", AGENT_PATH, "hold", "--run-id", self.run_id]
+        argv += ["--controller", f"{os.uname().nodename} pid {os.getpid()}"]
+        session = proc.start_session(self.t.ssh_argv(argv))
+        line = proc.first_line(session, timeout_s)
+        try:
+            answer = json.loads(line or b"{}")
+        except ValueError:
+            answer = {}
+        if answer.get("held") == self.run_id:
+            self.session = session
+            return
+        proc.end_session(session)
+        if "busy" in answer:
+            held = answer["busy"]
+            raise HostBusy(
+                self.run_id,
+                f"run {held.get('run_id', '?')} (from {held.get('controller', '?')})",
+                f"{self.t.name} is held by another run",
+            )
+        raise Unreachable(self.t.name, f"hold: no answer in {timeout_s:.0f} s")
+
+    def release(self) -> None:
+        """Close the session's stdin: the agent lets go and exits."""
+        if self.session is not None:
+            session, self.session = self.session, None
+            proc.end_session(session)
+
+
 def kexec_cmdline(proc_cmdline: str) -> str:
     """The running kernel's command line for the next kernel, without the tokens the
     boot loader added (BOOT_IMAGE, initrd=): kexec passes its own initrd."""
@@ -407,6 +449,14 @@ def uses_systemd(t: SshTransport) -> bool:
     return t.run(["cat", "/proc/1/comm"]).strip() == "systemd"
 
 
+def detach(t: SshTransport, command: str) -> None:
+    """Run command a second after this SSH call returns. Its stdio goes to /dev/null:
+    a detached child holding the session's pipes would keep the call open until the old
+    kernel dies, and the switch would be timed from then."""
+    later = shlex.quote(f"sleep 1; {command}")
+    t.run(["sh", "-c", f"setsid -f sh -c {later} </dev/null >/dev/null 2>&1"])
+
+
 def start_kexec(t: SshTransport, release: str) -> None:
     """Load the kernel and start it, detached: the SSH command returns before the old
     kernel goes. systemd machines stop their services first (`systemctl kexec`)."""
@@ -414,7 +464,7 @@ def start_kexec(t: SshTransport, release: str) -> None:
     cmdline = kexec_cmdline(t.run(["cat", "/proc/cmdline"]))
     t.run(kexec_argv(vmlinuz, initrd, cmdline))
     go = "systemctl kexec" if uses_systemd(t) else "sync; kexec -e"
-    t.run(["setsid", "-f", "sh", "-c", f"sleep 1; {go}"])
+    detach(t, go)
 
 
 def grub_entry(grub_cfg: str, release: str) -> str:
@@ -438,7 +488,7 @@ def start_reboot(t: SshTransport, release: str) -> None:
     entry = grub_entry(t.read("/boot/grub/grub.cfg").decode(errors="replace"), release)
     t.run(["grub-reboot", entry])
     go = "systemctl reboot" if uses_systemd(t) else "sync; reboot -f"
-    t.run(["setsid", "-f", "sh", "-c", f"sleep 1; {go}"])
+    detach(t, go)
 
 
 def switch_kernel(
@@ -530,11 +580,14 @@ def _append_record(t: SshTransport, record: InstallRecord) -> None:
     t.write(INSTALLED_RECORD, blob, 0o644)
 
 
-def remove_installed(t: SshTransport, run_id: str | None = None) -> list[str]:
-    """Purge what densitylab installed (one run's, or every run's), never the running
-    kernel's packages; returns the packages removed. Raises RemoteError from apt."""
+def remove_installed(
+    t: SshTransport, run_id: str | None = None, spare: str | None = None
+) -> list[str]:
+    """Purge what densitylab installed (one run's, or every run's but spare's: the live
+    holder's), never the running kernel's packages; returns the packages removed.
+    Raises RemoteError from apt."""
     records = recorded(t)
-    mine = [r for r in records if run_id is None or r.run_id == run_id]
+    mine = [r for r in records if (run_id is None or r.run_id == run_id) and r.run_id != spare]
     running = t.run(["uname", "-r"]).strip()
     doomed = sorted({p for r in mine for p in r.packages if running not in p})
     present = installed_packages(t)
@@ -546,6 +599,22 @@ def remove_installed(t: SshTransport, run_id: str | None = None) -> list[str]:
     blob = json.dumps([r.__dict__ for r in kept], indent=1, default=list).encode()
     t.write(INSTALLED_RECORD, blob, 0o644)
     return doomed
+
+
+def sweep_run_state(t: SshTransport) -> tuple[str | None, list[str], list[str]]:
+    """The agent's `clean` on the machine: what killed runs left there (processes,
+    cgroups, probes, swap, KSM knobs, trial files), sparing the run that holds it.
+    Returns (live holder or None, removed, errors)."""
+    ship_agent(t)  # `clean` is a command of this version's agent
+    answer = json.loads(t.agent("clean", timeout_s=300))
+    return answer["kept_for"], list(answer["removed"]), list(answer["errors"])
+
+
+def on_installed_kernel(t: SshTransport) -> str | None:
+    """The run that installed the running kernel, when a killed run left the machine on
+    one of its kernels (a reboot returns to the default entry, never changed)."""
+    running = t.run(["uname", "-r"]).strip()
+    return next((r.run_id for r in recorded(t) if any(running in p for p in r.packages)), None)
 
 
 # ---------------------------------------------------------------- many machines

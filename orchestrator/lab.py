@@ -174,13 +174,34 @@ def prepare(
     return PrepareResult(workload.play_stats(events), (time.monotonic_ns() - t0_ns) / 1e9)
 
 
-def sweep(machines: Sequence[inv.Machine], known_hosts: Path | None = None) -> dict[str, list[str]]:
-    """`clean --inventory`: purge every package densitylab recorded installing on each
-    machine (never one it had before, never the running kernel's). machine -> removed."""
+@dataclass
+class SweepResult:
+    """What `lab clean` did on one machine."""
 
-    def one(m: inv.Machine) -> list[str]:
+    removed: list[str]
+    errors: list[str]
+    kept_for: str | None  # the run holding the machine now: its state was left alone
+    note: str | None = None
+
+
+def sweep(
+    machines: Sequence[inv.Machine], known_hosts: Path | None = None
+) -> dict[str, SweepResult]:
+    """`clean --inventory`: on each machine, stop and remove what killed runs left (the
+    agent's clean), then purge every package densitylab recorded installing (never one
+    the machine had before, never the running kernel's, never the live run's)."""
+
+    def one(m: inv.Machine) -> SweepResult:
         with inv.SshTransport(m, known_hosts) as t:
-            return inv.remove_installed(t)
+            keep, removed, errors = inv.sweep_run_state(t)
+            removed += [f"package {p}" for p in inv.remove_installed(t, spare=keep)]
+            stuck = None if keep else inv.on_installed_kernel(t)
+            note = (
+                f"runs a kernel run {stuck} installed; reboot it to return to its default entry"
+                if stuck
+                else None
+            )
+            return SweepResult(removed, errors, keep, note)
 
     with ThreadPoolExecutor(max_workers=max(1, min(MAX_PARALLEL, len(machines)))) as pool:
         return dict(zip((m.name for m in machines), pool.map(one, machines), strict=True))

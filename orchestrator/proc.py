@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import select
 import signal
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
@@ -102,3 +104,33 @@ def stop_group(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> int | Non
         return proc.wait(timeout=grace_s)
     except ProcessLookupError:
         return proc.wait(timeout=grace_s)
+
+
+def start_session(argv: Sequence[str]) -> subprocess.Popen[bytes]:
+    """A command that lives as long as we keep its stdin open (a remote lock held over
+    SSH): its own process group, stdout piped for its answer, stderr dropped."""
+    return subprocess.Popen(
+        list(argv),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def first_line(session: subprocess.Popen[bytes], timeout_s: float) -> bytes:
+    """The session's first line of output, or b"" when none came in time."""
+    assert session.stdout is not None
+    ready, _, _ = select.select([session.stdout], [], [], timeout_s)
+    return session.stdout.readline() if ready else b""
+
+
+def end_session(session: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
+    """Close the session's stdin (it should exit by itself), then stop_group if it lingers."""
+    with contextlib.suppress(OSError):
+        assert session.stdin is not None
+        session.stdin.close()
+    try:
+        session.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        stop_group(session)

@@ -6,15 +6,17 @@ manifest records versions, kernels, images and every trial's outcome.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import os
+import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -32,7 +34,7 @@ from orchestrator.agent import fs, leftovers, sample
 from orchestrator.engine.context import RunContext
 from orchestrator.engine.state import Progress, QuietProgress, TrialResult
 from orchestrator.engine.trial import run_trial
-from orchestrator.errors import DensitylabError, HostError, UsageError
+from orchestrator.errors import DensitylabError, HostBusy, HostError, UsageError
 from orchestrator.hosts.base import Host
 from orchestrator.hosts.labvm import LabVmHost
 from orchestrator.hosts.local import LocalHost, ksm_saved_path
@@ -40,6 +42,9 @@ from orchestrator.interrupts import InterruptGuard
 from orchestrator.kernelspec import label_of, labels
 from orchestrator.manifest import load_manifest
 from orchestrator.spec import Spec, check_fits_host, load_spec
+
+if TYPE_CHECKING:
+    from orchestrator.hosts.inventory import InventoryHost
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +337,12 @@ def run_experiment(
             if resumed is not None
             else new_manifest(spec_path, raw, sha, spec, facts, image, st.run_id, domain_type)
         )
-        return run_trials(spec, spec_path, st, manifest, image, facts, domain_type, progress)
+        try:
+            return run_trials(spec, spec_path, st, manifest, image, facts, domain_type, progress)
+        except HostBusy:
+            if resumed is None:  # refused before any trial: leave nothing behind
+                shutil.rmtree(st.root, ignore_errors=True)
+            raise
 
 
 def host_for(ctx: RunContext) -> Host:
@@ -449,6 +459,7 @@ def run_on_inventory(
     known_hosts = st.root / "ssh" / "known_hosts"
     hosts = [InventoryHost(m, spec, st.run_id, known_hosts) for m in machines]
     ctx.progress = LockedProgress(ctx.progress)
+    claim_machines(hosts)
 
     def event(name: str, detail: str) -> None:
         log.warning("%s: %s", name, detail)
@@ -480,6 +491,27 @@ def run_on_inventory(
     if hygiene:
         manifest.setdefault("warnings", []).append(hygiene)
         log.warning("%s", hygiene)
+
+
+def claim_machines(hosts: Sequence[InventoryHost]) -> None:
+    """Hold every machine for this run before any trial starts; HostBusy (exit 2, the
+    run's folder removed) when another run holds one. A machine that does not answer is
+    left to the pool, which drains it."""
+    claimed = []
+    try:
+        for h in hosts:
+            try:
+                h.claim()
+                claimed.append(h)
+            except HostBusy:
+                raise
+            except DensitylabError as e:
+                log.warning("%s: not claimed now: %s", h.machine.name, e)
+    except HostBusy:
+        for h in [*claimed, *hosts]:
+            with contextlib.suppress(DensitylabError):
+                h.close()
+        raise
 
 
 def set_aside(st: store.RunStore, trial_id: str) -> None:

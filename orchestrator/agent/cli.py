@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import ksm, memory, probe, procs, sample, trace
+from . import hold, ksm, leftovers, memory, probe, procs, sample, trace
 from .fs import PROC, AgentError, read_text
 
 # One argument: its flags and argparse keywords.
@@ -122,6 +122,18 @@ def do_move_pages(a: argparse.Namespace) -> int:
     return 0
 
 
+def do_hold(a: argparse.Namespace) -> int:
+    return hold.hold(a.run_id, a.controller)
+
+
+def do_clean(a: argparse.Namespace) -> int:
+    """Sweep what runs left here, except the live holder's; one JSON line."""
+    keep = hold.holder()
+    removed, errors = leftovers.sweep_machine(keep)
+    print(json.dumps({"kept_for": keep, "removed": removed, "errors": errors}))
+    return 0
+
+
 PARENT_PID = arg("--parent-pid", type=int, help="stop when this process is gone")
 SAVED = arg("--saved", type=Path, required=True)
 CGROUP = arg("--cgroup", required=True)
@@ -211,6 +223,12 @@ COMMANDS: dict[str, Command] = {
         "make a memory cgroup of ours, print its path", do_cgroup_create, [CGROUP]
     ),
     "ksm-restore": Command("restore KSM knobs saved by ksm-apply", do_ksm_restore, [SAVED]),
+    "hold": Command(
+        "hold this machine for a run until stdin closes (exit 3: another run has it)",
+        do_hold,
+        [arg("--run-id", required=True), arg("--controller", default="?")],
+    ),
+    "clean": Command("remove what killed runs left here (not the live holder's)", do_clean),
 }
 
 

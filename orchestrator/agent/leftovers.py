@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from .trace import (
     remove_trace_instance,
     tracefs,
 )
+
+# A run's tag: its id with '_' for '-' (e.g. 20261202_101500_demo_ab12).
+TAG_RE = re.compile(r"^\d{8}_\d{6}_\w+$")
 
 
 def state_files(kind: str, state_dir: Path = STATE_DIR) -> dict[str, Path]:
@@ -167,3 +171,65 @@ def unmount_our_tracefs(state_dir: Path = STATE_DIR) -> tuple[list[str], list[st
     except cmd.AgentCommandError as e:
         return [], [str(e)]
     return [f"tracefs mount {mnt}"], []
+
+
+# ---------------------------------------------------------------- a lab machine's sweep
+
+
+def work_dirs(state_dir: Path = STATE_DIR) -> dict[str, Path]:
+    """Run tag -> the folder of a run's trial files on a machine (samplers, collectors
+    and workloads write their pidfiles there). Tags are run ids with '_' for '-'."""
+    if not state_dir.is_dir():
+        return {}
+    return {d.name: d for d in sorted(state_dir.iterdir()) if d.is_dir() and TAG_RE.match(d.name)}
+
+
+def stop_pidfiles(work: Path) -> list[str]:
+    """SIGTERM every process a run's pidfiles name (agent spawn writes them)."""
+    stopped = []
+    for pidfile in sorted(work.rglob("*.pid")):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text().split()[0])
+            kill_pid(pid)
+            stopped.append(f"process {pid} ({pidfile.name})")
+    return stopped
+
+
+def sweep_machine(keep: str | None, state_dir: Path = STATE_DIR) -> tuple[list[str], list[str]]:
+    """What `clean --inventory` does on each machine: everything densitylab runs left
+    here (processes, cgroups, probes, swap, KSM knobs, trial files), except what the run
+    `keep` (the machine's live holder) has. Oldest KSM save restored last: it stays."""
+    keep_tag = keep.replace("-", "_") if keep else None
+    removed: list[str] = []
+    errors: list[str] = []
+    for tag, work in work_dirs(state_dir).items():
+        if tag != keep_tag:
+            removed += stop_pidfiles(work)
+            shutil.rmtree(work, ignore_errors=True)
+            removed.append(f"trial files {work}")
+    for root in (Path("/sys/fs/cgroup/memory"), cgroup2_root(read_text(PROC / "self" / "mounts"))):
+        for cg in sorted(root.glob("densitylab-*")) if root and root.exists() else []:
+            owner = cg.name.removeprefix("densitylab-")
+            if keep and (owner == keep or owner.startswith(f"{keep_tag}-")):
+                continue
+            for pid in read_text(cg / "cgroup.procs").split():
+                kill_pid(int(pid))
+            try:
+                memcg_remove(cg)
+                removed.append(f"cgroup {cg}")
+            except AgentError as err:
+                errors.append(str(err))
+    runs = {r for kind in ("ksm", "swap", "offline") for r in state_files(kind, state_dir)}
+    for run_id in sorted(runs - {keep}, reverse=True):
+        for step in (clean_ksm, clean_swap, clean_offline):
+            r, e = step(run_id, state_dir)
+            removed += r
+            errors += e
+    r, e = clean_tracing(state_dir, run_ids=[], tags=trace_tags(state_dir) - {keep_tag})
+    removed += r
+    errors += e
+    if keep is None:
+        r, e = unmount_our_tracefs(state_dir)
+        removed += r
+        errors += e
+    return removed, errors

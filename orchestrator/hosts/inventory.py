@@ -49,12 +49,22 @@ class InventoryHost(AgentHost):
         self.release: str | None = None  # what it runs now
         self.kernels_run: dict[str, int] = {}  # label -> trials run here
         self.hardware: dict[str, object] = {}
+        self.hold: inv.MachineHold | None = None
 
     def connect(self) -> inv.SshTransport:
         if self.ssh is None:
             self.ssh = inv.SshTransport(self.machine, self.known_hosts)
             self.release = self.first_release = self.ssh.run(["uname", "-r"]).strip()
+            self.hold = inv.MachineHold(self.ssh, self.run_id)
         return self.ssh
+
+    def claim(self) -> None:
+        """Hold the machine for this run (the agent shipped first: `hold` is its command).
+        HostBusy when another run holds it."""
+        t = self.connect()
+        inv.ship_agent(t)
+        assert self.hold is not None
+        self.hold.take()
 
     def open(self, kernel: str, stack: ExitStack, trial_dir: Path) -> list[tuple[str, str]]:
         self.reset()
@@ -75,11 +85,12 @@ class InventoryHost(AgentHost):
                     f"in {seconds:.1f} s",
                 )
             )
+        if self.hold is None or self.hold.session is None:  # a switch ended the old one
+            self.claim()
         notes.append(("machine", f"{self.machine.name} runs {release}"))
         self.kernels_run[kernel] = self.kernels_run.get(kernel, 0) + 1
         # The trial's own folder: a machine serves many trials, and `clean` finds ours.
         self.work = f"{WORK}/{self.tag}/{trial_dir.name}"
-        inv.ship_agent(t)
         t.run(["/bin/mkdir", "-p", self.work])
         stack.callback(t.run, ["/bin/rm", "-rf", self.work])
         return notes
@@ -139,6 +150,8 @@ class InventoryHost(AgentHost):
                 done.append(f"{self.machine.name}: back on {self.first_release} in {s:.1f} s")
             self.ssh.run(["/bin/rm", "-rf", f"{WORK}/{self.tag}"])
         finally:
+            if self.hold is not None:
+                self.hold.release()
             self.ssh.close()
             self.ssh = None
         return done

@@ -17,6 +17,7 @@ import pytest
 
 from orchestrator import cli, lab, labimage, labvms
 from orchestrator import inventory as inv
+from orchestrator.errors import HostBusy
 from tests.labvmset import lab_vms
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
@@ -136,3 +137,49 @@ def test_install_records_only_what_it_added(machines: list[inv.Machine], tmp_pat
         assert "densitylab-test-dummy" not in inv.installed_packages(t)
         assert "kexec-tools" in inv.installed_packages(t)  # it was there before: kept
         assert inv.recorded(t) == []
+
+
+def leave_workload(t: inv.SshTransport, run_id: str) -> tuple[str, str]:
+    """What a killed run leaves on a machine: its trial folder with a workload running
+    in a cgroup of its own (started by the agent, as a trial does). (folder, pid)."""
+    tag = run_id.replace("-", "_")
+    work = f"/run/densitylab/{tag}/t0"
+    t.run(["mkdir", "-p", work])
+    t.agent("spawn", "--out", f"{work}/w.out", "--pidfile", f"{work}/w.pid",
+            "--cgroup", f"densitylab-{tag}-w", "--", "sleep", "600")  # fmt: skip
+    return work, t.run(["cat", f"{work}/w.pid"]).strip()
+
+
+def test_a_held_machine_is_refused_and_clean_spares_its_holder(
+    machines: list[inv.Machine],
+) -> None:
+    live, dead, other = (f"20261202-00000{i}-hold-{i}{i}{i}{i}" for i in range(3))
+    m = machines[0]
+    with inv.SshTransport(m) as t, inv.SshTransport(m) as t2:
+        inv.ship_agent(t)
+        held = inv.MachineHold(t, live)
+        held.take()
+        try:
+            with pytest.raises(HostBusy, match=f"{m.name} is held by another run: run {live}"):
+                inv.MachineHold(t2, other).take()
+            live_dir, live_pid = leave_workload(t, live)
+            dead_dir, dead_pid = leave_workload(t, dead)
+            swept = lab.sweep([m])[m.name]
+            assert swept.kept_for == live and swept.errors == []
+            assert f"trial files /run/densitylab/{dead.replace('-', '_')}" in swept.removed
+            assert not any(live.replace("-", "_") in r for r in swept.removed)
+            assert t.run(["ls", "/proc"]).split().count(live_pid) == 1
+            assert dead_pid not in t.run(["ls", "/proc"]).split()
+            assert t.run(["ls", "-d", live_dir]).strip() == live_dir
+            with pytest.raises(inv.RemoteError):
+                t.run(["ls", "-d", dead_dir])
+        finally:
+            held.release()
+        # Released: the next clean takes the rest, and another run may hold the machine.
+        swept = lab.sweep([m])[m.name]
+        assert swept.kept_for is None and swept.errors == []
+        assert live_pid not in t.run(["ls", "/proc"]).split()
+        assert "densitylab-" not in t.run(["ls", "/sys/fs/cgroup"])
+        other_hold = inv.MachineHold(t2, other)
+        other_hold.take()
+        other_hold.release()
