@@ -105,9 +105,15 @@ def doctor(
 
 
 @app.command()
-def plan(spec: Path) -> None:
+def plan(
+    spec: Path,
+    results: Annotated[
+        Path, typer.Option(help="earlier runs of the spec here refine the estimate")
+    ] = Path("results"),
+) -> None:
     """Print the expanded trial matrix and an estimated duration; touches nothing."""
     from orchestrator import plan as planmod
+    from orchestrator.results.history import spec_history
     from orchestrator.spec import load_spec
 
     try:
@@ -115,18 +121,18 @@ def plan(spec: Path) -> None:
         trials = planmod.expand(s)
     except DensitylabError as e:
         fail(e)
+    est = planmod.estimate(s, trials, spec_history(results, s.name))
     t = Table(title=f"{s.name} ({len(trials)} trials, spec sha256 {sha[:12]})")
-    for col in ("trial", "kernel", "guests", "repeat", "est. s"):
+    for col in ("trial", "kernel", "guests", "repeat", "est. s", "from"):
         t.add_column(col, justify="right" if col in ("guests", "repeat", "est. s") else "left")
-    total = 0.0
-    for tr in trials:
-        est = planmod.estimate_s(s, tr)
-        total += est
-        t.add_row(tr.trial_id, tr.kernel, str(tr.fleet_size), str(tr.repeat), f"{est:.0f}")
+    for tr, (secs, source) in zip(trials, est.trial_s, strict=True):
+        t.add_row(tr.trial_id, tr.kernel, str(tr.fleet_size), str(tr.repeat), f"{secs:.0f}", source)
     out.print(t)
     out.print(
-        f"estimated duration: {total / 60:.1f} min "
-        f"(guest RAM {s.fleet.memory_mib} MiB, fill {s.workload.mib} MiB per guest)"
+        f"estimated duration: {est.total_s / 60:.1f} min, of which {est.overhead_s:.0f} s "
+        f"outside trials ({est.overhead_from}; guest RAM {s.fleet.memory_mib} MiB, "
+        f"fill {s.workload.mib} MiB per guest)",
+        markup=False,
     )
 
 

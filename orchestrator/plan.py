@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from orchestrator.errors import UsageError
 from orchestrator.kernelspec import labels
+from orchestrator.results.history import History
 from orchestrator.spec import MAX_TRIALS, Spec
 
 # Rough costs measured on a 2-core TCG host (LAB-NOTES: ~5 s boot, fills of 160 MiB in
@@ -16,6 +17,10 @@ FILL_MIB_PER_S = 25.0
 ANSIBLE_PLAY_S = 4.0
 TEARDOWN_S = 3.0
 PAGES_PER_MIB = 256
+# A lab-host VM to its shell under TCG, agent shipped (LAB-NOTES: ~15 s + the probe);
+# a kexec between kernels on a lab machine (measured 8.5-31 s on lab VMs).
+LAB_BOOT_S = 40.0
+SWITCH_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -71,3 +76,43 @@ def estimate_s(spec: Spec, trial: Trial) -> float:
     fill = 3 * ANSIBLE_PLAY_S + spec.workload.mib * trial.fleet_size / FILL_MIB_PER_S
     merge = min(spec.phases.merge.timeout_s, scans * full_scan_s(spec, trial.fleet_size))
     return boot + baseline + fill + merge + spec.phases.hold.duration_s + TEARDOWN_S
+
+
+def overhead_s(spec: Spec, trials: list[Trial]) -> float:
+    """What a run spends outside its trials: lab-host boots (one per kernel, or per
+    trial), kernel switches on lab machines."""
+    kernels = len({t.kernel for t in trials})
+    if spec.host.kind == "labvm":
+        return LAB_BOOT_S * (len(trials) if spec.host.boot == "per-trial" else kernels)
+    if spec.host.kind == "inventory":
+        return SWITCH_S * kernels
+    return 0.0
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Seconds per trial and for the rest of the run, each with where it came from."""
+
+    trial_s: list[tuple[float, str]]
+    overhead_s: float
+    overhead_from: str
+
+    @property
+    def total_s(self) -> float:
+        return sum(s for s, _ in self.trial_s) + self.overhead_s
+
+
+def estimate(spec: Spec, trials: list[Trial], history: History | None = None) -> Estimate:
+    """Each trial from earlier runs of the spec here (median of its successful
+    attempts) where there are any, else from the model above, which leaves out what
+    only a run can tell (trigger and walk costs: they depend on the kernel)."""
+    h = history or History()
+    runs = f"{h.runs} earlier run{'s' if h.runs != 1 else ''}"
+    per_trial = []
+    for t in trials:
+        past = h.trial(t.trial_id)
+        per_trial.append((past, runs) if past is not None else (estimate_s(spec, t), "model"))
+    past_overhead = h.overhead()
+    if past_overhead is not None:
+        return Estimate(per_trial, past_overhead, runs)
+    return Estimate(per_trial, overhead_s(spec, trials), "model")

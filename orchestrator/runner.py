@@ -229,6 +229,8 @@ def record_trial(manifest: dict[str, Any], res: TrialResult) -> None:
             "repeat": res.repeat,
             "status": res.status,
             "reason": res.reason,
+            # what `plan` estimates the next run of this spec from
+            "wall_s": round(max(0, res.ended_ns - res.started_ns) / 1e9, 1),
         }
     )
 

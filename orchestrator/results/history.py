@@ -1,0 +1,54 @@
+"""Earlier runs of a spec, as `plan` uses them: how long each trial and the rest of the
+run (lab boots, kernel switches, checks) took here. Read from manifests only."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+
+@dataclass
+class History:
+    """Seconds measured by earlier successful trials of one spec, per trial id."""
+
+    runs: int = 0
+    trial_s: dict[str, list[float]] = field(default_factory=dict)
+    overhead_s: list[float] = field(default_factory=list)  # run wall minus its trials
+
+    def trial(self, trial_id: str) -> float | None:
+        got = self.trial_s.get(trial_id)
+        return statistics.median(got) if got else None
+
+    def overhead(self) -> float | None:
+        return statistics.median(self.overhead_s) if self.overhead_s else None
+
+
+def seconds_between(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def spec_history(results: Path, spec_name: str) -> History:
+    """Every finished run of spec_name under results (one folder per run); runs from
+    before trials recorded their wall time are left out."""
+    h = History()
+    for path in sorted(results.glob("*/manifest.json")) if results.is_dir() else []:
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        trials = [t for t in m.get("trials", []) if t.get("wall_s") is not None]
+        if m.get("spec_name") != spec_name or not trials:
+            continue
+        h.runs += 1
+        for t in trials:
+            if t.get("status") == "successful":
+                h.trial_s.setdefault(t["trial_id"], []).append(float(t["wall_s"]))
+        wall = seconds_between(m.get("started_at"), m.get("ended_at"))
+        if wall is not None and all(t.get("status") == "successful" for t in trials):
+            h.overhead_s.append(max(0.0, wall - sum(float(t["wall_s"]) for t in trials)))
+    return h
