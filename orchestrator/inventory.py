@@ -409,6 +409,10 @@ class MachineHold:
             )
         raise Unreachable(self.t.name, f"hold: no answer in {timeout_s:.0f} s")
 
+    @property
+    def held(self) -> bool:
+        return self.session is not None and self.session.poll() is None
+
     def release(self) -> None:
         """Close the session's stdin: the agent lets go and exits."""
         if self.session is not None:
@@ -523,6 +527,7 @@ class InstallRecord:
     machine: str
     run_id: str
     packages: tuple[str, ...]
+    files: tuple[str, ...] = ()  # kernels copied into /boot (built ones: no package)
 
 
 def installed_packages(t: SshTransport) -> set[str]:
@@ -566,12 +571,35 @@ def install_kernels(
     return record
 
 
+def install_boot_files(
+    t: SshTransport, run_id: str, release: str, vmlinuz: Path, initrd: Path | None
+) -> InstallRecord:
+    """Copy a kernel with no package (built from source, or unpacked from a .deb) into
+    /boot as vmlinuz-RELEASE (+ initrd.img-RELEASE), where kexec and release lookups
+    find it; recorded first so `sweep` removes what a killed copy left. A release the
+    machine has already is left as it is, and not recorded."""
+    dest = {f"/boot/vmlinuz-{release}": vmlinuz}
+    if initrd is not None:
+        dest[f"/boot/initrd.img-{release}"] = initrd
+    have = set(t.run(["ls", "-1", "/boot"]).split())
+    if f"vmlinuz-{release}" in have:
+        return InstallRecord(t.name, run_id, ())
+    record = InstallRecord(t.name, run_id, (), tuple(dest))
+    _append_record(t, record)
+    for path, src in dest.items():
+        t.write(path, src.read_bytes(), 0o644)
+    return record
+
+
 def recorded(t: SshTransport) -> list[InstallRecord]:
     try:
         data = json.loads(t.read(INSTALLED_RECORD) or b"[]")
     except RemoteError:  # no record: nothing was installed by densitylab
         return []
-    return [InstallRecord(r["machine"], r["run_id"], tuple(r["packages"])) for r in data]
+    return [
+        InstallRecord(r["machine"], r["run_id"], tuple(r["packages"]), tuple(r.get("files", ())))
+        for r in data
+    ]
 
 
 def _append_record(t: SshTransport, record: InstallRecord) -> None:
@@ -584,7 +612,7 @@ def remove_installed(
     t: SshTransport, run_id: str | None = None, spare: str | None = None
 ) -> list[str]:
     """Purge what densitylab installed (one run's, or every run's but spare's: the live
-    holder's), never the running kernel's packages; returns the packages removed.
+    holder's), never the running kernel's packages or files; returns what was removed.
     Raises RemoteError from apt."""
     records = recorded(t)
     mine = [r for r in records if (run_id is None or r.run_id == run_id) and r.run_id != spare]
@@ -595,7 +623,14 @@ def remove_installed(
     if doomed:
         t.run(["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "purge", "-y", "-q", *doomed],
               timeout_s=600)  # fmt: skip
+    files = sorted({f for r in mine for f in r.files})
+    busy = [f for f in files if running in f]  # the kernel it runs now (a killed run's)
+    if len(busy) < len(files):
+        t.run(["/bin/rm", "-f", "--", *[f for f in files if f not in busy]])
+    doomed += [f for f in files if f not in busy]
     kept = [r for r in records if r not in mine]
+    if busy:  # still recorded: the next clean, after a reboot, removes them
+        kept.append(InstallRecord(t.name, "kept-running", (), tuple(busy)))
     blob = json.dumps([r.__dict__ for r in kept], indent=1, default=list).encode()
     t.write(INSTALLED_RECORD, blob, 0o644)
     return doomed

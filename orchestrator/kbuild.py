@@ -694,6 +694,13 @@ class Bootable:
     initrd: Path | None
     origin: str
     record: dict[str, Any]
+    config: Path | None = None  # its .config, where one came with it
+
+    def lacks(self, needs: Sequence[str]) -> list[str]:
+        """The options of needs ("A|B": either) its config does not set to y; every one
+        when there is no config to read."""
+        have = kernels.parse_kconfig(self.config.read_text()) if self.config else {}
+        return [n for n in needs if not any(have.get(o) == "y" for o in n.split("|"))]
 
 
 def build_dir_kernel(entry: BuildKernel) -> Bootable:
@@ -720,7 +727,7 @@ def build_dir_kernel(entry: BuildKernel) -> Bootable:
     if meta.is_file():  # a kbuild cache entry knows where it came from
         m = json.loads(meta.read_text())
         record.update(tree_sha256=m.get("tree_sha256"), patches=m.get("patches", []))
-    return Bootable(entry.label, release, image, None, origin, record)
+    return Bootable(entry.label, release, image, None, origin, record, config)
 
 
 def deb_kernel(entry: DebKernel, cache: Path | None = None) -> Bootable:
@@ -749,7 +756,16 @@ def deb_kernel(entry: DebKernel, cache: Path | None = None) -> Bootable:
         "tree_sha256": None,
         "patches": [],
     }
-    return Bootable(entry.label, release, dest / "vmlinuz", None, origin, record)
+    config = dest / "config"
+    return Bootable(
+        entry.label,
+        release,
+        dest / "vmlinuz",
+        None,
+        origin,
+        record,
+        config if config.is_file() else None,
+    )
 
 
 def deb_release(deb: Path) -> str:
@@ -780,7 +796,8 @@ def bootable(entry: KernelEntry, cache: Path | None = None) -> Bootable | None:
             "patches": b.meta["patches"],
             "build_key": b.key,
         }
-        return Bootable(entry.label, b.release, b.bzimage, None, str(b.meta["origin"]), record)
+        origin = str(b.meta["origin"])
+        return Bootable(entry.label, b.release, b.bzimage, None, origin, record, b.config)
     if isinstance(entry, BuildKernel):
         return build_dir_kernel(entry)
     return deb_kernel(entry, cache)

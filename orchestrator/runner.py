@@ -263,6 +263,10 @@ def prepare(spec: Spec, spec_path: Path) -> Prepared:
         for k in spec.kernels:
             # UsageError naming the kernel the image lacks; HostError for one not built
             labimage.resolve_kernel(lab, k)
+    if spec.host.kind == "inventory":
+        from orchestrator.hosts.inventory import check_kernels
+
+        check_kernels(spec)
     report = doctor.run_doctor(check_bpf=False)
     if not report.ok:
         raise HostError("host not ready: " + "; ".join(report.problems))

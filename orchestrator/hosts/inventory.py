@@ -9,11 +9,37 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from orchestrator import inventory as inv
-from orchestrator.errors import HostError
+from orchestrator import kbuild
+from orchestrator.errors import HostError, UsageError
 from orchestrator.hosts.agent import WORK, AgentHost
 from orchestrator.hosts.methods import HostKind
 from orchestrator.lab import cpu_model
 from orchestrator.spec import Spec
+
+# What a kernel we copy to a lab machine must have for the machine to come back on it
+# over SSH and be switched back by kexec. (Its NIC's driver cannot be checked here: on
+# real hardware build from defconfig or the machine's own config, not tinyconfig.)
+MACHINE_NEEDS = ("CONFIG_INET", "CONFIG_KEXEC|CONFIG_KEXEC_FILE")
+
+
+def check_kernels(spec: Spec) -> None:
+    """Before anything is touched: every kernel without a package (source, build, deb)
+    can run on a lab machine. UsageError naming the kernel and what it lacks."""
+    for entry in spec.kernels:
+        b = kbuild.bootable(entry)
+        if b is None:
+            continue
+        if spec.host.switch == "reboot":
+            raise UsageError(
+                f"kernel {b.label}: host.switch: reboot boots packaged kernels only (a GRUB "
+                "entry); use kexec for built kernels"
+            )
+        lacks = b.lacks(MACHINE_NEEDS)
+        if lacks:
+            raise UsageError(
+                f"kernel {b.label}: config lacks {', '.join(lacks)}: a lab machine could not "
+                "be reached on it over SSH or switched back (add them to config.fragment)"
+            )
 
 
 def release_for(t: inv.SshTransport, label: str) -> str:
@@ -29,7 +55,8 @@ def release_for(t: inv.SshTransport, label: str) -> str:
         what = "no installed kernel" if not hits else f"{len(hits)} installed kernels"
         raise HostError(
             f"{t.name}: kernels: {what} for label {label} "
-            f"(/boot has {', '.join(releases) or 'none'}; install it with `densitylab lab prepare`)"
+            f"(/boot has {', '.join(releases) or 'none'}; install its package there, "
+            "or give it as deb:, build: or source:)"
         )
     return hits[0]
 
@@ -50,6 +77,7 @@ class InventoryHost(AgentHost):
         self.kernels_run: dict[str, int] = {}  # label -> trials run here
         self.hardware: dict[str, object] = {}
         self.hold: inv.MachineHold | None = None
+        self.releases: dict[str, str] | None = None  # label -> release of kernels we copied
 
     def connect(self) -> inv.SshTransport:
         if self.ssh is None:
@@ -65,12 +93,28 @@ class InventoryHost(AgentHost):
         inv.ship_agent(t)
         assert self.hold is not None
         self.hold.take()
+        if self.releases is None:
+            self.releases = self.install_kernels(t)
+
+    def install_kernels(self, t: inv.SshTransport) -> dict[str, str]:
+        """The spec's kernels that no package brings (built from source, a built tree, a
+        bindeb-pkg .deb unpacked), copied into the machine's /boot for this run and
+        removed at its end. Debian kernels by label must be installed already."""
+        releases = {}
+        for entry in self.spec.kernels:
+            b = kbuild.bootable(entry)
+            if b is not None:
+                inv.install_boot_files(t, self.run_id, b.release, b.vmlinuz, b.initrd)
+                releases[b.label] = b.release
+        return releases
 
     def open(self, kernel: str, stack: ExitStack, trial_dir: Path) -> list[tuple[str, str]]:
         self.reset()
         t = self.connect()
         self.t = t
-        release = release_for(t, kernel)
+        if self.hold is None or not self.hold.held:
+            self.claim()
+        release = (self.releases or {}).get(kernel) or release_for(t, kernel)
         notes = []
         if release != self.release:
             was = self.release
@@ -85,8 +129,7 @@ class InventoryHost(AgentHost):
                     f"in {seconds:.1f} s",
                 )
             )
-        if self.hold is None or self.hold.session is None:  # a switch ended the old one
-            self.claim()
+            self.claim()  # the old kernel took the hold's session with it
         notes.append(("machine", f"{self.machine.name} runs {release}"))
         self.kernels_run[kernel] = self.kernels_run.get(kernel, 0) + 1
         # The trial's own folder: a machine serves many trials, and `clean` finds ours.
@@ -149,6 +192,9 @@ class InventoryHost(AgentHost):
                 )
                 done.append(f"{self.machine.name}: back on {self.first_release} in {s:.1f} s")
             self.ssh.run(["/bin/rm", "-rf", f"{WORK}/{self.tag}"])
+            removed = inv.remove_installed(self.ssh, run_id=self.run_id)
+            if removed:
+                done.append(f"{self.machine.name}: removed {', '.join(removed)}")
         finally:
             if self.hold is not None:
                 self.hold.release()

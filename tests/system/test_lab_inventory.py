@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import cli, lab, labimage, labvms
+from orchestrator import cli, kbuild, lab, labimage, labvms
 from orchestrator import inventory as inv
-from orchestrator.errors import HostBusy
+from orchestrator.errors import HostBusy, HostError
+from orchestrator.hosts.inventory import MACHINE_NEEDS
+from orchestrator.kernelspec import DebianSource, SourceKernel
 from tests.labvmset import lab_vms
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
@@ -183,3 +185,44 @@ def test_a_held_machine_is_refused_and_clean_spares_its_holder(
         other_hold = inv.MachineHold(t2, other)
         other_hold.take()
         other_hold.release()
+
+
+def test_a_built_kernel_is_copied_to_boot_and_removed(
+    vms: labvms.LabVms,
+    machines: list[inv.Machine],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A kernel built from source has no package: it goes into /boot as a file recorded
+    for this run, and goes away with the run. The lab fragment's tinyconfig kernel has
+    no networking and no kexec, so an inventory run refuses it before touching anything
+    (booting a built kernel on a lab machine needs a config with both)."""
+    entry = SourceKernel(label="base", source=DebianSource(debian="linux-source-6.12"))
+    try:
+        b = kbuild.bootable(entry)
+    except HostError as e:
+        pytest.skip(f"no built base kernel here: {e}")
+    assert b is not None and b.lacks(MACHINE_NEEDS) == list(MACHINE_NEEDS)
+    spec = tmp_path / "copy.yaml"
+    spec.write_text(
+        f"name: copyk\nhost: {{kind: inventory, inventory: {vms.inventory}, pattern: lab}}\n"
+        "kernels: ['6.12', {label: base, source: {debian: linux-source-6.12}}]\n"
+    )
+    results = tmp_path / "results"
+    assert cli.main(["run", str(spec), "--results", str(results)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "densitylab: kernel base: config lacks CONFIG_INET, CONFIG_KEXEC|CONFIG_KEXEC_FILE: a "
+        "lab machine could not be reached on it over SSH or switched back (add them to "
+        "config.fragment)"
+    ]
+    assert not results.exists() or list(results.iterdir()) == []
+    run_id = "20261202-000009-copy-9999"
+    with inv.SshTransport(machines[1]) as t:
+        rec = inv.install_boot_files(t, run_id, b.release, b.vmlinuz, None)
+        assert rec.files == (f"/boot/vmlinuz-{b.release}",)
+        copied = t.run(["sha256sum", rec.files[0]]).split()[0]
+        assert copied == kbuild.file_sha256(b.vmlinuz)
+        assert inv.remove_installed(t, run_id=run_id) == list(rec.files)
+        assert f"vmlinuz-{b.release}" not in t.run(["ls", "/boot"]).split()
+        assert inv.recorded(t) == []

@@ -9,8 +9,9 @@ from xml.etree import ElementTree
 
 import pytest
 
-from orchestrator import cli, fleet, lab
+from orchestrator import cli, fleet, kbuild, lab
 from orchestrator import inventory as inv
+from orchestrator.hosts.inventory import MACHINE_NEEDS
 from orchestrator.spec import load_spec_text
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -190,3 +191,15 @@ def test_cpu_model_of_this_machine() -> None:
     )
     assert lab.cpu_model(text) == expected
     assert lab.cpu_model("processor\t: 0\n") == ""
+
+
+def test_a_copied_kernel_must_bring_networking_and_kexec(tmp_path: Path) -> None:
+    """What a lab machine needs of a kernel with no package, read from its .config."""
+    config = tmp_path / "config"
+    config.write_text("CONFIG_INET=y\n# CONFIG_KEXEC is not set\nCONFIG_KSM=y\n")
+    b = kbuild.Bootable("mine", "6.12.0-dl", tmp_path / "bzImage", None, "build:x", {}, config)
+    assert b.lacks(MACHINE_NEEDS) == ["CONFIG_KEXEC|CONFIG_KEXEC_FILE"]
+    config.write_text("CONFIG_INET=y\nCONFIG_KEXEC_FILE=y\n")
+    assert b.lacks(MACHINE_NEEDS) == []
+    unknown = kbuild.Bootable("mine", "6.12.0-dl", tmp_path / "bzImage", None, "build:x", {})
+    assert unknown.lacks(MACHINE_NEEDS) == list(MACHINE_NEEDS)
