@@ -121,27 +121,36 @@ def clean_offline(run_id: str, state_dir: Path = STATE_DIR) -> tuple[list[str], 
 def our_cgroups() -> dict[str, Path]:
     """Run id -> each memory cgroup densitylab made for a run (v1 and v2 roots)."""
     found: dict[str, Path] = {}
-    for root in (Path("/sys/fs/cgroup/memory"), cgroup2_root(read_text(PROC / "self" / "mounts"))):
-        for cg in sorted(root.glob("densitylab-*")) if root and root.exists() else []:
+    for root in memcg_roots():
+        for cg in sorted(root.glob("densitylab-*")):
             found.setdefault(cg.name.removeprefix("densitylab-"), cg)
     return found
 
 
+def memcg_roots() -> list[Path]:
+    """The memory cgroup hierarchies here: v1's memory controller, the v2 mount."""
+    v2 = cgroup2_root(read_text(PROC / "self" / "mounts"))
+    return [r for r in (Path("/sys/fs/cgroup/memory"), v2) if r is not None and r.exists()]
+
+
+def remove_cgroup(cg: Path, removed: list[str], errors: list[str]) -> None:
+    """Stop the processes in one of our cgroups (host workloads), then remove it."""
+    for pid in read_text(cg / "cgroup.procs").split():
+        kill_pid(int(pid))
+    try:
+        memcg_remove(cg)
+        removed.append(f"cgroup {cg}")
+    except AgentError as err:
+        errors.append(str(err))
+
+
 def clean_cgroups(run_id: str) -> tuple[list[str], list[str]]:
-    """Stop the processes in a run's cgroups (host workloads), then remove them."""
+    """A run's cgroup (this host's naming: densitylab-RUN_ID), its processes stopped."""
     removed: list[str] = []
     errors: list[str] = []
-    for root in (Path("/sys/fs/cgroup/memory"), cgroup2_root(read_text(PROC / "self" / "mounts"))):
-        cg = root / f"densitylab-{run_id}" if root else None
-        if cg is None or not cg.is_dir():
-            continue
-        for pid in read_text(cg / "cgroup.procs").split():
-            kill_pid(int(pid))
-        try:
-            memcg_remove(cg)
-            removed.append(f"cgroup {cg}")
-        except AgentError as err:
-            errors.append(str(err))
+    for root in memcg_roots():
+        if (root / f"densitylab-{run_id}").is_dir():
+            remove_cgroup(root / f"densitylab-{run_id}", removed, errors)
     return removed, errors
 
 
@@ -207,18 +216,11 @@ def sweep_machine(keep: str | None, state_dir: Path = STATE_DIR) -> tuple[list[s
             removed += stop_pidfiles(work)
             shutil.rmtree(work, ignore_errors=True)
             removed.append(f"trial files {work}")
-    for root in (Path("/sys/fs/cgroup/memory"), cgroup2_root(read_text(PROC / "self" / "mounts"))):
-        for cg in sorted(root.glob("densitylab-*")) if root and root.exists() else []:
-            owner = cg.name.removeprefix("densitylab-")
-            if keep and (owner == keep or owner.startswith(f"{keep_tag}-")):
-                continue
-            for pid in read_text(cg / "cgroup.procs").split():
-                kill_pid(int(pid))
-            try:
-                memcg_remove(cg)
-                removed.append(f"cgroup {cg}")
-            except AgentError as err:
-                errors.append(str(err))
+    for root in memcg_roots():
+        for cg in sorted(root.glob("densitylab-*")):
+            owner = cg.name.removeprefix("densitylab-")  # RUN_ID here, TAG-NAME on a machine
+            if not (keep and (owner == keep or owner.startswith(f"{keep_tag}-"))):
+                remove_cgroup(cg, removed, errors)
     runs = {r for kind in ("ksm", "swap", "offline") for r in state_files(kind, state_dir)}
     for run_id in sorted(runs - {keep}, reverse=True):
         for step in (clean_ksm, clean_swap, clean_offline):
