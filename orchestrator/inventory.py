@@ -636,12 +636,15 @@ def remove_installed(
     return doomed
 
 
-def sweep_run_state(t: SshTransport) -> tuple[str | None, list[str], list[str]]:
+def sweep_run_state(
+    t: SshTransport, holder: str | None = None
+) -> tuple[str | None, list[str], list[str]]:
     """The agent's `clean` on the machine: what killed runs left there (processes,
-    cgroups, probes, swap, KSM knobs, trial files), sparing the run that holds it.
-    Returns (live holder or None, removed, errors)."""
+    cgroups, probes, swap, KSM knobs, trial files), sparing the run that holds it; or,
+    from the holder before its first trial (holder=its run id), everything, its own
+    killed attempt's state included. Returns (live holder or None, removed, errors)."""
     ship_agent(t)  # `clean` is a command of this version's agent
-    answer = json.loads(t.agent("clean", timeout_s=300))
+    answer = json.loads(t.agent("clean", *(("--holder", holder) if holder else ()), timeout_s=300))
     return answer["kept_for"], list(answer["removed"]), list(answer["errors"])
 
 

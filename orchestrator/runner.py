@@ -465,7 +465,6 @@ def run_on_inventory(
     known_hosts = st.root / "ssh" / "known_hosts"
     hosts = [InventoryHost(m, spec, st.run_id, known_hosts) for m in machines]
     ctx.progress = LockedProgress(ctx.progress)
-    claim_machines(hosts)
 
     def event(name: str, detail: str) -> None:
         log.warning("%s: %s", name, detail)
@@ -473,6 +472,8 @@ def run_on_inventory(
             manifest.setdefault("events", []).append(
                 {"at": store.utc_now(), "event": name, "detail": detail}
             )
+
+    claim_machines(hosts, event)
 
     def run_one(host: InventoryHost, trial: plan.Trial) -> TrialResult:
         res = run_trial(ctx, host, trial, on_result)
@@ -499,16 +500,19 @@ def run_on_inventory(
         log.warning("%s", hygiene)
 
 
-def claim_machines(hosts: Sequence[InventoryHost]) -> None:
-    """Hold every machine for this run before any trial starts; HostBusy (exit 2, the
-    run's folder removed) when another run holds one. A machine that does not answer is
-    left to the pool, which drains it."""
+def claim_machines(hosts: Sequence[InventoryHost], event: Callable[[str, str], None]) -> None:
+    """Hold every machine for this run before any trial starts (and sweep what killed
+    runs left there, recorded as an event); HostBusy (exit 2, the run's folder removed)
+    when another run holds one. A machine that does not answer is left to the pool,
+    which drains it."""
     claimed = []
     try:
         for h in hosts:
             try:
-                h.claim()
+                removed = h.claim()
                 claimed.append(h)
+                if removed:
+                    event("machine-swept", f"{h.machine.name}: {'; '.join(removed)}")
             except HostBusy:
                 raise
             except DensitylabError as e:

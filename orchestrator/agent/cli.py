@@ -127,9 +127,12 @@ def do_hold(a: argparse.Namespace) -> int:
 
 
 def do_clean(a: argparse.Namespace) -> int:
-    """Sweep what runs left here, except the live holder's; one JSON line."""
+    """Sweep what runs left here, except the live holder's; one JSON line. The holder
+    itself (--holder RUN_ID, checked) sweeps everything: nothing of it is running yet."""
     keep = hold.holder()
-    removed, errors = leftovers.sweep_machine(keep)
+    if a.holder is not None and keep != a.holder:
+        raise AgentError(f"clean --holder {a.holder}: the machine is held by {keep}")
+    removed, errors = leftovers.sweep_machine(None if a.holder else keep)
     print(json.dumps({"kept_for": keep, "removed": removed, "errors": errors}))
     return 0
 
@@ -228,7 +231,11 @@ COMMANDS: dict[str, Command] = {
         do_hold,
         [arg("--run-id", required=True), arg("--controller", default="?")],
     ),
-    "clean": Command("remove what killed runs left here (not the live holder's)", do_clean),
+    "clean": Command(
+        "remove what killed runs left here (not the live holder's)",
+        do_clean,
+        [arg("--holder", help="the run holding the machine, before it starts anything")],
+    ),
 }
 
 

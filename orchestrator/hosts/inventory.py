@@ -86,15 +86,21 @@ class InventoryHost(AgentHost):
             self.hold = inv.MachineHold(self.ssh, self.run_id)
         return self.ssh
 
-    def claim(self) -> None:
-        """Hold the machine for this run (the agent shipped first: `hold` is its command).
-        HostBusy when another run holds it."""
+    def claim(self) -> list[str]:
+        """Hold the machine for this run (the agent shipped first: `hold` is its command),
+        then sweep what killed runs left there (a killed attempt of this run too, on
+        --resume: their KSM knobs must be back before ours save the machine's). HostBusy
+        when another run holds it. Returns what the sweep removed."""
         t = self.connect()
         inv.ship_agent(t)
         assert self.hold is not None
         self.hold.take()
+        _, removed, errors = inv.sweep_run_state(t, holder=self.run_id)
+        if errors:
+            raise HostError(f"{self.machine.name}: clean before the run: {'; '.join(errors)}")
         if self.releases is None:
             self.releases = self.install_kernels(t)
+        return removed
 
     def install_kernels(self, t: inv.SshTransport) -> dict[str, str]:
         """The spec's kernels that no package brings (built from source, a built tree, a

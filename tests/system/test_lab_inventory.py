@@ -182,9 +182,18 @@ def test_a_held_machine_is_refused_and_clean_spares_its_holder(
         assert swept.kept_for is None and swept.errors == []
         assert live_pid not in t.run(["ls", "/proc"]).split()
         assert "densitylab-" not in t.run(["ls", "/sys/fs/cgroup"])
+        # The holder sweeps before its first trial: its own killed attempt's state too.
         other_hold = inv.MachineHold(t2, other)
         other_hold.take()
-        other_hold.release()
+        try:
+            other_dir, other_pid = leave_workload(t, other)
+            _, removed, errors = inv.sweep_run_state(t, holder=other)
+            assert errors == [] and f"trial files {other_dir.rsplit('/', 1)[0]}" in removed
+            assert other_pid not in t.run(["ls", "/proc"]).split()
+            with pytest.raises(inv.RemoteError, match=f"held by {other}"):
+                inv.sweep_run_state(t, holder=live)
+        finally:
+            other_hold.release()
 
 
 def test_a_built_kernel_is_copied_to_boot_and_removed(
