@@ -116,13 +116,18 @@ def plan(spec: Path) -> None:
     except DensitylabError as e:
         fail(e)
     t = Table(title=f"{s.name} ({len(trials)} trials, spec sha256 {sha[:12]})")
-    for col in ("trial", "kernel", "guests", "repeat", "est. s"):
+    swept = any(isinstance(v, list) for v in s.ksm.values())
+    cols = ("trial", "kernel", "guests", *(("KSM setting",) if swept else ()), "repeat", "est. s")
+    for col in cols:
         t.add_column(col, justify="right" if col in ("guests", "repeat", "est. s") else "left")
     total = 0.0
     for tr in trials:
         est = planmod.estimate_s(s, tr)
         total += est
-        t.add_row(tr.trial_id, tr.kernel, str(tr.fleet_size), str(tr.repeat), f"{est:.0f}")
+        setting = (tr.ksm_setting or "",) if swept else ()
+        t.add_row(
+            tr.trial_id, tr.kernel, str(tr.fleet_size), *setting, str(tr.repeat), f"{est:.0f}"
+        )
     out.print(t)
     out.print(
         f"estimated duration: {total / 60:.1f} min "

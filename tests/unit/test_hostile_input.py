@@ -143,7 +143,8 @@ SPEC_CASES = [
     (
         "matrix",
         "name: a\nrepeats: 100\nfleet: {count: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]}\n",
-        "repeats: 11 fleet sizes x 1 VMA counts x 100 repeats x 1 kernels make 1100 trials",
+        "repeats: 11 fleet sizes x 1 VMA counts x 1 KSM settings x 100 repeats x 1 kernels "
+        "make 1100 trials",
     ),
     (
         "matrix-kernels",
