@@ -604,6 +604,23 @@ def test_report_refuses_bad_host_ram(densitylab: Cli, good_run: Path, value: str
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--ksmd-cpu-max-pct", "0"),
+        ("--ksmd-cpu-max-pct", "-5"),
+        ("--ksmd-cpu-max-pct", "nan"),
+        ("--ksmd-cpu-max-pct", "1e9"),
+        ("--settle-max-s", "0"),
+        ("--settle-max-s", "inf"),
+        ("--reserve-mib", "-1"),
+    ],
+)
+def test_report_refuses_bad_budget(densitylab: Cli, good_run: Path, flag: str, value: str) -> None:
+    check_line(densitylab("report", str(good_run), flag, value), flag, "")
+
+
+@pytest.mark.timeout(10)
 def test_report_refuses_an_out_that_is_a_file(densitylab: Cli, cwd: Path, good_run: Path) -> None:
     blocker = cwd.parent / "index.html"
     blocker.write_text("mine")
