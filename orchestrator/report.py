@@ -500,6 +500,8 @@ def fig_ksm_tradeoff(cap: CapacityResult, palette: dict[str, Any]) -> Figure:
         if r.best:
             ax.scatter([x], [y], s=260, facecolors="none", edgecolors="0.1", lw=1.2, zorder=4)
         label = (r.ksm_setting or "as in the spec") + ("" if r.within_budget else " (over)")
+        if math.isfinite(float(r.settle_s_max)):  # the other side of the trade-off
+            label += f"\nsettled in {float(r.settle_s_max):.0f} s"
         ax.annotate(label, (x, y), xytext=(6, 6), textcoords="offset points", fontsize=8)
     budget = cap.budget.ksmd_cpu_max_pct
     if budget is not None:
@@ -527,7 +529,7 @@ def fig_ksm_tradeoff(cap: CapacityResult, palette: dict[str, Any]) -> Figure:
     top = float(np.nanmax([ys.max(), 1.0]))
     right = float(np.nanmax([xs.max(), budget or 0.0, 1.0]))
     ax.set_ylim(0, top * 1.15)
-    ax.set_xlim(0, right * 1.25)
+    ax.set_xlim(0, right * 1.4)
     fig.suptitle("KSM trade-off: memory saved against ksmd CPU")
     return fig
 
@@ -830,7 +832,8 @@ FIG_CAPTIONS = {
     "utime + stime (/proc/PID/stat) from the first to the last sample of the merge and hold "
     "phases, per second of wall time, in % of one core, mean over trials. Bars: 95% "
     "bootstrap intervals of both means over trials. Hollow: the setting breaks the budget "
-    "(ksmd CPU or time to settle); ringed: the best setting within it.",
+    "(ksmd CPU or time to settle); ringed: the best setting within it; each label gives "
+    "the setting's slowest time to settle.",
 }
 
 
