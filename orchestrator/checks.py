@@ -151,7 +151,9 @@ def build_dlcheck() -> Path:
 def ksm_settings(spec: Spec, knobs: dict[str, str]) -> dict[str, str]:
     """The spec's KSM speed plus the knobs dlcheck writes, at their current values: so
     that ksm-apply saves every one of them before the first check."""
-    settings = {k: str(v) for k, v in spec.ksm.items() if k in knobs}
+    # A swept knob: its first value (the checks test correctness, not the sweep).
+    given = {**spec.ksm_fixed, **spec.ksm_sweep[0]}
+    settings = {k: str(v) for k, v in given.items() if k in knobs}
     for k in WRITTEN_KNOBS:
         if k in knobs:
             settings.setdefault(k, knobs[k])

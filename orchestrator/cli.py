@@ -123,10 +123,16 @@ def plan(
         fail(e)
     est = planmod.estimate(s, trials, spec_history(results, s.name))
     t = Table(title=f"{s.name} ({len(trials)} trials, spec sha256 {sha[:12]})")
-    for col in ("trial", "kernel", "guests", "repeat", "est. s", "from"):
+    swept = any(isinstance(v, list) for v in s.ksm.values())
+    cols = ("trial", "kernel", "guests", *(("KSM setting",) if swept else ()), "repeat", "est. s")
+    for col in (*cols, "from"):
         t.add_column(col, justify="right" if col in ("guests", "repeat", "est. s") else "left")
     for tr, (secs, source) in zip(trials, est.trial_s, strict=True):
-        t.add_row(tr.trial_id, tr.kernel, str(tr.fleet_size), str(tr.repeat), f"{secs:.0f}", source)
+        setting = (tr.ksm_setting or "",) if swept else ()
+        t.add_row(
+            tr.trial_id, tr.kernel, str(tr.fleet_size), *setting, str(tr.repeat), f"{secs:.0f}",
+            source,
+        )  # fmt: skip
     out.print(t)
     out.print(
         f"estimated duration: {est.total_s / 60:.1f} min, of which {est.overhead_s:.0f} s "
@@ -269,24 +275,55 @@ def images(
     )
 
 
+def check_budget(reserve_mib: int | None, cpu_pct: float | None, settle_s: float | None) -> None:
+    """The report's capacity flags, held to the spec's own bounds (capacity:)."""
+    from pydantic import ValidationError
+
+    from orchestrator.spec import Capacity
+
+    given = {"reserve_mib": reserve_mib, "ksmd_cpu_max_pct": cpu_pct, "settle_max_s": settle_s}
+    try:
+        Capacity.model_validate({k: v for k, v in given.items() if v is not None}, strict=False)
+    except ValidationError as e:
+        err = e.errors()[0]
+        flag = "--" + str(err["loc"][0]).replace("_", "-")
+        raise UsageError(f"{flag}: {err['msg']}, got {shown(err.get('input'))}") from e
+
+
 @app.command()
 def report(
     runs: list[Path],
     out_dir: Annotated[Path | None, typer.Option("--out", help="report folder")] = None,
     host_ram_gib: Annotated[float | None, typer.Option(help="for the capacity model")] = None,
+    reserve_mib: Annotated[
+        int | None, typer.Option(help="host RAM kept free (MiB); default: the spec's capacity:")
+    ] = None,
+    ksmd_cpu_max_pct: Annotated[
+        float | None, typer.Option(help="ksmd CPU budget, % of one core (default: the spec's)")
+    ] = None,
+    settle_max_s: Annotated[
+        float | None, typer.Option(help="longest time to settle allowed (default: the spec's)")
+    ] = None,
 ) -> None:
     """Write reports/<name>/index.html and summary.md from run directories: runs of one
-    spec combined, several specs each in its own report and side by side (results/*)."""
+    spec combined, several specs each in its own report and side by side (results/*).
+    With KSM settings swept, the capacity table marks those over the budget and names
+    the best one."""
     try:
         check_host_ram_gib(host_ram_gib)
+        check_budget(reserve_mib, ksmd_cpu_max_pct, settle_max_s)
         check_runs(runs)
         target = out_dir or default_report_dir(runs)
         check_results_dir(target, "--out")
         from orchestrator import report as rep  # pandas, seaborn: only for valid input
+        from orchestrator.capacity import Budget
         from orchestrator.progress import LogStatus
 
+        budget = Budget(
+            None if reserve_mib is None else float(reserve_mib), ksmd_cpu_max_pct, settle_max_s
+        )
         with LogStatus(out, "orchestrator.results", "orchestrator.report"):
-            paths = rep.write_campaign(runs, target, host_ram_gib=host_ram_gib)
+            paths = rep.write_campaign(runs, target, host_ram_gib=host_ram_gib, budget=budget)
     except DensitylabError as e:
         fail(e)
     out.print(f"report: {paths.index_html}")

@@ -38,7 +38,7 @@ READY_MARKER = "DENSITYLAB: ready"
 PANIC_MARKER = "Kernel panic"
 BOOT_RETRIES = 1  # per guest, after a panic before ready (see _retry_after_panic)
 ERROR_MARKER = "DENSITYLAB: error"
-GUEST_CMDLINE = "console=ttyS0 quiet panic=-1"
+GUEST_CMDLINE = "console=ttyS0 quiet panic=-1 no_timer_check"  # as images.CMDLINE
 # Bytes per guest-file-write / guest-file-read call. A 1 MiB write (1.4 MB of base64 in
 # one JSON message) made qemu-ga 7.2 stop answering; 64 KiB writes push dlfill in ~1 s.
 AGENT_WRITE_CHUNK = 64 << 10

@@ -1,4 +1,5 @@
-"""Spec -> trials: the expanded matrix of (kernel, fleet size, repeat) and a time estimate."""
+"""Spec -> trials: the expanded matrix of (kernel, fleet size, VMA count, KSM setting,
+repeat) and a time estimate."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass
 from orchestrator.errors import UsageError
 from orchestrator.kernelspec import labels
 from orchestrator.results.history import History
-from orchestrator.spec import MAX_TRIALS, Spec
+from orchestrator.spec import MAX_TRIALS, KnobValue, Spec
 
 # Rough costs measured on a 2-core TCG host (LAB-NOTES: ~5 s boot, fills of 160 MiB in
 # 14-34 s for 4 guests); used only for the estimate `plan` prints.
@@ -30,13 +31,40 @@ class Trial:
     fleet_size: int
     repeat: int
     vmas: int = 0  # fragmentation of the host workload (0: none or no host workload)
+    # Every KSM knob the trial applies, as (name, value) in the spec's order, and the
+    # names of those the spec sweeps.
+    ksm: tuple[tuple[str, KnobValue], ...] = ()
+    ksm_swept: tuple[str, ...] = ()
+
+    @property
+    def knobs(self) -> dict[str, KnobValue]:
+        return dict(self.ksm)
+
+    @property
+    def ksm_setting(self) -> str | None:
+        """The swept knobs' values, `pages_to_scan=100` (several: comma-separated); None
+        when the spec sweeps none."""
+        k = self.knobs
+        return ",".join(f"{n}={k[n]}" for n in self.ksm_swept) or None
+
+
+def setting_id(setting: dict[str, KnobValue]) -> str:
+    """A swept setting in a trial id: `-pages_to_scan100` (values are integers or words
+    of [a-z-]; both keep the id a valid name)."""
+    return "".join(f"-{name}{value}" for name, value in setting.items())
+
+
+def trial_knobs(spec: Spec, setting: dict[str, KnobValue]) -> tuple[tuple[str, KnobValue], ...]:
+    fixed = spec.ksm_fixed
+    return tuple((k, setting[k] if k in setting else fixed[k]) for k in spec.ksm)
 
 
 def expand(spec: Spec) -> list[Trial]:
-    """fleet sizes x host-workload VMA counts x repeats x kernels, kernels innermost.
+    """fleet sizes x host-workload VMA counts x KSM settings x repeats x kernels,
+    kernels innermost.
 
     The VMA count appears in the trial id only when it is swept or the host workload is
-    the point of the run (a lab host).
+    the point of the run (a lab host); a KSM setting only when a knob is swept.
 
     Raises UsageError when the matrix would exceed MAX_TRIALS (counted before it is
     built) or two trials would share an id (their tables would overwrite each other);
@@ -45,10 +73,20 @@ def expand(spec: Spec) -> list[Trial]:
         raise UsageError(f"spec {spec.name}: {spec.matrix_too_large()}")
     vmas = spec.vma_sweep
     show_vmas = len(vmas) > 1 or spec.host.kind != "local"
+    swept = tuple(k for k, v in spec.ksm.items() if isinstance(v, list))
     trials = [
-        Trial(f"{k}-n{n}" + (f"-v{v}" if show_vmas else "") + f"-r{r}", k, n, r, v)
+        Trial(
+            f"{k}-n{n}" + (f"-v{v}" if show_vmas else "") + setting_id(s) + f"-r{r}",
+            k,
+            n,
+            r,
+            v,
+            trial_knobs(spec, s),
+            swept,
+        )
         for n in spec.fleet.counts
         for v in vmas
+        for s in spec.ksm_sweep
         for r in range(spec.repeats)
         for k in labels(spec.kernels)  # innermost: kernels interleave, so host drift hits both
     ]
@@ -59,22 +97,26 @@ def expand(spec: Spec) -> list[Trial]:
     return trials
 
 
-def full_scan_s(spec: Spec, fleet_size: int) -> float:
-    """Seconds for one KSM full scan over every guest's RAM at the spec's scan rate."""
+def full_scan_s(spec: Spec, fleet_size: int, knobs: dict[str, KnobValue] | None = None) -> float:
+    """Seconds for one KSM full scan over every guest's RAM at the scan rate of `knobs`
+    (default: the spec's first setting)."""
+    if knobs is None:
+        knobs = dict(trial_knobs(spec, spec.ksm_sweep[0]))
     pages = fleet_size * spec.fleet.memory_mib * PAGES_PER_MIB
     # The spec holds both knobs to integers with pages_to_scan >= 1; a zero sleep still
     # takes about a millisecond per batch.
-    per_batch = max(1, int(spec.ksm.get("pages_to_scan", 100)))
-    per_s = per_batch * 1000 / max(1, int(spec.ksm.get("sleep_millisecs", 20)))
+    per_batch = max(1, int(knobs.get("pages_to_scan", 100)))
+    per_s = per_batch * 1000 / max(1, int(knobs.get("sleep_millisecs", 20)))
     return pages / per_s
 
 
 def estimate_s(spec: Spec, trial: Trial) -> float:
     scans = spec.phases.merge.settle_scans + 2
     boot = BOOT_S + BOOT_S_PER_GUEST * trial.fleet_size
-    baseline = scans * full_scan_s(spec, trial.fleet_size) if spec.phases.baseline.enabled else 0
+    scan_s = full_scan_s(spec, trial.fleet_size, trial.knobs or None)
+    baseline = scans * scan_s if spec.phases.baseline.enabled else 0
     fill = 3 * ANSIBLE_PLAY_S + spec.workload.mib * trial.fleet_size / FILL_MIB_PER_S
-    merge = min(spec.phases.merge.timeout_s, scans * full_scan_s(spec, trial.fleet_size))
+    merge = min(spec.phases.merge.timeout_s, scans * scan_s)
     return boot + baseline + fill + merge + spec.phases.hold.duration_s + TEARDOWN_S
 
 

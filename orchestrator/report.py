@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from orchestrator import abdiff, checks, integrity, walkcost
-from orchestrator.capacity import MODEL_NOTES, CapacityResult
+from orchestrator.capacity import MODEL_NOTES, Budget, CapacityResult, best_lines
 from orchestrator.errors import UsageError
 from orchestrator.files import atomic_path
 from orchestrator.results import analysis as an
@@ -415,13 +415,17 @@ def fig_density(cap: CapacityResult, palette: dict[str, Any]) -> Figure:
             ls="--",
             label=f"without KSM ({g:g} MiB guests)",
         )
-    for (kernel, g), grp in curve.groupby(["kernel", "guest_memory_mib"], sort=False):
-        color = palette.get(str(kernel), "C0")
+    settings = cap.settings
+    colors = setting_palette(settings, palette)
+    keys = ["kernel", "guest_memory_mib", "ksm_setting"]
+    for (kernel, g, setting), grp in curve.groupby(keys, sort=False):
+        color = colors.get((str(kernel), str(setting)), palette.get(str(kernel), "C0"))
+        what = f"kernel {kernel}" + (f", {setting}" if setting else "")
         ax.plot(
             grp["guests"],
             grp["used_gib_with_ksm"],
             color=color,
-            label=f"with KSM, kernel {kernel} ({g:g} MiB guests)",
+            label=f"with KSM, {what} ({g:g} MiB guests)",
         )
         ax.fill_between(
             grp["guests"],
@@ -430,7 +434,7 @@ def fig_density(cap: CapacityResult, palette: dict[str, Any]) -> Figure:
             color=color,
             alpha=0.25,
             lw=0,
-            label=f"95% interval, kernel {kernel}",
+            label=f"95% interval, {what}",
         )
     if cap.host_ram_gib is not None:
         ax.axhline(
@@ -452,6 +456,81 @@ def fig_density(cap: CapacityResult, palette: dict[str, Any]) -> Figure:
     )
     ax.legend(loc="upper left")
     fig.suptitle("Density: guests against host RAM")
+    return fig
+
+
+def setting_palette(settings: Sequence[str], palette: dict[str, Any]) -> dict[tuple[str, str], Any]:
+    """(kernel, KSM setting) -> colour: the kernel's colour when nothing is swept, else
+    one colour per setting (the same for every kernel; kernels differ by marker)."""
+    if len(settings) <= 1:
+        return {(k, s): c for k, c in palette.items() for s in settings}
+    shades = sns.color_palette("viridis", len(settings))
+    return {(k, s): shades[i] for k in palette for i, s in enumerate(settings)}
+
+
+def fig_ksm_tradeoff(cap: CapacityResult, palette: dict[str, Any]) -> Figure:
+    """Saving per guest (MiB) against ksmd CPU (% of one core), one point per KSM setting
+    and kernel, with 95% bootstrap intervals of both means; the CPU budget as a line,
+    settings over the budget hollow, the best one ringed."""
+    fig, axes = _new_figure(1, height=4.8)
+    ax = axes[0]
+    t = cap.table
+    markers = dict(zip(palette, "osD^v<>", strict=False))
+    for r in t.itertuples(index=False):
+        x, y = float(r.ksmd_cpu_pct), float(r.saving_per_guest_mib)
+        if not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        color = palette.get(str(r.kernel), "C0")
+        err_x = [[max(x - float(r.ksmd_cpu_pct_lo), 0)], [max(float(r.ksmd_cpu_pct_hi) - x, 0)]]
+        err_y = [
+            [max(y - float(r.saving_per_guest_mib_lo), 0)],
+            [max(float(r.saving_per_guest_mib_hi) - y, 0)],
+        ]
+        ax.errorbar(x, y, xerr=err_x, yerr=err_y, color=color, capsize=3, lw=1, zorder=2)
+        ax.scatter(
+            [x],
+            [y],
+            s=70,
+            marker=markers.get(str(r.kernel), "o"),
+            facecolors=color if r.within_budget else "white",
+            edgecolors=color,
+            linewidths=1.5,
+            zorder=3,
+        )
+        if r.best:
+            ax.scatter([x], [y], s=260, facecolors="none", edgecolors="0.1", lw=1.2, zorder=4)
+        label = (r.ksm_setting or "as in the spec") + ("" if r.within_budget else " (over)")
+        if math.isfinite(float(r.settle_s_max)):  # the other side of the trade-off
+            label += f"\nsettled in {float(r.settle_s_max):.0f} s"
+        ax.annotate(label, (x, y), xytext=(6, 6), textcoords="offset points", fontsize=8)
+    budget = cap.budget.ksmd_cpu_max_pct
+    if budget is not None:
+        ax.axvline(budget, color="C3", ls="--", lw=1, label=f"ksmd CPU budget ({budget:g}%)")
+    handles = [
+        Line2D([], [], ls="", marker=markers.get(k, "o"), color=c, label=f"kernel {k}")
+        for k, c in palette.items()
+        if k in set(t["kernel"].astype(str))
+    ]
+    handles += [
+        Line2D([], [], ls="", marker="o", mfc="white", mec="0.3", label="over the budget"),
+        Line2D([], [], ls="", marker="o", ms=13, mfc="none", mec="0.1", label="best within it"),
+    ]
+    if budget is not None:
+        handles.append(Line2D([], [], color="C3", ls="--", label=f"ksmd CPU budget ({budget:g}%)"))
+    ax.legend(handles=handles, loc="lower right", fontsize=8)
+    ax.set(
+        xlabel="ksmd CPU over merge and hold (% of one core)",
+        ylabel="saved per guest, general_profit (MiB)",
+        title="one point per KSM setting; bars: 95% intervals over trials",
+    )
+    # room above and to the right of the points for their labels
+    ys = t["saving_per_guest_mib_hi"].astype(float).replace([np.inf, -np.inf], np.nan)
+    xs = t["ksmd_cpu_pct_hi"].astype(float).replace([np.inf, -np.inf], np.nan)
+    top = float(np.nanmax([ys.max(), 1.0]))
+    right = float(np.nanmax([xs.max(), budget or 0.0, 1.0]))
+    ax.set_ylim(0, top * 1.15)
+    ax.set_xlim(0, right * 1.4)
+    fig.suptitle("KSM trade-off: memory saved against ksmd CPU")
     return fig
 
 
@@ -480,6 +559,8 @@ def build_figures(a: an.Analysis) -> dict[str, Figure]:
             builders.append(("walk_cost", lambda: fig_walk_cost(wc, palette), True))
     if a.capacity is not None:
         builders.append(("density", lambda: fig_density(a.capacity, palette), True))
+        swept = len(a.capacity.settings) > 1
+        builders.append(("ksm_tradeoff", lambda: fig_ksm_tradeoff(a.capacity, palette), swept))
     with figure_style():
         return {name: build() for name, build, ok in builders if ok}
 
@@ -570,6 +651,7 @@ def repeats_display(rep: pd.DataFrame, metrics: Sequence[str] | None = None) -> 
             "metric": rep["metric"].map(an.TRIAL_METRICS),
             "kernel": rep["kernel"],
             "fleet size (guests)": rep["fleet_size"],
+            **({"KSM setting": rep["ksm_setting"]} if "ksm_setting" in rep else {}),
             "n": rep["n"],
             "mean [95% CI]": [
                 tx.fmt_interval(*r) for r in rep[["mean", "ci_lo", "ci_hi"]].itertuples(index=False)
@@ -708,6 +790,22 @@ def capacity_display(cap: CapacityResult) -> pd.DataFrame:
                 index=False
             )
         ]
+    if any(t["ksm_setting"].astype(str) != "") or cap.budget.limits:
+        out.insert(0, "KSM setting", t["ksm_setting"].replace("", "as in the spec"))
+        cols = {
+            "saved per guest (MiB) [95% CI]": "saving_per_guest_mib",
+            "ksmd CPU (% of a core) [95% CI]": "ksmd_cpu_pct",
+        }
+        for label, col in cols.items():
+            out[label] = [
+                tx.fmt_interval(*r)
+                for r in t[[col, f"{col}_lo", f"{col}_hi"]].itertuples(index=False)
+            ]
+        out["slowest settle (s)"] = t["settle_s_max"].map(tx.fmt_value)
+        out["budget"] = [
+            ("best" if b else "within") if ok else f"over: {why}"
+            for ok, b, why in zip(t["within_budget"], t["best"], t["over_budget"], strict=True)
+        ]
     out["note"] = t["note"]
     return out
 
@@ -727,7 +825,15 @@ FIG_CAPTIONS = {
     "against the walked workload's own VMA count and mappings per KSM page, log-log; dashed: "
     "the linear least-squares fit of p50 (see the fits table for slope, R² and points).",
     "density": "Host RAM used by N guests without KSM and with the measured savings "
-    "(95% bootstrap band); see the capacity model below.",
+    "(95% bootstrap band), per KSM setting when a knob was swept; see the capacity model below.",
+    "ksm_tradeoff": "One point per KSM setting (a swept `ksm:` knob) and kernel. Saving per "
+    "guest: general_profit at the end of the hold (already net of KSM's metadata) divided by "
+    "the fleet size, mean over the setting's successful trials. ksmd CPU: the ksmd thread's "
+    "utime + stime (/proc/PID/stat) from the first to the last sample of the merge and hold "
+    "phases, per second of wall time, in % of one core, mean over trials. Bars: 95% "
+    "bootstrap intervals of both means over trials. Hollow: the setting breaks the budget "
+    "(ksmd CPU or time to settle); ringed: the best setting within it; each label gives "
+    "the setting's slowest time to settle.",
 }
 
 
@@ -941,7 +1047,7 @@ def _published_context(a: an.Analysis) -> dict[str, Any] | None:
 def _capacity_context(a: an.Analysis) -> dict[str, Any] | None:
     cap = a.capacity
     if cap is None:
-        return None if a.capacity_note is None else {"not_applicable": a.capacity_note}
+        return None if a.capacity_note is None else {"not_applicable": a.capacity_note, "best": []}
     return {
         "not_applicable": None,
         "left_out": a.capacity_note,
@@ -949,6 +1055,8 @@ def _capacity_context(a: an.Analysis) -> dict[str, Any] | None:
         "notes": cap.notes,
         "host_ram_gib": cap.host_ram_gib,
         "reserve_gib": cap.reserve_gib,
+        "budget": cap.budget.describe() if cap.budget.limits else None,
+        "best": best_lines(cap),
     }
 
 
@@ -1017,17 +1125,19 @@ def write_report(
     *,
     host_ram_gib: float | None = None,
     reserve_gib: float = 2.0,
+    budget: Budget | None = None,
 ) -> ReportPaths:
     """Analyse the run directories together and write out_dir/index.html, its figures
     (PNG), out_dir/summary.md and every table as CSV. host_ram_gib None: taken from the
-    manifests' host facts when present; reserve_gib is kept free on the host (GiB).
+    manifests' host facts when present; reserve_gib is kept free on the host (GiB);
+    budget: what replaces the spec's `capacity:` limits (fields left None keep them).
 
     Raises UsageError when no run is given or a directory is not a readable run.
     """
     if not run_dirs:
         raise UsageError("no run directories given to the report")
     runs = [an.load_run(Path(d)) for d in run_dirs]
-    a = an.analyze(runs, host_ram_gib=host_ram_gib, reserve_gib=reserve_gib)
+    a = an.analyze(runs, host_ram_gib=host_ram_gib, reserve_gib=reserve_gib, budget=budget)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tables: dict[str, Path] = {}
@@ -1078,6 +1188,7 @@ def write_campaign(
     *,
     host_ram_gib: float | None = None,
     reserve_gib: float = 2.0,
+    budget: Budget | None = None,
 ) -> ReportPaths:
     """A report over a campaign (e.g. results/*): runs of one spec combined; with several
     specs, one report per spec in out_dir/<spec>-<hash>/ and out_dir/index.html and
@@ -1086,13 +1197,19 @@ def write_campaign(
     Raises UsageError when no run is given or a directory is not a readable run."""
     groups = campaign.group_runs([Path(d) for d in run_dirs])
     if len(groups) == 1:
-        return write_report(run_dirs, out_dir, host_ram_gib=host_ram_gib, reserve_gib=reserve_gib)
+        return write_report(
+            run_dirs, out_dir, host_ram_gib=host_ram_gib, reserve_gib=reserve_gib, budget=budget
+        )
     out_dir = Path(out_dir)
     done = []
     for i, g in enumerate(groups, 1):
         log.info("spec %d of %d: %s (%d runs)", i, len(groups), g.spec_name, len(g.runs))
         paths = write_report(
-            g.runs, out_dir / g.slug, host_ram_gib=host_ram_gib, reserve_gib=reserve_gib
+            g.runs,
+            out_dir / g.slug,
+            host_ram_gib=host_ram_gib,
+            reserve_gib=reserve_gib,
+            budget=budget,
         )
         done.append((g, paths.analysis))
     table = campaign.campaign_table(done)

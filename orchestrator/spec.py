@@ -224,6 +224,19 @@ class Workload(Strict):
 
 
 KnobValue = int | str
+# A knob in `ksm:` is one value, or a list of values swept as a trial dimension.
+KnobSetting = KnobValue | Annotated[list[KnobValue], Field(max_length=MAX_SWEEP)]
+
+
+class Capacity(Strict):
+    """What a capacity planner allows: RAM kept free on the host, the ksmd CPU a KSM
+    setting may cost (percent of one core, over the merge and hold), and how long the
+    fleet may take to settle. A setting over either limit is marked as breaking the
+    budget; the best one within it is named. None: no limit."""
+
+    reserve_mib: Annotated[int, Field(ge=0, le=MAX_MIB)] | None = None
+    ksmd_cpu_max_pct: Annotated[float, Field(gt=0, le=100 * MAX_VCPUS)] | None = None
+    settle_max_s: Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)] | None = None
 
 
 class Boot(Strict):
@@ -390,21 +403,23 @@ def check_kernel_labels(labels: Sequence[str], kind: str, path: str = "kernels")
             )
 
 
-def check_ksm_knob(name: str, value: int | str) -> None:
-    """One KSM knob against the values it accepts (KSM_KNOB_RANGES, KSM_KNOB_WORDS)."""
+def check_ksm_knob(name: str, value: int | str, path: str | None = None) -> None:
+    """One KSM knob against the values it accepts (KSM_KNOB_RANGES, KSM_KNOB_WORDS);
+    path: where the error points (a swept entry: `pages_to_scan.1`)."""
+    where = path or name
     if name == "run":
         raise field_error(name, "run is set by densitylab itself per phase; leave it out")
     if name in KSM_KNOB_WORDS:
         words = KSM_KNOB_WORDS[name]
         if value not in words:
-            raise field_error(name, f"expected one of {', '.join(words)}", value)
+            raise field_error(where, f"expected one of {', '.join(words)}", value)
         return
     if name not in KSM_KNOB_RANGES:
         known = ", ".join(sorted(KSM_KNOBS - {"run"}))
         raise field_error(printable(shorten(name)), f"unknown KSM knob (known: {known})")
     lo, hi = KSM_KNOB_RANGES[name]
     if not isinstance(value, int) or not lo <= value <= hi:
-        raise field_error(name, f"expected an integer in [{lo}, {hi}]", value)
+        raise field_error(where, f"expected an integer in [{lo}, {hi}]", value)
 
 
 class Spec(Strict):
@@ -414,7 +429,7 @@ class Spec(Strict):
     kernels: Annotated[list[KernelEntry], Field(max_length=MAX_KERNELS)] = ["running"]
     fleet: Fleet = Fleet()
     workload: Workload = Workload()
-    ksm: dict[str, KnobValue] = {"pages_to_scan": 2000, "sleep_millisecs": 20}
+    ksm: dict[str, KnobSetting] = {"pages_to_scan": 2000, "sleep_millisecs": 20}
     phases: Phases = Phases()
     sampling: Sampling = Sampling()
     latency: Latency = Latency()
@@ -424,6 +439,7 @@ class Spec(Strict):
     host_reserve_mib: Annotated[int, Field(ge=0, le=MAX_MIB)] = 2048
     # Run by `densitylab check` on every kernel; empty there means all of them.
     checks: Annotated[list[CheckName], Field(max_length=16)] = []
+    capacity: Capacity = Capacity()
 
     _check_name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
 
@@ -471,13 +487,43 @@ class Spec(Strict):
 
     @field_validator("ksm")
     @classmethod
-    def _ksm_knobs(cls, v: dict[str, KnobValue]) -> dict[str, KnobValue]:
-        for name, value in v.items():
-            check_ksm_knob(name, value)
+    def _ksm_knobs(cls, v: dict[str, KnobSetting]) -> dict[str, KnobSetting]:
+        for name, setting in v.items():
+            if isinstance(setting, list):
+                try:
+                    check_sweep(setting, f"{name} value")
+                except PydanticCustomError as e:  # the entry listed twice: ksm.NAME.i
+                    where = (e.context or {}).get("field", "")
+                    raise field_error(f"{name}.{where}", e.message()) from None
+                except ValueError as e:
+                    raise field_error(name, str(e)) from None
+                for i, value in enumerate(setting):
+                    check_ksm_knob(name, value, f"{name}.{i}")
+            else:
+                check_ksm_knob(name, setting)
         lo, hi = v.get("advisor_min_pages_to_scan"), v.get("advisor_max_pages_to_scan")
-        if isinstance(lo, int) and isinstance(hi, int) and lo > hi:
-            raise field_error("advisor_min_pages_to_scan", f"above advisor_max_pages_to_scan {hi}")
+        lo_max = max(lo) if isinstance(lo, list) else lo
+        hi_min = min(hi) if isinstance(hi, list) else hi
+        if isinstance(lo_max, int) and isinstance(hi_min, int) and lo_max > hi_min:
+            raise field_error(
+                "advisor_min_pages_to_scan", f"above advisor_max_pages_to_scan {hi_min}"
+            )
         return v
+
+    @property
+    def ksm_fixed(self) -> dict[str, KnobValue]:
+        """The knobs given as one value (every trial applies them)."""
+        return {k: v for k, v in self.ksm.items() if not isinstance(v, list)}
+
+    @property
+    def ksm_sweep(self) -> list[dict[str, KnobValue]]:
+        """The swept knobs' settings, one dict per trial dimension value (the cartesian
+        product in the spec's order, last knob innermost); [{}] when nothing is swept."""
+        swept = [(k, v) for k, v in self.ksm.items() if isinstance(v, list)]
+        settings: list[dict[str, KnobValue]] = [{}]
+        for name, values in swept:
+            settings = [{**s, name: value} for s in settings for value in values]
+        return settings
 
     @property
     def vma_sweep(self) -> list[int]:
@@ -487,14 +533,25 @@ class Spec(Strict):
     @property
     def trial_count(self) -> int:
         """Trials the matrix expands to, computed without expanding it."""
-        factors = (len(self.fleet.counts), len(self.vma_sweep), self.repeats, len(self.kernels))
+        factors = (
+            len(self.fleet.counts),
+            len(self.vma_sweep),
+            self.ksm_setting_count,
+            self.repeats,
+            len(self.kernels),
+        )
         return math.prod(factors)
+
+    @property
+    def ksm_setting_count(self) -> int:
+        """Settings the swept knobs make, computed without building them."""
+        return math.prod(len(v) for v in self.ksm.values() if isinstance(v, list))
 
     def matrix_too_large(self) -> str:
         return (
             f"{len(self.fleet.counts)} fleet sizes x {len(self.vma_sweep)} VMA counts x "
-            f"{self.repeats} repeats x {len(self.kernels)} kernels make {self.trial_count} "
-            f"trials, more than {MAX_TRIALS}"
+            f"{self.ksm_setting_count} KSM settings x {self.repeats} repeats x "
+            f"{len(self.kernels)} kernels make {self.trial_count} trials, more than {MAX_TRIALS}"
         )
 
     @property

@@ -53,6 +53,17 @@ TRIGGER_SHARE = {"migrate": 0.5, "reclaim": 0.3, "compaction": 0.2}
 
 
 @dataclass(frozen=True)
+class KsmSetting:
+    """A swept KSM setting as a synthetic run shows it: the share of the full saving it
+    reaches, ksmd's CPU per second of merge and hold, and how long it takes to settle."""
+
+    setting: str  # trials.ksm_setting, e.g. "pages_to_scan=100"
+    saving_share: float = 1.0
+    ksmd_cpu_per_s: float = 0.07
+    settle_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class Synthetic:
     """What to generate. Sizes are totals over the whole run."""
 
@@ -80,6 +91,7 @@ class Synthetic:
     one_content: bool = False  # also a one-content copy (the series' benchmark shape)
     unattributed_share: float = 0.05
     guest_kind: str | None = None  # guests.workload_kind, e.g. "host-process"
+    ksm_sweep: tuple[KsmSetting, ...] = ()  # empty: no knob swept
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,7 @@ class _Trial:
     repeat: int
     status: str
     start_ns: int
+    ksm: KsmSetting | None = None
 
 
 def _release(kernel: str) -> str:
@@ -99,12 +112,14 @@ def _release(kernel: str) -> str:
 
 def _plan(syn: Synthetic) -> list[_Trial]:
     trials, start_ns = [], 1_000 * NS
+    settings: tuple[KsmSetting | None, ...] = syn.ksm_sweep or (None,)
     for ki, kernel in enumerate(syn.kernels):
         for n in syn.fleet_sizes:
-            for r in range(syn.repeats):
-                tid = f"{syn.run_id}-{kernel}-n{n}-r{r}"
-                trials.append(_Trial(tid, kernel, ki, n, r, "successful", start_ns))
-                start_ns += 200 * NS
+            for si, k in enumerate(settings):
+                for r in range(syn.repeats):
+                    tid = f"{syn.run_id}-{kernel}-n{n}" + (f"-k{si}" if k else "") + f"-r{r}"
+                    trials.append(_Trial(tid, kernel, ki, n, r, "successful", start_ns, k))
+                    start_ns += 200 * NS
     # The last repeats of the first kernel's largest fleet fail (a guest never got ready).
     failing = [t for t in trials if t.kernel_index == 0 and t.fleet_size == max(syn.fleet_sizes)]
     for t in failing[len(failing) - syn.failed_trials :] if syn.failed_trials else []:
@@ -138,6 +153,7 @@ def _merge_curve(syn: Synthetic, trial: _Trial, t: np.ndarray, rng: np.random.Ge
     """pages_sharing over time: exponential approach during merge, a dip in reclaim."""
     b = _phase_bounds(trial)
     final = (trial.fleet_size - 1) * syn.workload_mib * PAGES_PER_MIB * rng.uniform(0.96, 0.99)
+    final *= trial.ksm.saving_share if trial.ksm else 1.0
     tau = 4.0 + 0.6 * trial.fleet_size * rng.uniform(0.9, 1.1)
     since = np.clip(t - b["merge"][0], 0, None)
     frac = np.where(t >= b["merge"][0], 1 - np.exp(-since / tau), 0.0)
@@ -153,7 +169,8 @@ def _ksm_table(syn: Synthetic, trial: _Trial, t, phase, rng) -> pd.DataFrame:
     shared = np.where(sharing > 0, syn.workload_mib * PAGES_PER_MIB, 0).astype(np.int64)
     on = np.clip(t - b["merge"][0], 0, None)
     rmap_items = np.where(on > 0, trial.fleet_size * syn.workload_mib * PAGES_PER_MIB, 0)
-    cpu = 0.07 * np.minimum(on, b["hold"][1] - b["merge"][0]) + 0.02 * np.clip(
+    rate = trial.ksm.ksmd_cpu_per_s if trial.ksm else 0.07
+    cpu = rate * np.minimum(on, b["hold"][1] - b["merge"][0]) + 0.02 * np.clip(
         t - b["hold"][1], 0, None
     )
     cpu = cpu * rng.uniform(0.85, 1.15)
@@ -460,6 +477,7 @@ def _trial_row(syn: Synthetic, trial: _Trial, ksm: pd.DataFrame | None, rng) -> 
         "ksmd_cpu_s": np.nan,
         "started_ns": trial.start_ns,
         "ended_ns": trial.start_ns + int(b["teardown"][1] * NS),
+        "ksm_setting": trial.ksm.setting if trial.ksm else None,
     }
     if trial.status != "successful" or ksm is None:
         row["reason"] = "guest g1 not ready after 120 s" if trial.status != "successful" else None
@@ -468,7 +486,9 @@ def _trial_row(syn: Synthetic, trial: _Trial, ksm: pd.DataFrame | None, rng) -> 
     predicted = (trial.fleet_size - 1) * syn.workload_mib
     row |= {
         "settled": True,
-        "settle_s": float(5 * trial.fleet_size * rng.uniform(0.9, 1.2)),
+        "settle_s": float(
+            (trial.ksm.settle_s if trial.ksm else 5 * trial.fleet_size) * rng.uniform(0.9, 1.2)
+        ),
         "baseline_saving_mib": 0.0,
         "predicted_saving_mib": float(predicted),
         "measured_saving_mib": float(hold["pages_sharing"]) / PAGES_PER_MIB,
@@ -537,6 +557,23 @@ def _manifest(syn: Synthetic, trials: list[_Trial], files: dict[str, str]) -> di
     } | syn.extra_manifest
 
 
+def _ksm_settings_table(trial: _Trial) -> pd.DataFrame:
+    swept = dict(kv.split("=") for kv in trial.ksm.setting.split(",")) if trial.ksm else {}
+    knobs = {"pages_to_scan": "2000", "sleep_millisecs": "20"} | swept
+    return pd.DataFrame(
+        [
+            {
+                "trial_id": trial.trial_id,
+                "knob": k,
+                "requested": v,
+                "in_force": v,
+                "swept": k in swept,
+            }
+            for k, v in knobs.items()
+        ]
+    )
+
+
 def _per_trial_tables(syn: Synthetic, trials: list[_Trial], rng) -> dict[str, pd.DataFrame]:
     """Every table except latency, concatenated over trials."""
     n_ok = sum(t.status == "successful" for t in trials)
@@ -553,6 +590,7 @@ def _per_trial_tables(syn: Synthetic, trials: list[_Trial], rng) -> dict[str, pd
         parts["guests"].append(_guests_table(syn, trial, rng))
         parts["events"].append(_events_table(trial))
         parts["integrity"].append(_integrity_table(syn, trial))
+        parts["ksm_settings"].append(_ksm_settings_table(trial))
         ok = trial.status == "successful"
         parts["trials"].append(pd.DataFrame([_trial_row(syn, trial, ksm if ok else None, rng)]))
     tables = {k: pd.concat(v, ignore_index=True) for k, v in parts.items() if k != "phase_deltas"}

@@ -4,6 +4,7 @@ figures, one JSON line per interval, stamped with CLOCK_MONOTONIC ns."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -31,8 +32,10 @@ VMSTAT_PREFIXES = (
     "workingset",
 )
 MEMINFO_FIELDS = ("MemTotal", "MemFree", "MemAvailable", "SwapTotal", "SwapFree")
-# How often the sampler re-reads a process's VMA layout from smaps (see read_process_ksm).
-VMAS_EVERY_S = 10.0
+# The VMA layout (mergeable VMAs, from smaps) is re-read when /proc/PID/maps changes,
+# and at the latest after VMAS_MAX_AGE_S: madvise(MADV_MERGEABLE) over a whole VMA
+# changes its flags but not its line in maps.
+VMAS_MAX_AGE_S = 60.0
 PROCESS_KSM_FIELDS = ("ksm_rmap_items", "ksm_zero_pages", "ksm_merging_pages", "ksm_process_profit")
 
 
@@ -61,29 +64,50 @@ def count_mergeable_vmas(smaps_text: str) -> int:
     )
 
 
-def read_process_ksm(
-    pid: int,
-    proc: Path = PROC,
-    vmas_cache: dict[int, tuple[float, int]] | None = None,
-    vmas_every_s: float = 0.0,
-) -> dict[str, int]:
-    """Per-process KSM figures (/proc/PID/ksm_stat) and its mergeable VMA count.
+class VmaCache:
+    """Mergeable-VMA counts per process, re-read from smaps only when needed.
 
-    The VMA count needs /proc/PID/smaps, which walks the page tables under the mmap
-    lock: its cost grows with guest memory and it disturbs what it measures. The layout
-    changes only when a workload maps or fragments its region, so with a cache the
-    count is read at most once per `vmas_every_s` per process (ksm_stat every time)."""
+    /proc/PID/smaps walks every page table under the mmap lock: at 1 Hz over a fleet
+    its cost grows with guest memory and fleet size, and it disturbs what it measures.
+    /proc/PID/maps lists the same VMAs without touching a page table, so its digest
+    tells when the layout changed; smaps is read then, or after max_age_s."""
+
+    def __init__(self, max_age_s: float = VMAS_MAX_AGE_S) -> None:
+        self.max_age_s = max_age_s
+        self.entries: dict[int, tuple[bytes, float, int]] = {}  # pid -> digest, read at, count
+        self.smaps_reads = 0
+
+    def mergeable_vmas(self, pid: int, proc: Path = PROC) -> int:
+        """The count for pid; raises AgentError when its files cannot be read (gone)."""
+        base = proc / str(pid)
+        try:
+            digest = hashlib.blake2b((base / "maps").read_bytes(), digest_size=16).digest()
+        except OSError as e:
+            raise AgentError(f"{base / 'maps'}: {e.strerror or e}") from e
+        now = time.monotonic()
+        hit = self.entries.get(pid)
+        if hit is not None and hit[0] == digest and now - hit[1] < self.max_age_s:
+            return hit[2]
+        count = count_mergeable_vmas(read_text(base / "smaps"))
+        self.smaps_reads += 1
+        self.entries[pid] = (digest, now, count)
+        return count
+
+    def forget_except(self, pids: Iterable[int]) -> None:
+        keep = set(pids)
+        self.entries = {p: e for p, e in self.entries.items() if p in keep}
+
+
+def read_process_ksm(pid: int, proc: Path = PROC, cache: VmaCache | None = None) -> dict[str, int]:
+    """Per-process KSM figures (/proc/PID/ksm_stat, every call) and its mergeable VMA
+    count (smaps every call without a cache; through the cache's maps digest with one)."""
     base = proc / str(pid)
     stat = parse_key_values(read_text(base / "ksm_stat")) if (base / "ksm_stat").exists() else {}
     out = {k: stat[k] for k in PROCESS_KSM_FIELDS if k in stat}
-    now = time.monotonic()
-    cached = vmas_cache.get(pid) if vmas_cache is not None else None
-    if cached is not None and now - cached[0] < vmas_every_s:
-        out["ram_vmas"] = cached[1]
-        return out
-    out["ram_vmas"] = count_mergeable_vmas(read_text(base / "smaps"))
-    if vmas_cache is not None:
-        vmas_cache[pid] = (now, out["ram_vmas"])
+    if cache is None:
+        out["ram_vmas"] = count_mergeable_vmas(read_text(base / "smaps"))
+    else:
+        out["ram_vmas"] = cache.mergeable_vmas(pid, proc)
     return out
 
 
@@ -92,8 +116,7 @@ def sample_once(
     ksmd_pid: int | None,
     ksm_dir: Path = KSM_DIR,
     proc: Path = PROC,
-    vmas_cache: dict[int, tuple[float, int]] | None = None,
-    vmas_every_s: float = 0.0,
+    cache: VmaCache | None = None,
 ) -> dict[str, Any]:
     """One sample of everything, stamped with CLOCK_MONOTONIC ns. Gone processes are skipped."""
     sample: dict[str, Any] = {"ts_ns": time.monotonic_ns(), "ksm": read_ksm_counters(ksm_dir)}
@@ -103,8 +126,10 @@ def sample_once(
     procs: dict[str, Any] = {}
     for name, pid in pids.items():
         with contextlib.suppress(AgentError):
-            procs[name] = {"pid": pid, **read_process_ksm(pid, proc, vmas_cache, vmas_every_s)}
+            procs[name] = {"pid": pid, **read_process_ksm(pid, proc, cache)}
     sample["processes"] = procs
+    if cache is not None:
+        cache.forget_except(pids.values())
     return sample
 
 
@@ -114,7 +139,6 @@ def run_sampler(
     out: Path,
     stop_after_s: float | None = None,
     parent_pid: int | None = None,
-    vmas_every_s: float = VMAS_EVERY_S,
 ) -> None:
     """Append one JSON line per interval to `out` until SIGTERM/SIGINT (or stop_after_s).
 
@@ -130,12 +154,12 @@ def run_sampler(
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     ksmd = find_pid_by_comm("ksmd")
-    vmas_cache: dict[int, tuple[float, int]] = {}
+    cache = VmaCache()
     start = time.monotonic()
     next_tick = start
     with open(out, "a") as f:
         while not stopping:
-            sample = sample_once(pids, ksmd, vmas_cache=vmas_cache, vmas_every_s=vmas_every_s)
+            sample = sample_once(pids, ksmd, cache=cache)
             f.write(json.dumps(sample) + "\n")
             f.flush()
             next_tick += interval_s

@@ -54,6 +54,7 @@ class TrialResult:
     status: str = "failed"
     reason: str | None = None
     host: str = ""  # where it ran: this machine, a lab VM, machine NAME
+    ksm_setting: str | None = None  # the swept knobs' values (plan.Trial.ksm_setting)
     settled: bool = False
     settle_s: float | None = None
     baseline_settled: bool | None = None
@@ -103,6 +104,8 @@ class TrialState:
     latency: pd.DataFrame | None = None  # its walks, as the host recorded them
     windows: list[Window] = field(default_factory=list)  # one workload acted on at a time
     ksm_knobs: dict[str, str] = field(default_factory=dict)  # as in force during the merge
+    ksm_requested: dict[str, str] = field(default_factory=dict)  # as the trial applies them
+    ksm_swept: tuple[str, ...] = ()
     guest_pattern: str = "distinct"
     integrity: integrity.IntegrityLog = field(default_factory=integrity.IntegrityLog)
 

@@ -73,12 +73,29 @@ def trial_tables(st: TrialState, res: TrialResult) -> dict[str, pd.DataFrame]:
         "events": events,
         "phase_deltas": sampling.phase_deltas(st.samples, tid, st.marks),
         "integrity": st.integrity.table(tid, st.t0_ns),
+        "ksm_settings": ksm_settings_table(st, tid),
     }
     if st.collected:
         tables["latency"] = latency_table(st, res, procs)
         res.walks = len(tables["latency"])
     tables["trials"] = pd.DataFrame([asdict(res)])
     return tables
+
+
+def ksm_settings_table(st: TrialState, tid: str) -> pd.DataFrame:
+    """One row per knob the trial applied: the value asked for, the value the host
+    reported in force before the merge (empty when the trial ended before), swept or not."""
+    rows = [
+        {
+            "trial_id": tid,
+            "knob": name,
+            "requested": value,
+            "in_force": st.ksm_knobs.get(name),
+            "swept": name in st.ksm_swept,
+        }
+        for name, value in st.ksm_requested.items()
+    ]
+    return pd.DataFrame(rows, columns=["trial_id", "knob", "requested", "in_force", "swept"])
 
 
 def latency_table(st: TrialState, res: TrialResult, procs: pd.DataFrame) -> pd.DataFrame:

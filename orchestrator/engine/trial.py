@@ -110,7 +110,7 @@ class Trial:
         self.res.kernel_release = str(
             facts.get("kernel_release", {}).get("value", self.res.kernel_release)
         )
-        host.ksm_apply({**spec.ksm, "run": 0}, stack)
+        host.ksm_apply({**trial.knobs, "run": 0}, stack)
         st.host_procs = host.start_host_copies(
             spec.host_workload, trial.vmas, spec.host_workload_seed, stack, self.trial_dir
         )
@@ -282,8 +282,11 @@ def run_trial(
         host.accel,
         ctx.spec.fleet.memory_mib,
         ctx.spec.workload.mib,
+        ksm_setting=trial.ksm_setting,
         started_ns=st.t0_ns,
     )
+    st.ksm_requested = {k: str(v) for k, v in trial.knobs.items()}
+    st.ksm_swept = trial.ksm_swept
     interrupted: Interrupted | None = None
     try:
         Trial(ctx, host, trial, st, res).run()

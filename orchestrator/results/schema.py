@@ -92,6 +92,7 @@ TRIALS = Table(
         _cols("fleet_size", "int", True),
         _cols("status", "str", True),
         _cols("kernel_release accel reason latency_method latency_notes host saving_method", "str"),
+        _cols("ksm_setting", "str"),
         _cols("repeat guest_memory_mib workload_mib walks started_ns ended_ns", "int"),
         _cols("pages_sharing pages_shared", "int"),
         _cols("settled baseline_settled attributed", "bool"),
@@ -199,6 +200,16 @@ WORKLOAD_PAGES = Table(
         _cols("saving_mib", "float"),
     ),
 )
+# The KSM knobs each trial applied (a swept knob varies between trials; trials.ksm_setting
+# names the swept values): as requested, and as the host reported them in force.
+KSM_SETTINGS = Table(
+    "ksm_settings",
+    _join(
+        _cols("trial_id knob", "str", True),
+        _cols("requested in_force", "str"),
+        _cols("swept", "bool"),
+    ),
+)
 # `densitylab check` runs: written at the run's root, not rebuilt from trial parts.
 CHECKS = Table(
     "checks",
@@ -227,13 +238,17 @@ RUN_TABLES: dict[str, Table] = {
         PHASE_DELTAS,
         INTEGRITY,
         WORKLOAD_PAGES,
+        KSM_SETTINGS,
     )
 }
 CHECK_TABLES: dict[str, Table] = {t.name: t for t in (CHECKS, CHECK_FIGURES)}
 TABLES: dict[str, Table] = RUN_TABLES | CHECK_TABLES
 # The analysis reads these; integrity.parquet is read by orchestrator.integrity, and
-# workload_pages.parquet is the per-guest detail of trials.pagecount_saving_mib.
-ANALYSIS_TABLES = tuple(n for n in RUN_TABLES if n not in ("integrity", "workload_pages"))
+# workload_pages.parquet is the per-guest detail of trials.pagecount_saving_mib,
+# ksm_settings.parquet that of trials.ksm_setting.
+ANALYSIS_TABLES = tuple(
+    n for n in RUN_TABLES if n not in ("integrity", "workload_pages", "ksm_settings")
+)
 
 
 def table(name: str) -> Table:

@@ -37,15 +37,15 @@ def test_process_ksm_from_recorded_qemu(tmp_path: Path) -> None:
     assert stats["ram_vmas"] == expected > 0
 
 
-def test_vma_layout_read_once_per_interval_ksm_stat_every_time(tmp_path: Path) -> None:
+def test_recorded_process_through_the_cache(tmp_path: Path) -> None:
     proc = fake_proc(tmp_path)
-    cache: dict[int, tuple[float, int]] = {}
-    first = sample.read_process_ksm(4242, proc, cache, vmas_every_s=3600)
-    (proc / "4242" / "smaps").write_text("")  # the layout changes behind the cache
+    (proc / "4242" / "maps").write_text("00400000-00401000 r-xp 0 0:0 0 /x\n")
+    cache = sample.VmaCache()
+    first = sample.read_process_ksm(4242, proc, cache)
     (proc / "4242" / "ksm_stat").write_text("ksm_rmap_items 7\n")
-    again = sample.read_process_ksm(4242, proc, cache, vmas_every_s=3600)
+    again = sample.read_process_ksm(4242, proc, cache)
     assert again["ram_vmas"] == first["ram_vmas"] > 0 and again["ksm_rmap_items"] == 7
-    assert sample.read_process_ksm(4242, proc, cache, vmas_every_s=0)["ram_vmas"] == 0
+    assert cache.smaps_reads == 1
 
 
 def test_vmstat_keeps_ksm_swap_migration_counters(tmp_path: Path) -> None:

@@ -143,7 +143,8 @@ SPEC_CASES = [
     (
         "matrix",
         "name: a\nrepeats: 100\nfleet: {count: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]}\n",
-        "repeats: 11 fleet sizes x 1 VMA counts x 100 repeats x 1 kernels make 1100 trials",
+        "repeats: 11 fleet sizes x 1 VMA counts x 1 KSM settings x 100 repeats x 1 kernels "
+        "make 1100 trials",
     ),
     (
         "matrix-kernels",
@@ -600,6 +601,23 @@ def test_report_refuses_odd_run_directories_quickly(
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "0", "1e300", "abc"])
 def test_report_refuses_bad_host_ram(densitylab: Cli, good_run: Path, value: str) -> None:
     check_line(densitylab("report", str(good_run), "--host-ram-gib", value), "", "--host-ram-gib")
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--ksmd-cpu-max-pct", "0"),
+        ("--ksmd-cpu-max-pct", "-5"),
+        ("--ksmd-cpu-max-pct", "nan"),
+        ("--ksmd-cpu-max-pct", "1e9"),
+        ("--settle-max-s", "0"),
+        ("--settle-max-s", "inf"),
+        ("--reserve-mib", "-1"),
+    ],
+)
+def test_report_refuses_bad_budget(densitylab: Cli, good_run: Path, flag: str, value: str) -> None:
+    check_line(densitylab("report", str(good_run), flag, value), flag, "")
 
 
 @pytest.mark.timeout(10)

@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from orchestrator import plan
 from orchestrator.results.history import spec_history
 from orchestrator.spec import load_spec, load_spec_text
@@ -71,3 +73,48 @@ def test_lab_host_boots_count_outside_trials() -> None:
     per_trial, _ = load_spec_text(text % "per-trial", "x")
     assert plan.overhead_s(per_kernel, plan.expand(per_kernel)) == 2 * plan.LAB_BOOT_S
     assert plan.overhead_s(per_trial, plan.expand(per_trial)) == 4 * plan.LAB_BOOT_S
+
+
+def test_swept_knob_is_a_trial_dimension() -> None:
+    spec, _, _ = load_spec(REPO / "experiments" / "ksm-sweep.yaml")
+    trials = plan.expand(spec)
+    assert len(trials) == spec.trial_count == 3 * spec.repeats
+    assert [t.knobs["pages_to_scan"] for t in trials] == [100, 100, 1000, 1000, 5000, 5000]
+    assert {t.knobs["sleep_millisecs"] for t in trials} == {20}  # fixed knobs in every trial
+    assert [t.ksm_setting for t in trials[::2]] == [
+        "pages_to_scan=100",
+        "pages_to_scan=1000",
+        "pages_to_scan=5000",
+    ]
+    assert trials[0].trial_id == "running-n2-pages_to_scan100-r0"
+    assert len({t.trial_id for t in trials}) == len(trials)
+
+
+def test_two_swept_knobs_make_their_product_with_fleet_sizes() -> None:
+    text = (
+        "name: a\nfleet: {count: [1, 2]}\nrepeats: 2\n"
+        "ksm: {pages_to_scan: [100, 200], sleep_millisecs: [10, 20, 50], smart_scan: 1}"
+    )
+    spec, _ = load_spec_text(text, "x")
+    trials = plan.expand(spec)
+    assert len(trials) == spec.trial_count == 2 * 2 * 3 * 2
+    settings = {(t.fleet_size, t.ksm_setting) for t in trials}
+    assert len(settings) == 2 * 6
+    assert (1, "pages_to_scan=200,sleep_millisecs=50") in settings
+    assert all(t.knobs["smart_scan"] == 1 for t in trials)
+    assert list(trials[0].knobs) == ["pages_to_scan", "sleep_millisecs", "smart_scan"]
+
+
+def test_unswept_spec_keeps_its_trial_ids() -> None:
+    spec, _ = load_spec_text("name: a\nfleet: {count: [1, 2]}", "x")
+    assert [t.trial_id for t in plan.expand(spec)] == ["running-n1-r0", "running-n2-r0"]
+    assert all(t.ksm_setting is None for t in plan.expand(spec))
+
+
+def test_faster_scan_setting_estimates_shorter() -> None:
+    spec, _, _ = load_spec(REPO / "experiments" / "ksm-sweep.yaml")
+    slow, _, _, _, fast, _ = plan.expand(spec)
+    assert plan.full_scan_s(spec, 2, slow.knobs) == pytest.approx(
+        50 * plan.full_scan_s(spec, 2, fast.knobs)
+    )
+    assert plan.estimate_s(spec, slow) > plan.estimate_s(spec, fast)

@@ -68,3 +68,31 @@ def test_manifests_of_every_readable_version_read(tmp_path: Path) -> None:
     (run / "manifest.json").write_text(json.dumps(data | {"schema_version": 99}))
     with pytest.raises(UsageError, match=r"manifest.json: schema_version: .*reads schema versions"):
         manifest.load_manifest(run)
+
+
+def test_a_swept_trials_knobs_are_written_to_the_schema(tmp_path: Path) -> None:
+    """The engine's trial tables for a trial of a swept spec: trials.ksm_setting and one
+    ksm_settings row per knob, as asked and as the host reported it, swept or not."""
+    from orchestrator import plan
+    from orchestrator.engine.state import TrialResult, TrialState
+    from orchestrator.engine.tables import trial_tables
+    from orchestrator.spec import load_spec_text
+
+    spec, _ = load_spec_text("name: a\nksm: {pages_to_scan: [100, 5000], sleep_millisecs: 20}", "x")
+    trial = plan.expand(spec)[1]
+    st = TrialState(ksm_requested={k: str(v) for k, v in trial.knobs.items()})
+    st.ksm_swept, st.ksm_knobs = trial.ksm_swept, {"pages_to_scan": "5000", "sleep_millisecs": "20"}
+    res = TrialResult(trial.trial_id, "running", "6.18", 1, 0, "tcg", 256, 64)
+    res.ksm_setting = trial.ksm_setting
+    tables = trial_tables(st, res)
+    assert set(tables["ksm_settings"].columns) == set(schema.KSM_SETTINGS.names)
+    run = store.RunStore.create(tmp_path, "a", run_id="r-0002")
+    run.write_trial_tables(trial.trial_id, tables)
+    knobs = pd.read_parquet(run.trial_dir(trial.trial_id) / "ksm_settings.parquet")
+    assert knobs.set_index("knob")["in_force"].to_dict() == st.ksm_knobs
+    assert knobs.set_index("knob")["swept"].to_dict() == {
+        "pages_to_scan": True,
+        "sleep_millisecs": False,
+    }
+    trials = pd.read_parquet(run.trial_dir(trial.trial_id) / "trials.parquet")
+    assert trials["ksm_setting"].tolist() == ["pages_to_scan=5000"]

@@ -33,6 +33,28 @@ def test_shipped_specs_load(path: Path) -> None:
         ('name: "<x>"', "x.yaml: name: use letters"),
         ("name: a\nksm: {frobnicate: 1}", "x.yaml: ksm.frobnicate: unknown KSM knob"),
         (
+            "name: a\nksm: {pages_to_scan: [100, 0]}",
+            "x.yaml: ksm.pages_to_scan.1: expected an integer in [1, 1000000], got 0",
+        ),
+        (
+            "name: a\nksm: {pages_to_scan: [100, 100]}",
+            "x.yaml: ksm.pages_to_scan.1: pages_to_scan value 100 is listed twice",
+        ),
+        ("name: a\nksm: {pages_to_scan: []}", "x.yaml: ksm.pages_to_scan: a sweep needs"),
+        ("name: a\nksm: {advisor_mode: [none, fast]}", "x.yaml: ksm.advisor_mode.1: expected one"),
+        ("name: a\nksm: {run: [0, 1]}", "x.yaml: ksm.run: run is set by densitylab"),
+        (
+            "name: a\nksm: {advisor_min_pages_to_scan: [10, 900], advisor_max_pages_to_scan: 500}",
+            "x.yaml: ksm.advisor_min_pages_to_scan: above advisor_max_pages_to_scan 500",
+        ),
+        (
+            "name: a\ncapacity: {ksmd_cpu_max_pct: 0}",
+            "x.yaml: capacity.ksmd_cpu_max_pct: Input should be greater than 0",
+        ),
+        ("name: a\ncapacity: {reserve_mib: -1}", "x.yaml: capacity.reserve_mib: Input should be"),
+        ("name: a\ncapacity: {settle_max_s: 5m}", "x.yaml: capacity.settle_max_s: "),
+        ("name: a\ncapacity: {budget: 1}", "x.yaml: capacity.budget: unknown key"),
+        (
             "name: a\nfleet: {count: [1, 0]}",
             "x.yaml: fleet.count.1: Input should be greater than 0",
         ),

@@ -76,6 +76,13 @@ class Analysis:
         return self.run.manifests
 
 
+def repeat_keys(tm: pd.DataFrame) -> list[str]:
+    """What the repeats are summarised by: kernel and fleet size, and the KSM setting
+    when the runs swept one."""
+    swept = "ksm_setting" in tm and tm["ksm_setting"].astype(str).nunique() > 1
+    return ["kernel", "fleet_size", *(["ksm_setting"] if swept else [])]
+
+
 def capacity_trials(run: Run, tm: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     """The trials a capacity projection applies to: not those whose "guests" are host
     processes (guests.workload_kind "host-process": a lab host running guest-memory
@@ -94,16 +101,48 @@ def capacity_trials(run: Run, tm: pd.DataFrame) -> tuple[pd.DataFrame, str | Non
     return keep, f"{len(out)} trial(s) left out: their guests are host processes"
 
 
+def spec_budget(manifests: Sequence[dict[str, Any]]) -> Any:
+    """The capacity budget the runs' spec asked for (`capacity:`), from the first manifest
+    whose recorded spec has one; a value that is not a number is left out (the run store
+    is input too: edited, truncated)."""
+    from orchestrator.capacity import Budget
+
+    for m in manifests:
+        cap = (m.get("spec") or {}).get("capacity") if isinstance(m.get("spec"), dict) else None
+        if isinstance(cap, dict):
+            vals = {
+                k: float(cap[k])
+                for k in ("reserve_mib", "ksmd_cpu_max_pct", "settle_max_s")
+                if isinstance(cap.get(k), int | float) and not isinstance(cap.get(k), bool)
+            }
+            return Budget(**vals)
+    return Budget()
+
+
+def resolve_budget(manifests: Sequence[dict[str, Any]], given: Any) -> Any:
+    """The spec's budget with every field given (not None) taking its place."""
+    from dataclasses import replace
+
+    base = spec_budget(manifests)
+    if given is None:
+        return base
+    over = {k: v for k, v in vars(given).items() if v is not None}
+    return replace(base, **over)
+
+
 def analyze(
     runs: Sequence[Run] | Run,
     *,
     host_ram_gib: float | None = None,
     reserve_gib: float = 2.0,
+    budget: Any = None,
     n_boot: int = N_BOOT,
     seed: int = SEED,
 ) -> Analysis:
     """Analyse one or several runs together. host_ram_gib None: taken from the manifests'
-    host facts when they carry it. Deterministic for a given seed."""
+    host facts when they carry it. budget (capacity.Budget): its fields that are not None
+    replace the spec's `capacity:` ones; a reserve_mib there replaces reserve_gib.
+    Deterministic for a given seed."""
     from orchestrator.capacity import capacity_model, host_ram_from_manifests
 
     run = combine_runs([runs] if isinstance(runs, Run) else list(runs))
@@ -116,6 +155,9 @@ def analyze(
     if run.has("latency"):
         lat = analyze_latency(run, tm, kernels, rng=rng, n_boot=n_boot)
     host_ram = host_ram_gib if host_ram_gib is not None else host_ram_from_manifests(run.manifests)
+    budget = resolve_budget(run.manifests, budget)
+    if budget.reserve_mib is not None:
+        reserve_gib = budget.reserve_mib / 1024
     cap_tm, cap_note = capacity_trials(run, tm)
     specs = [str(m.get("spec_name")) for m in run.manifests]
     published = None
@@ -125,7 +167,7 @@ def analyze(
         run=run,
         kernels=kernels,
         trials=tm,
-        repeats=repeat_summary(ok, ["kernel", "fleet_size"], list(TRIAL_METRICS)),
+        repeats=repeat_summary(ok, repeat_keys(ok), list(TRIAL_METRICS)),
         comparisons=kernel_comparisons(tm, kernels, n_boot=n_boot, rng=rng),
         phase_deltas=deltas,
         phase_summary=None if deltas is None else phase_summary(deltas, tm),
@@ -133,7 +175,12 @@ def analyze(
         timeline=None if not run.has("ksm") else run_timeline(run, tm, _page_bytes(run)),
         latency=lat,
         capacity=capacity_model(
-            cap_tm, host_ram_gib=host_ram, reserve_gib=reserve_gib, kernels=kernels, rng=rng
+            cap_tm,
+            host_ram_gib=host_ram,
+            reserve_gib=reserve_gib,
+            kernels=kernels,
+            budget=budget,
+            rng=rng,
         ),
         warnings=hygiene_warnings(run, tm, lat, kernels) + _dropped_latency(run, lat),
         capacity_note=cap_note,

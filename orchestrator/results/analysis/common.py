@@ -7,6 +7,7 @@ import pandas as pd
 
 __all__ = [
     "HOST_PROCESS",
+    "KSMD_CPU_PHASES",
     "KSM_DELTA_COLUMNS",
     "LATENCY_QUANTILES",
     "LEVEL_TOLERANCE",
@@ -41,6 +42,9 @@ PHASES = (
 )
 
 SETTLE_PHASES = PHASES[:5]  # boot..hold: before anything disturbs the merged state
+# ksmd's cost of a KSM setting is read over these phases: KSM runs at the trial's knobs
+# from the merge on, and the hold shows what it costs once merged.
+KSMD_CPU_PHASES = ("merge", "hold")
 
 LATENCY_QUANTILES = {"p50": 0.5, "p90": 0.9, "p99": 0.99, "p99.9": 0.999}
 
@@ -54,6 +58,7 @@ METHOD_LABELS = {
 }
 
 OPTIONAL_TRIAL_COLUMNS = (
+    "ksm_setting",
     "repeat",
     "reason",
     "accel",
@@ -94,6 +99,7 @@ TRIAL_METRICS = {
     "scramble_saving_mib": "saved, attributed by the scramble's difference (MiB)",
     "saved_per_guest_mib": "saved per guest, general_profit (MiB)",
     "ksmd_cpu_s": "ksmd CPU (s)",
+    "ksmd_cpu_pct": "ksmd CPU over merge and hold (% of one core)",
     "ksmd_cpu_s_per_gib": "ksmd CPU per GiB saved (s/GiB)",
     "fill_s_median": "guest fill time, median guest (s)",
     "fill_s_max": "guest fill time, slowest guest (s)",

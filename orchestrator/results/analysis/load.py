@@ -199,7 +199,8 @@ def _normalise_trials(trials: pd.DataFrame, run_id: str) -> pd.DataFrame:
     trials = trials.copy()
     for col in OPTIONAL_TRIAL_COLUMNS:
         if col not in trials.columns:
-            trials[col] = pd.NA if col in ("reason", "accel", "kernel_release") else np.nan
+            text = col in ("reason", "accel", "kernel_release", "ksm_setting")
+            trials[col] = pd.NA if text else np.nan
     trials["trial_id"] = trials["trial_id"].astype(str)
     trials["kernel"] = trials["kernel"].astype(str)
     trials["status"] = trials["status"].astype(str)

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from orchestrator.results.analysis.common import (
+    KSMD_CPU_PHASES,
     MIB,
     PAGE_BYTES_DEFAULT,
     SETTLE_PHASES,
@@ -22,7 +23,14 @@ from orchestrator.results.analysis.stats import (
     compare_samples,
 )
 
-__all__ = ["kernel_comparisons", "kernel_order", "merge_milestones", "successful", "trial_metrics"]
+__all__ = [
+    "kernel_comparisons",
+    "kernel_order",
+    "ksmd_cpu_pct",
+    "merge_milestones",
+    "successful",
+    "trial_metrics",
+]
 
 
 # The KSM sample columns the per-trial metrics read.
@@ -104,6 +112,26 @@ def _ksm_finals(ksm: pd.DataFrame, page_bytes: int) -> pd.DataFrame:
     return _by_trial(out, labels)
 
 
+def ksmd_cpu_pct(ksm: pd.DataFrame) -> pd.DataFrame:
+    """Per trial: ksmd's CPU (utime + stime of the ksmd thread) over the merge and hold
+    phases per second of wall time, in % of one core (columns trial_id, ksmd_cpu_pct).
+    A trial with fewer than two such samples has none."""
+    if "ksmd_cpu_s" not in ksm.columns:
+        return pd.DataFrame(columns=["trial_id", "ksmd_cpu_pct"])
+    keep = ksm["phase"].astype(str).isin(KSMD_CPU_PHASES).to_numpy()
+    k = pd.DataFrame(
+        {
+            "trial_id": ksm["trial_id"].astype(str).to_numpy()[keep],
+            "t_s": ksm["t_s"].to_numpy(dtype=float)[keep],
+            "cpu": ksm["ksmd_cpu_s"].to_numpy(dtype=float)[keep],
+        }
+    ).dropna()
+    g = k.sort_values(["trial_id", "t_s"], kind="stable").groupby("trial_id")
+    wall = g["t_s"].last() - g["t_s"].first()
+    pct = 100 * (g["cpu"].last() - g["cpu"].first()) / wall.where(wall > 0)
+    return pct.rename("ksmd_cpu_pct").rename_axis("trial_id").reset_index()
+
+
 def _fill_times(guests: pd.DataFrame) -> pd.DataFrame:
     if "fill_s" not in guests.columns:
         return pd.DataFrame(columns=["trial_id", "fill_s_median", "fill_s_max"])
@@ -150,6 +178,8 @@ def trial_metrics(run: Run) -> pd.DataFrame:
         "started_ns",
     ]
     tm = run.trials[keys].copy()
+    # "" when no knob was swept, so that settings group like any other key.
+    tm["ksm_setting"] = run.trials["ksm_setting"].astype("string").fillna("").astype(str)
     tm["saved_profit_mib"] = run.trials["general_profit_mib"].astype(float)
     sharing = pd.to_numeric(run.trials["pages_sharing"], errors="coerce").astype(float)
     tm["saved_sharing_mib"] = sharing * page_bytes / MIB
@@ -159,11 +189,13 @@ def trial_metrics(run: Run) -> pd.DataFrame:
     tm["saving_method"] = saving_methods(run.trials)
     tm["mappings_per_ksm_page"] = run.trials["mappings_per_ksm_page"].astype(float)
     if run.has("ksm"):
-        milestones, finals = [], []
+        milestones, finals, cpu_pct = [], [], []
         for ksm in run.frames("ksm", KSM_METRIC_COLUMNS):  # one run file at a time
             milestones.append(merge_milestones(ksm))
             finals.append(_ksm_finals(ksm, page_bytes))
+            cpu_pct.append(ksmd_cpu_pct(ksm))
         tm = tm.merge(pd.concat(milestones, ignore_index=True), on="trial_id", how="left")
+        tm = tm.merge(pd.concat(cpu_pct, ignore_index=True), on="trial_id", how="left")
         fin = pd.concat(finals, ignore_index=True)
         tm = tm.merge(fin, on="trial_id", how="left")
         for col, src in (
@@ -185,6 +217,7 @@ def trial_metrics(run: Run) -> pd.DataFrame:
         "scramble_saving_mib",
         "mappings_per_ksm_page",
         "ksmd_cpu_s",
+        "ksmd_cpu_pct",
         "fill_s_median",
         "fill_s_max",
         *[c for c in tm if c.startswith(("t50", "t90", "merge_rate"))],
