@@ -33,14 +33,18 @@ class TrialQueue:
     cond: threading.Condition = field(default_factory=threading.Condition)
 
     def take(self, host: InventoryHost, guard: InterruptGuard) -> plan.Trial | None:
-        """The first pending trial of the kernel this machine has run least; None when
-        every trial is taken and finished, or a stop was requested."""
+        """The first pending trial of the kernel this machine has run least, of the
+        kernel it runs now on a tie (a switch saved); None when every trial is taken
+        and finished, or a stop was requested."""
         with self.cond:
             while not self.pending and self.in_flight and not guard.requested:
                 self.cond.wait(timeout=0.5)
             if not self.pending or guard.requested:
                 return None
-            best = min(self.pending, key=lambda t: host.kernels_run.get(t.kernel, 0))
+            best = min(
+                self.pending,
+                key=lambda t: (host.kernels_run.get(t.kernel, 0), not host.runs_now(t.kernel)),
+            )
             self.pending.remove(best)
             self.in_flight += 1
             return best

@@ -42,15 +42,18 @@ def check_kernels(spec: Spec) -> None:
             )
 
 
+def label_matches(release: str, label: str) -> bool:
+    """Does a Debian kernel label name this release (6.12 -> 6.12.57+deb13-cloud-amd64)?"""
+    return release == label or release.startswith((f"{label}.", f"{label}-", f"{label}+"))
+
+
 def release_for(t: inv.SshTransport, label: str) -> str:
     """The installed kernel a label names: the one release in /boot that is the label or
     starts with it followed by '.', '-' or '+' (6.12 -> 6.12.57+deb13-cloud-amd64).
     HostError naming the machine and the candidates when none or several match."""
     names = t.run(["ls", "-1", "/boot"]).split()
     releases = sorted(n.removeprefix("vmlinuz-") for n in names if n.startswith("vmlinuz-"))
-    hits = [
-        r for r in releases if r == label or r.startswith((f"{label}.", f"{label}-", f"{label}+"))
-    ]
+    hits = [r for r in releases if label_matches(r, label)]
     if len(hits) != 1:
         what = "no installed kernel" if not hits else f"{len(hits)} installed kernels"
         raise HostError(
@@ -143,6 +146,13 @@ class InventoryHost(AgentHost):
         t.run(["/bin/mkdir", "-p", self.work])
         stack.callback(t.run, ["/bin/rm", "-rf", self.work])
         return notes
+
+    def runs_now(self, label: str) -> bool:
+        """Is the machine on this kernel already (its next trial of it needs no switch)?"""
+        if self.release is None:
+            return False
+        copied = (self.releases or {}).get(label)
+        return self.release == copied if copied else label_matches(self.release, label)
 
     def record(self) -> dict[str, object]:
         """The machine as the manifest keeps it: where, what hardware, what it ran."""

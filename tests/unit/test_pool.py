@@ -10,10 +10,14 @@ from orchestrator.plan import Trial
 
 
 class Machine:
-    """What the queue reads of a machine: how often it ran each kernel."""
+    """What the queue reads of a machine: how often it ran each kernel, which it runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, on: str | None = None) -> None:
         self.kernels_run: dict[str, int] = {}
+        self.on = on
+
+    def runs_now(self, label: str) -> bool:
+        return label == self.on
 
 
 def trials(n: int) -> list[Trial]:
@@ -24,6 +28,7 @@ def take_and_run(q: TrialQueue, m: Machine, guard: InterruptGuard) -> Trial | No
     t = q.take(m, guard)  # type: ignore[arg-type]
     if t is not None:
         m.kernels_run[t.kernel] = m.kernels_run.get(t.kernel, 0) + 1
+        m.on = t.kernel
         q.done(t)
     return t
 
@@ -35,6 +40,21 @@ def test_each_machine_runs_every_kernel() -> None:
     a, b = Machine(), Machine()
     order = [take_and_run(q, m, guard) for m in (a, b, a, b)]
     assert all(order) and take_and_run(q, a, guard) is None
+    assert a.kernels_run == {"6.12": 1, "7.3": 1} == b.kernels_run
+
+
+def test_a_machine_starts_on_the_kernel_it_runs() -> None:
+    """Balance first; on a tie the kernel the machine is on: each machine switches once
+    (two lab VMs booted on 7.3 and 6.12 used to switch three times for four trials)."""
+    q, guard = TrialQueue(trials(2)), InterruptGuard()
+    a, b = Machine(on="7.3"), Machine(on="6.12")
+    switches = 0
+    for m in (a, b, a, b):
+        was = m.on
+        t = take_and_run(q, m, guard)
+        assert t is not None
+        switches += t.kernel != was
+    assert switches == 2
     assert a.kernels_run == {"6.12": 1, "7.3": 1} == b.kernels_run
 
 
