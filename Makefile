@@ -12,7 +12,7 @@ APT_TEST := chromium
 VENV_STAMP := $(VENV)/.installed-$(shell sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 
 .PHONY: setup setup-test apt-core apt-test apt-kbuild images lab-start lab-stop doctor demo test \
-	lint unit system clean-host report compare bench bench-collector bench-sampler ab-demo \
+	lint unit system debian-image clean-host report compare bench bench-collector bench-sampler ab-demo \
 	kernels patch-ab-demo
 
 setup: apt-core $(VENV_STAMP)
@@ -40,6 +40,12 @@ $(VENV_STAMP): requirements.lock pyproject.toml
 
 images: setup
 	$(PY) -m orchestrator.images
+
+# The Debian guest image (fleet.image: debian), cached per machine in
+# $$DENSITYLAB_IMAGE_CACHE (default /var/cache/densitylab/images): ~1 min cold.
+debian-image: setup
+	@scripts/apt-ensure mmdebstrap e2fsprogs
+	$(PY) -m orchestrator.debimage
 
 lab-start: setup
 	@scripts/labd start
