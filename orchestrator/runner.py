@@ -23,6 +23,7 @@ from orchestrator import (
     abdiff,
     checks,
     fleet,
+    guestimage,
     images,
     plan,
     runlock,
@@ -120,6 +121,7 @@ def new_manifest(
         "accel": "kvm" if domain_type == "kvm" else "tcg",
         "accel_how": facts["accel"]["how"],
         "images": {"tiny": describe_image(image), **lab_image_record(spec)},
+        "guest_image": guestimage.record(guestimage.resolve(spec, str(spec_path))),
         **dict(zip(("kernels", "warnings"), kernel_records(spec), strict=True)),
         "seed": spec.seed,
         "workload_seed": spec.workload_seed,
@@ -248,6 +250,8 @@ def prepare(spec: Spec, spec_path: Path) -> Prepared:
     from orchestrator import doctor  # imports libvirt; kept out of `plan`'s path
 
     check_fits_host(spec, host_available_mib(), str(spec_path))
+    guestimage.check_playbooks(spec, str(spec_path))
+    guestimage.resolve(spec, str(spec_path))  # UsageError for a wrong path, before anything
     image = images.find_tiny_image()
     if spec.host.kind == "labvm":
         from orchestrator import labimage
@@ -359,8 +363,9 @@ def run_trials(
     guard = InterruptGuard()
     conn = fleet.connect()
     ctx = RunContext(
-        spec, spec_path, st, image, conn, domain_type, facts, guard, progress or QuietProgress()
-    )
+        spec, spec_path, st, image, conn, domain_type, facts, guard, progress or QuietProgress(),
+        guestimage.resolve(spec, str(spec_path)),
+    )  # fmt: skip
     outcome = RunOutcome(st, [], [])
     lock = threading.Lock()  # trials on several machines finish in parallel
 

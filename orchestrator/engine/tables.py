@@ -74,6 +74,8 @@ def trial_tables(st: TrialState, res: TrialResult) -> dict[str, pd.DataFrame]:
         "phase_deltas": sampling.phase_deltas(st.samples, tid, st.marks),
         "integrity": st.integrity.table(tid, st.t0_ns),
     }
+    if st.plays:
+        tables["plays"] = pd.DataFrame([{"trial_id": tid, **asdict(p)} for p in st.plays])
     if st.collected:
         tables["latency"] = latency_table(st, res, procs)
         res.walks = len(tables["latency"])

@@ -332,10 +332,12 @@ def test_hygiene_warnings(tmp_path: Path) -> None:
 def test_all_tables_listed() -> None:
     """The analysis reads the schema's tables (integrity.parquet is read by
     orchestrator.integrity: CLI summary, report section; workload_pages.parquet is the
-    per-guest detail of trials.pagecount_saving_mib)."""
+    per-guest detail of trials.pagecount_saving_mib; plays.parquet the per-guest record
+    of a playbook workload's plays)."""
     assert {t.name for t in an.RUN_FIELDS.values()} == set(ALL_TABLES) - {
         "integrity",
         "workload_pages",
+        "plays",
     }
 
 

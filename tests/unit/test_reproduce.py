@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from orchestrator import cli, reproduce
-from orchestrator.results import analysis
 from orchestrator.errors import UsageError
+from orchestrator.results import analysis
 from orchestrator.spec import load_spec
 from tests.conftest import DATA, REPO
 from tests.synthetic import Synthetic, make_run
