@@ -61,15 +61,20 @@ def resolve(spec: Spec, source: str) -> GuestBoot:
     return GuestBoot(image.path, kernel, initrd, disk, image.cmdline, False)
 
 
-def check_playbooks(spec: Spec, source: str) -> None:
-    """The workload's playbook files exist (UsageError naming the field otherwise)."""
-    w = spec.workload
-    if w.kind != "playbook":
-        return
-    assert w.playbook is not None
-    check_file(source, "workload.playbook", w.playbook, "playbook file")
-    if w.load is not None:
-        check_file(source, "workload.load", w.load, "playbook file")
+def check_files(spec: Spec, source: str) -> None:
+    """Every file the spec names exists: a user's image (and its kernel, initrd) and the
+    workload's playbooks. UsageError naming the field otherwise; reads nothing else."""
+    image, w = spec.fleet.image, spec.workload
+    if isinstance(image, ImagePath):
+        for name in ("path", "kernel", "initrd"):
+            value = getattr(image, name)
+            if value is not None:
+                check_file(source, f"fleet.image.{name}", value, f"{name} file".replace(
+                    "path file", "image file"))  # fmt: skip
+    for name in ("playbook", "load"):
+        value = getattr(w, name)
+        if value is not None:
+            check_file(source, f"workload.{name}", value, "playbook file")
 
 
 def record(boot: GuestBoot) -> dict[str, Any]:

@@ -250,8 +250,7 @@ def prepare(spec: Spec, spec_path: Path) -> Prepared:
     from orchestrator import doctor  # imports libvirt; kept out of `plan`'s path
 
     check_fits_host(spec, host_available_mib(), str(spec_path))
-    guestimage.check_playbooks(spec, str(spec_path))
-    guestimage.resolve(spec, str(spec_path))  # UsageError for a wrong path, before anything
+    guestimage.resolve(spec, str(spec_path))  # HostError: the image is not built
     image = images.find_tiny_image()
     if spec.host.kind == "labvm":
         from orchestrator import labimage
@@ -321,6 +320,7 @@ def run_experiment(
     The run's lock is taken before the host is touched: HostBusy (exit 2) when another
     run is live here, or the resumed run is."""
     spec, raw, sha = load_spec(spec_path)
+    guestimage.check_files(spec, str(spec_path))  # a wrong path: one line, nothing touched
     resumed = open_resumed(resume, spec_path, sha) if resume is not None else None
     run_id = resumed.run_id if resumed is not None else store.new_run_id(spec.name)
     role = "remote" if spec.host.kind == "inventory" else "run"
