@@ -73,7 +73,7 @@ unit: setup
 
 # Everything: lint, type checks, unit and system tests (real libvirtd, QEMU, KSM, and
 # one lab host booting a Debian kernel).
-test: setup-test images lab-images lint
+test: setup-test images lab-images debian-image lint
 	$(VENV)/bin/pytest -q --durations=15
 
 clean-host: setup
