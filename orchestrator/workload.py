@@ -346,7 +346,13 @@ class PlaybookDriver:
         self.guests = list(guests)
         self.artifacts = artifacts
         self.uri = uri
-        self.variables = {**variables, "guest_count": len(self.guests)}
+        # Debian's python3 (the connection plugin runs no shell for interpreter
+        # discovery); a user's image with Python elsewhere sets it in workload.vars.
+        self.variables = {
+            "ansible_python_interpreter": "/usr/bin/python3",
+            **variables,
+            "guest_count": len(self.guests),
+        }
         self.on_event = on_event
         self.cancel = cancel
         self.results: list[PlayResult] = []
