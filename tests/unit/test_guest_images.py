@@ -14,7 +14,7 @@ from orchestrator import debimage, guestimage
 from orchestrator.errors import UsageError
 from orchestrator.results.analysis import os_and_workload_savings
 from orchestrator.spec import ImagePath, load_spec_text
-from tests.conftest import REPO
+from tests.conftest import DATA, REPO
 
 PLAY = "workload: {kind: playbook, playbook: playbooks/workloads/idle.yml}\n"
 NO_SCRAMBLE = "phases: {attribute: {enabled: false}}\n"
@@ -142,3 +142,28 @@ def test_savings_split_the_os_from_the_workload() -> None:
     assert row["with_workload_mib_per_guest"] == pytest.approx(87.4)
     assert row["workload_own_mib_per_guest"] == pytest.approx(21.3)
     assert os_and_workload_savings(trials.iloc[1:]) is None
+
+
+def test_play_results_from_recorded_job_events() -> None:
+    """Job events ansible-runner recorded for playbooks/workloads/idle.yml in two Debian
+    guests (TCG, this machine): one row per guest, counts from the stats event, task
+    time summed from the per-task durations."""
+    import json
+
+    from orchestrator.workload import play_results
+
+    events = json.loads((DATA / "plays" / "idle-2-debian.json").read_text())
+    guests = ["dl-4cf022040-2-0-g0", "dl-4cf022040-2-0-g1"]
+    rows = play_results(events, [*guests, "dl-never-reached"], "workload", "idle.yml", "timeout")
+    by = {r.guest: r for r in rows}
+    for g in guests:
+        assert by[g].status == "successful" and (by[g].ok, by[g].failures) == (2, 0)
+        assert 5.0 < by[g].tasks_s < 6.0
+    assert by["dl-never-reached"].status == "timeout" and by["dl-never-reached"].ok == 0
+    msgs = [
+        e["event_data"]["res"]["msg"]
+        for e in events
+        if e["event"] == "runner_on_ok" and "msg" in e["event_data"].get("res", {})
+    ]
+    ids = {m.split("machine-id ")[1] for m in msgs}
+    assert len(ids) == 2  # each guest its own machine-id, read by a Python module
