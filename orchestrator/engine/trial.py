@@ -163,7 +163,7 @@ class Trial:
             res.mappings_per_ksm_page = measured_mappings(res.pages_sharing, res.pages_shared)
         self.phase("hold")
         t0_ns = time.monotonic_ns()
-        fl.load(spec.phases.hold.duration_s)
+        fl.load(spec.phases.hold.duration_s + spec.phases.fill.timeout_s)
         hold(guard, max(0.0, spec.phases.hold.duration_s - (time.monotonic_ns() - t0_ns) / 1e9))
         self.trigger_phases()
         if spec.phases.attribute.enabled and res.total_saving_mib is not None:
