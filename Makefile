@@ -12,7 +12,7 @@ APT_TEST := chromium
 VENV_STAMP := $(VENV)/.installed-$(shell sha256sum requirements.lock pyproject.toml | sha256sum | cut -c1-12)
 
 .PHONY: setup setup-test apt-core apt-test apt-kbuild images lab-start lab-stop doctor demo test \
-	lint unit system clean-host report compare bench bench-collector bench-sampler ab-demo \
+	lint unit system debian-image clean-host report compare bench bench-collector bench-sampler ab-demo \
 	kernels patch-ab-demo
 
 setup: apt-core $(VENV_STAMP)
@@ -41,6 +41,12 @@ $(VENV_STAMP): requirements.lock pyproject.toml
 images: setup
 	$(PY) -m orchestrator.images
 
+# The Debian guest image (fleet.image: debian), cached per machine in
+# $$DENSITYLAB_IMAGE_CACHE (default /var/cache/densitylab/images): ~1 min cold.
+debian-image: setup
+	@scripts/apt-ensure mmdebstrap e2fsprogs
+	$(PY) -m orchestrator.debimage
+
 lab-start: setup
 	@scripts/labd start
 
@@ -67,7 +73,7 @@ unit: setup
 
 # Everything: lint, type checks, unit and system tests (real libvirtd, QEMU, KSM, and
 # one lab host booting a Debian kernel).
-test: setup-test images lab-images lint
+test: setup-test images lab-images debian-image lint
 	$(VENV)/bin/pytest -q --durations=15
 
 clean-host: setup

@@ -24,6 +24,14 @@ def create_overlay(backing: Path, overlay: Path) -> None:
     )
 
 
+def convert_to_qcow2(src: Path, dest: Path) -> None:
+    """src (raw or qcow2) copied into one standalone qcow2 file, no backing file."""
+    with open(src, "rb") as f:
+        fmt = "qcow2" if f.read(4) == QCOW2_MAGIC else "raw"
+    run(["qemu-img", "convert", "-q", "-f", fmt, "-O", "qcow2", str(src), str(dest)],
+        timeout_s=600)  # fmt: skip
+
+
 def cell_cpus(vcpus: int, cells: int) -> list[str]:
     """vCPU ranges of equal NUMA cells: 4 vCPUs in 2 cells -> ['0-1', '2-3'], 2 in 2 ->
     ['0', '1']; one cell (or none) -> []. Raises UsageError when they do not split evenly."""

@@ -975,6 +975,8 @@ def _csv_tables(a: an.Analysis) -> dict[str, pd.DataFrame]:
             }
     if a.published is not None:
         tables["published_comparison"] = a.published
+    if a.savings is not None:
+        tables["savings"] = a.savings
     if a.capacity is not None:
         tables |= {"capacity": a.capacity.table, "density_curve": a.capacity.curve}
     return {k: v for k, v in tables.items() if v is not None}
@@ -1089,6 +1091,7 @@ def _context(
         "headline_comparisons": _opt(comparisons_display(a.comparisons, HEADLINE_METRICS)),
         "phases": None if ps is None else _opt(phase_display(ps), "phase_summary.csv"),
         "guests": _opt(a.guests, "guests.csv"),
+        "savings": _opt(a.savings, "savings.csv"),
         "latency": _latency_context(a),
         "capacity": _capacity_context(a),
         "methods": (*an.METHOD_NOTES, *walkcost.FIT_NOTES),

@@ -25,6 +25,7 @@ from orchestrator import (
     abdiff,
     checks,
     fleet,
+    guestimage,
     images,
     plan,
     runlock,
@@ -125,6 +126,7 @@ def new_manifest(
         "accel": "kvm" if domain_type == "kvm" else "tcg",
         "accel_how": facts["accel"]["how"],
         "images": {"tiny": describe_image(image), **lab_image_record(spec)},
+        "guest_image": guestimage.record(guestimage.resolve(spec, str(spec_path))),
         **dict(zip(("kernels", "warnings"), kernel_records(spec), strict=True)),
         "seed": spec.seed,
         "workload_seed": spec.workload_seed,
@@ -255,6 +257,7 @@ def prepare(spec: Spec, spec_path: Path) -> Prepared:
     from orchestrator import doctor  # imports libvirt; kept out of `plan`'s path
 
     check_fits_host(spec, host_available_mib(), str(spec_path))
+    guestimage.resolve(spec, str(spec_path))  # HostError: the image is not built
     image = images.find_tiny_image()
     if spec.host.kind == "labvm":
         from orchestrator import labimage
@@ -328,6 +331,7 @@ def run_experiment(
     The run's lock is taken before the host is touched: HostBusy (exit 2) when another
     run is live here, or the resumed run is."""
     spec, raw, sha = load_spec(spec_path)
+    guestimage.check_files(spec, str(spec_path))  # a wrong path: one line, nothing touched
     resumed = open_resumed(resume, spec_path, sha) if resume is not None else None
     run_id = resumed.run_id if resumed is not None else store.new_run_id(spec.name)
     role = "remote" if spec.host.kind == "inventory" else "run"
@@ -375,8 +379,9 @@ def run_trials(
     guard = InterruptGuard()
     conn = fleet.connect()
     ctx = RunContext(
-        spec, spec_path, st, image, conn, domain_type, facts, guard, progress or QuietProgress()
-    )
+        spec, spec_path, st, image, conn, domain_type, facts, guard, progress or QuietProgress(),
+        guestimage.resolve(spec, str(spec_path)),
+    )  # fmt: skip
     outcome = RunOutcome(st, [], [])
     lock = threading.Lock()  # trials on several machines finish in parallel
 

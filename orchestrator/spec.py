@@ -139,6 +139,30 @@ def check_sweep(values: Sequence[object], what: str) -> None:
             raise field_error(str(i), f"{what} {v} is listed twice (trial ids would repeat)")
 
 
+PathText = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class ImagePath(Strict):
+    """The user's own image: a qcow2 (or raw) disk that runs qemu-guest-agent. Every
+    guest boots a qcow2 overlay on it. Without `kernel` it boots through its own
+    bootloader; with one, that kernel (and initrd, cmdline) boots the disk directly."""
+
+    path: PathText
+    kernel: PathText | None = None
+    initrd: PathText | None = None
+    cmdline: Annotated[str, Field(max_length=4096)] = "root=/dev/vda rw console=ttyS0 quiet"
+
+    @model_validator(mode="after")
+    def _initrd_needs_kernel(self) -> ImagePath:
+        if self.initrd is not None and self.kernel is None:
+            raise field_error("initrd", "an initrd boots only with a kernel (add kernel:)")
+        return self
+
+
+def shown_image(image: str | ImagePath) -> str:
+    return image if isinstance(image, str) else image.path
+
+
 class Fleet(Strict):
     count: (
         Annotated[int, Field(gt=0, le=MAX_GUESTS)]
@@ -146,7 +170,9 @@ class Fleet(Strict):
     ) = 1
     vcpus: Annotated[int, Field(gt=0, le=MAX_VCPUS)] = 1
     memory_mib: Annotated[int, Field(ge=64, le=MAX_MIB)] = 256
-    image: Literal["tiny"] = "tiny"
+    # tiny: busybox initramfs (fill workloads only); debian: Debian 12 (make
+    # debian-image); {path: ...}: the user's own image
+    image: Literal["tiny", "debian"] | ImagePath = "tiny"
     accel: Literal["auto", "kvm", "tcg"] = "auto"
 
     @field_validator("count")
@@ -193,6 +219,14 @@ def volatile_start(w: Workload) -> tuple[int, int]:
 
 
 class Workload(Strict):
+    """kind fill: dlfill's pattern in every guest (mib, dup, ...). kind playbook: an
+    Ansible playbook run in every guest after boot (vars as extra vars), and an
+    optional `load` playbook run during the hold."""
+
+    kind: Literal["fill", "playbook"] = "fill"
+    playbook: PathText | None = None
+    vars: Annotated[dict[str, int | float | str | bool], Field(max_length=64)] = {}
+    load: PathText | None = None
     mib: Mib = 64
     dup: Annotated[float, Field(ge=0, le=1)] = 1.0
     zero: Annotated[float, Field(ge=0, le=1)] = 0.0
@@ -205,6 +239,18 @@ class Workload(Strict):
     # to max_page_sharing mappings (the published rmap_walk_ksm benchmark's shape).
     pattern: Literal["distinct", "one-content"] = "distinct"
     seed: Seed | None = None
+
+    @model_validator(mode="after")
+    def _playbook_fields(self) -> Workload:
+        if self.kind == "playbook" and self.playbook is None:
+            raise field_error("playbook", "kind playbook needs a playbook file")
+        if self.kind == "fill":
+            for name in ("playbook", "load"):
+                if getattr(self, name) is not None:
+                    raise field_error(name, "only for kind playbook")
+            if self.vars:
+                raise field_error("vars", "only for kind playbook")
+        return self
 
     @model_validator(mode="after")
     def _shares_sum_to_one(self) -> Workload:
@@ -467,6 +513,34 @@ class Spec(Strict):
                     )
         if self.trial_count > MAX_TRIALS:
             raise field_error("repeats", self.matrix_too_large())
+        return self
+
+    @model_validator(mode="after")
+    def _workload_fits_image(self) -> Spec:
+        """A playbook needs a guest with python3; the fill's scramble and the tiny
+        image's dlfill belong together; only this machine runs guests of a disk image."""
+        image, w = self.fleet.image, self.workload
+        if w.kind == "playbook" and image == "tiny":
+            raise field_error(
+                "fleet.image", "workload kind playbook needs debian or {path: ...}", image
+            )
+        if w.kind == "fill" and image != "tiny":
+            raise field_error("workload.kind", "fill runs dlfill in the tiny image only", "fill")
+        if w.kind == "playbook" and self.phases.attribute.enabled:
+            raise field_error(
+                "phases.attribute.enabled",
+                "the scramble is the fill's; a playbook's saving is the fleet's with its "
+                "workload less the idle fleet's (phases.baseline)",
+                True,
+            )
+        if w.kind == "playbook" and not self.phases.baseline.enabled:
+            raise field_error(
+                "phases.baseline.enabled",
+                "a playbook's saving is measured against the idle fleet (the OS alone)",
+                False,
+            )
+        if image != "tiny" and self.host.kind != "local":
+            raise field_error("fleet.image", "runs on host.kind local only", shown_image(image))
         return self
 
     @model_validator(mode="after")

@@ -35,11 +35,19 @@ EventCallback = Callable[[str, str], None]  # (host, event name)
 class PlayError(DensitylabError):
     """A play did not end successfully on every host."""
 
-    def __init__(self, play: str, status: str, rc: int | None, failures: Mapping[str, str]):
+    def __init__(
+        self,
+        play: str,
+        status: str,
+        rc: int | None,
+        failures: Mapping[str, str],
+        events: Sequence[Mapping[str, Any]] = (),
+    ):
         self.play = play
         self.status = status
         self.rc = rc
         self.failures = dict(failures)
+        self.events = list(events)  # what the play did before it failed
         detail = "; ".join(f"{h}: {m}" for h, m in sorted(failures.items())) or "no host detail"
         super().__init__(f"play {play} {status} (rc {rc}): {detail}")
 
@@ -99,7 +107,8 @@ def run_play(
     on_event: EventCallback | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run playbooks/<play>.yml against guests; return the job events.
+    """Run playbooks/<play>.yml (or the playbook file `play` names) against guests;
+    return the job events.
 
     `cancel` is polled about every 0.5 s; returning True stops the play (ansible-runner
     kills its process group) and the play ends with status `canceled`. Raises PlayError
@@ -119,7 +128,7 @@ def run_play(
 
     r = ansible_runner.run(
         private_data_dir=str(data_dir),
-        playbook=str(PLAYBOOKS / f"{play}.yml"),
+        playbook=str(play if play.endswith((".yml", ".yaml")) else PLAYBOOKS / f"{play}.yml"),
         extravars=dict(extravars),
         forks=max(1, len(guests)),
         quiet=True,
@@ -137,7 +146,7 @@ def run_play(
         },
     )
     if r.status != "successful":
-        raise PlayError(play, r.status, r.rc, host_failures(events))
+        raise PlayError(play, r.status, r.rc, host_failures(events), events)
     return events
 
 
@@ -260,6 +269,111 @@ class WorkloadDriver:
             # Not cancellable: it runs during teardown, after an interrupt too.
             self._play("workload-stop", {}, timeout_s=120, cancellable=False)
             self.started = False
+
+
+# ---------------------------------------------------------------- playbook workloads
+
+
+@dataclass(frozen=True)
+class PlayResult:
+    """One guest's outcome of one workload play (a row of plays.parquet)."""
+
+    guest: str
+    play: str  # "workload" or "load"
+    playbook: str
+    status: str  # successful, failed, unreachable, canceled
+    ok: int
+    changed: int
+    failures: int
+    skipped: int
+    tasks_s: float  # the guest's task durations, summed
+    message: str | None = None  # the last failure's message
+
+
+def play_results(
+    events: Sequence[Mapping[str, Any]], guests: Sequence[str], play: str, playbook: str,
+    status: str,
+) -> list[PlayResult]:  # fmt: skip
+    """Each guest's counts and task time from the job events; a guest the play never
+    reached counts as `status` (the play's own: canceled, timeout)."""
+    stats = play_stats(events)
+    failures = host_failures(events)
+    seconds: dict[str, float] = {}
+    for ev in events:
+        data = ev.get("event_data", {})
+        if ev.get("event", "").startswith("runner_on_") and "duration" in data:
+            host = data.get("host", "?")
+            seconds[host] = seconds.get(host, 0.0) + float(data.get("duration") or 0.0)
+    out = []
+    for g in guests:
+        st = stats.get(g, {})
+        if st.get("dark"):
+            state = "unreachable"
+        elif st.get("failures") or g in failures:
+            state = "failed"
+        else:
+            state = "successful" if st else status
+        out.append(
+            PlayResult(
+                g,
+                play,
+                playbook,
+                state,
+                st.get("ok", 0),
+                st.get("changed", 0),
+                st.get("failures", 0),
+                st.get("skipped", 0),
+                round(seconds.get(g, 0.0), 3),
+                failures.get(g),
+            )
+        )
+    return out
+
+
+class PlaybookDriver:
+    """A playbook workload: its play in every guest after boot, its load play during the
+    hold. Results per guest accumulate in `results`, also when a play fails."""
+
+    def __init__(
+        self,
+        guests: Sequence[str],
+        artifacts: Path,
+        uri: str,
+        variables: Mapping[str, Any],
+        on_event: EventCallback | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ):
+        self.guests = list(guests)
+        self.artifacts = artifacts
+        self.uri = uri
+        # Debian's python3 (the connection plugin runs no shell for interpreter
+        # discovery); a user's image with Python elsewhere sets it in workload.vars.
+        self.variables = {
+            "ansible_python_interpreter": "/usr/bin/python3",
+            **variables,
+            "guest_count": len(self.guests),
+        }
+        self.on_event = on_event
+        self.cancel = cancel
+        self.results: list[PlayResult] = []
+
+    def run(self, play: str, playbook: Path, timeout_s: float) -> None:
+        """Run playbook in every guest; raises PlayError (results recorded first)."""
+        try:
+            events = run_play(
+                str(playbook.resolve()),
+                self.guests,
+                self.artifacts / play,
+                uri=self.uri,
+                extravars=self.variables,
+                timeout_s=timeout_s,
+                on_event=self.on_event,
+                cancel=self.cancel,
+            )
+        except PlayError as e:
+            self.results += play_results(e.events, self.guests, play, str(playbook), e.status)
+            raise
+        self.results += play_results(events, self.guests, play, str(playbook), "successful")
 
 
 # ---------------------------------------------------------------- plays on lab machines

@@ -577,9 +577,10 @@ def _ksm_settings_table(trial: _Trial) -> pd.DataFrame:
 def _per_trial_tables(syn: Synthetic, trials: list[_Trial], rng) -> dict[str, pd.DataFrame]:
     """Every table except latency, concatenated over trials."""
     n_ok = sum(t.status == "successful" for t in trials)
-    # latency and workload_pages (orchestrator.pagecount) are not synthesised
+    # latency, workload_pages (orchestrator.pagecount) and plays (playbook workloads)
+    # are not synthesised
     parts: dict[str, list[pd.DataFrame]] = {
-        k: [] for k in ALL_TABLES - {"latency", "workload_pages"}
+        k: [] for k in ALL_TABLES - {"latency", "workload_pages", "plays"}
     }
     for trial in trials:
         t, phase = _sample_times(syn, trial, n_ok)

@@ -8,6 +8,7 @@ from typing import Any
 
 from orchestrator import images, store
 from orchestrator.engine.state import Progress
+from orchestrator.guestimage import GuestBoot
 from orchestrator.interrupts import InterruptGuard
 from orchestrator.spec import Spec
 
@@ -23,3 +24,4 @@ class RunContext:
     facts: dict[str, Any]  # this machine's, from the doctor
     guard: InterruptGuard
     progress: Progress
+    boot: GuestBoot | None = None  # None: the tiny image (tests that build a context)

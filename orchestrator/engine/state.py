@@ -15,7 +15,7 @@ from orchestrator import fleet, integrity
 from orchestrator.attribution import Window
 from orchestrator.hosts.base import Proc
 from orchestrator.sampling import PhaseMark
-from orchestrator.workload import FillResult
+from orchestrator.workload import FillResult, PlayResult
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class TrialState:
     marks: list[PhaseMark] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     fills: list[FillResult] = field(default_factory=list)
+    plays: list[PlayResult] = field(default_factory=list)  # a playbook workload's, per guest
     guests: list[fleet.Guest] = field(default_factory=list)  # a guest fleet's domains
     fleet_procs: list[Proc] = field(default_factory=list)  # a process fleet's processes
     host_procs: list[Proc] = field(default_factory=list)  # the fragmented host copies

@@ -75,6 +75,8 @@ def trial_tables(st: TrialState, res: TrialResult) -> dict[str, pd.DataFrame]:
         "integrity": st.integrity.table(tid, st.t0_ns),
         "ksm_settings": ksm_settings_table(st, tid),
     }
+    if st.plays:
+        tables["plays"] = pd.DataFrame([{"trial_id": tid, **asdict(p)} for p in st.plays])
     if st.collected:
         tables["latency"] = latency_table(st, res, procs)
         res.walks = len(tables["latency"])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
@@ -161,7 +162,9 @@ class Trial:
             res.pages_sharing, res.pages_shared = k.get("pages_sharing"), k.get("pages_shared")
             res.mappings_per_ksm_page = measured_mappings(res.pages_sharing, res.pages_shared)
         self.phase("hold")
-        hold(guard, spec.phases.hold.duration_s)
+        t0_ns = time.monotonic_ns()
+        fl.load(spec.phases.hold.duration_s + spec.phases.fill.timeout_s)
+        hold(guard, max(0.0, spec.phases.hold.duration_s - (time.monotonic_ns() - t0_ns) / 1e9))
         self.trigger_phases()
         if spec.phases.attribute.enabled and res.total_saving_mib is not None:
             self.attribute_saving(fl)

@@ -210,6 +210,17 @@ KSM_SETTINGS = Table(
         _cols("swept", "bool"),
     ),
 )
+# A playbook workload (workload.kind playbook): each guest's outcome of each play.
+# play: workload (after boot) or load (during the hold); tasks_s: its tasks' durations.
+PLAYS = Table(
+    "plays",
+    _join(
+        _cols("trial_id guest play status", "str", True),
+        _cols("playbook message", "str"),
+        _cols("ok changed failures skipped", "int"),
+        _cols("tasks_s", "float"),
+    ),
+)
 # `densitylab check` runs: written at the run's root, not rebuilt from trial parts.
 CHECKS = Table(
     "checks",
@@ -239,15 +250,17 @@ RUN_TABLES: dict[str, Table] = {
         INTEGRITY,
         WORKLOAD_PAGES,
         KSM_SETTINGS,
+        PLAYS,
     )
 }
 CHECK_TABLES: dict[str, Table] = {t.name: t for t in (CHECKS, CHECK_FIGURES)}
 TABLES: dict[str, Table] = RUN_TABLES | CHECK_TABLES
 # The analysis reads these; integrity.parquet is read by orchestrator.integrity, and
 # workload_pages.parquet is the per-guest detail of trials.pagecount_saving_mib,
-# ksm_settings.parquet that of trials.ksm_setting.
+# ksm_settings.parquet that of trials.ksm_setting, plays.parquet the per-guest record of a
+# playbook workload.
 ANALYSIS_TABLES = tuple(
-    n for n in RUN_TABLES if n not in ("integrity", "workload_pages", "ksm_settings")
+    n for n in RUN_TABLES if n not in ("integrity", "workload_pages", "ksm_settings", "plays")
 )
 
 

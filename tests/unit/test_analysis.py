@@ -333,11 +333,12 @@ def test_all_tables_listed() -> None:
     """The analysis reads the schema's tables (integrity.parquet is read by
     orchestrator.integrity: CLI summary, report section; workload_pages.parquet is the
     per-guest detail of trials.pagecount_saving_mib, ksm_settings.parquet that of
-    trials.ksm_setting)."""
+    trials.ksm_setting, plays.parquet the per-guest record of a playbook workload's plays)."""
     assert {t.name for t in an.RUN_FIELDS.values()} == set(ALL_TABLES) - {
         "integrity",
         "workload_pages",
         "ksm_settings",
+        "plays",
     }
 
 

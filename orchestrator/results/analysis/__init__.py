@@ -70,6 +70,8 @@ class Analysis:
     warnings: list[str] = field(default_factory=list)
     capacity_note: str | None = None  # why there is no capacity table, when it is not wanted
     published: pd.DataFrame | None = None  # rmap-bench: the series' figures beside ours
+    # guest fleets with an idle baseline: the OS alone beside the fleet with its workload
+    savings: pd.DataFrame | None = None
 
     @property
     def manifests(self) -> list[dict[str, Any]]:
@@ -185,4 +187,5 @@ def analyze(
         warnings=hygiene_warnings(run, tm, lat, kernels) + _dropped_latency(run, lat),
         capacity_note=cap_note,
         published=published,
+        savings=os_and_workload_savings(run.trials),
     )

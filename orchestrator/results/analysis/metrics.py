@@ -28,6 +28,7 @@ __all__ = [
     "kernel_order",
     "ksmd_cpu_pct",
     "merge_milestones",
+    "os_and_workload_savings",
     "successful",
     "trial_metrics",
 ]
@@ -148,6 +149,37 @@ def attributed_saving(trials: pd.DataFrame) -> pd.Series:
     if "pagecount_saving_mib" not in trials:
         return diff
     return trials["pagecount_saving_mib"].astype(float).fillna(diff)
+
+
+def os_and_workload_savings(trials: pd.DataFrame) -> pd.DataFrame | None:
+    """Per successful guest trial whose idle baseline ran: what the OS alone shares (the
+    idle fleet, settled before the workload), what the fleet shares with its workload
+    (the merge, settled), and their difference, the workload's own saving; each per
+    guest (MiB). None when no trial measured an idle baseline (process fleets, or runs
+    with phases.baseline off)."""
+    need = {"baseline_saving_mib", "total_saving_mib", "baseline_settled", "fleet_size"}
+    if not need <= set(trials.columns):
+        return None
+    ok = trials[(trials["status"] == "successful") & trials["baseline_settled"].notna()]
+    ok = ok[ok["total_saving_mib"].notna()]
+    if ok.empty:
+        return None
+    n = ok["fleet_size"].astype(float)
+    os_alone = ok["baseline_saving_mib"].astype(float) / n
+    with_workload = ok["total_saving_mib"].astype(float) / n
+    return pd.DataFrame(
+        {
+            "trial_id": ok["trial_id"].astype(str),
+            "kernel": ok["kernel"].astype(str),
+            "fleet_size": ok["fleet_size"].astype(int),
+            "os_alone_mib_per_guest": os_alone.round(1),
+            "with_workload_mib_per_guest": with_workload.round(1),
+            "workload_own_mib_per_guest": (with_workload - os_alone).round(1),
+            "baseline_settled": ok["baseline_settled"].astype(bool),
+            "settled": ok["settled"].astype(bool),
+            "ksmd_cpu_s": ok["ksmd_cpu_s"].astype(float).round(2),
+        }
+    ).reset_index(drop=True)
 
 
 def saving_methods(trials: pd.DataFrame) -> pd.Series:
