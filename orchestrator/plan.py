@@ -22,6 +22,11 @@ PAGES_PER_MIB = 256
 # a kexec between kernels on a lab machine (measured 8.5-31 s on lab VMs).
 LAB_BOOT_S = 40.0
 SWITCH_S = 30.0
+# A trigger step (one migrate repeat, the reclaim pass) and the restore after reclaim,
+# as measured in make ab-demo here (lab host, 1,000 pages moved, 8 MiB reclaimed per
+# workload: ~10 s each on either kernel at 2,000 VMAs; more for the old walk at 10,000).
+TRIGGER_S = 10.0
+RESTORE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -117,7 +122,10 @@ def estimate_s(spec: Spec, trial: Trial) -> float:
     baseline = scans * scan_s if spec.phases.baseline.enabled else 0
     fill = 3 * ANSIBLE_PLAY_S + spec.workload.mib * trial.fleet_size / FILL_MIB_PER_S
     merge = min(spec.phases.merge.timeout_s, scans * scan_s)
-    return boot + baseline + fill + merge + spec.phases.hold.duration_s + TEARDOWN_S
+    ph = spec.phases
+    triggers = TRIGGER_S * ((ph.migrate.repeats if ph.migrate.enabled else 0) + ph.reclaim.enabled)
+    restore = RESTORE_S if ph.reclaim.enabled else 0.0
+    return boot + baseline + fill + merge + ph.hold.duration_s + triggers + restore + TEARDOWN_S
 
 
 def overhead_s(spec: Spec, trials: list[Trial]) -> float:

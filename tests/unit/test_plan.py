@@ -118,3 +118,12 @@ def test_faster_scan_setting_estimates_shorter() -> None:
         50 * plan.full_scan_s(spec, 2, fast.knobs)
     )
     assert plan.estimate_s(spec, slow) > plan.estimate_s(spec, fast)
+
+
+def test_trigger_phases_add_their_steps() -> None:
+    plain, _ = load_spec_text("name: a", "x")
+    text = "name: a\nphases: {migrate: {enabled: true, repeats: 2}, reclaim: {enabled: true}}"
+    triggered, _ = load_spec_text(text, "x")
+    (p,), (t,) = plan.expand(plain), plan.expand(triggered)
+    extra = 3 * plan.TRIGGER_S + plan.RESTORE_S
+    assert plan.estimate_s(triggered, t) == pytest.approx(plan.estimate_s(plain, p) + extra)
