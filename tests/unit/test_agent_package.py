@@ -10,11 +10,12 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from orchestrator import agentship
+from orchestrator import agentship, dlfill, images
 from orchestrator.agent import cli, cmd
 
 PACKAGE = agentship.AGENT_PACKAGE
@@ -124,16 +125,26 @@ def test_every_subcommand_keeps_the_flags_lab_hosts_drive() -> None:
     """tests/data/agent_cli.json was recorded from the one-file agent before the split:
     every subcommand, flag, default and choice it had is still there, in its order; new
     choices may be added (a new latency method) and new subcommands after the old ones
-    (`hold`, `clean`), none taken away."""
+    (`hold`, `clean`), none taken away. A flag may widen from one value to a repeatable
+    one (move-pages --pid, reclaim --cgroup): the old single use parses as before."""
     recorded = json.loads((DATA / "agent_cli.json").read_text())
     now = cli_shape(cli.parser())
     assert list(now)[: len(recorded)] == list(recorded)
     assert {"hold", "clean"} <= set(now)
+    widened = {("_StoreAction", "_AppendAction")}
     for name, args in recorded.items():
         assert len(now[name]) == len(args), name
         for old, new in zip(args, now[name], strict=True):
-            assert new[:4] + new[5:] == old[:4] + old[5:], (name, old, new)
+            assert new[:4] == old[:4], (name, old, new)
+            assert new[5] == old[5] or (old[5], new[5]) in widened, (name, old, new)
             assert set(old[4]) <= set(new[4]), (name, old, new)  # type: ignore[arg-type]
+
+
+def test_move_pages_and_reclaim_take_one_or_several_targets() -> None:
+    p = cli.parser()
+    assert p.parse_args(["move-pages", "--pid", "7", "--pages", "5", "--node", "1"]).pid == [7]
+    two = p.parse_args(["reclaim", "--cgroup", "a", "--cgroup", "b", "--mib", "8", "--json"])
+    assert two.cgroup == ["a", "b"]
 
 
 def test_the_dispatch_table_is_the_parser() -> None:
@@ -190,3 +201,36 @@ def test_the_zipapp_runs_its_subcommands_under_python(python: str, tmp_path: Pat
     bad = agent("ksm-restore", "--saved", str(tmp_path / "absent.json"))
     assert bad.returncode == 1 and bad.stderr.startswith("hostagent: ")
     assert agent("no-such-subcommand").returncode == 2
+
+
+def test_move_pages_reports_one_window_per_process_in_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two real dlfill processes in one call: a line each, in the order given, with the
+    pid and a window on this clock (node 0: pages already there on a one-node host)."""
+    fill = images.host_dlfill()
+    procs, outs = [], []
+    for i in range(2):
+        out = (tmp_path / f"fill-{i}.out").open("w+")
+        argv = [str(fill), "--mib", "2", "--dup", "1", "--seed", "3", "--instance", str(i)]
+        procs.append(subprocess.Popen([*argv, "--mergeable", "--hold"], stdout=out))
+        outs.append(out)
+    try:
+        for out in outs:
+            deadline = time.monotonic() + 30
+            while dlfill.done_record(Path(out.name).read_text()) is None:
+                assert time.monotonic() < deadline, "dlfill did not fill"
+                time.sleep(0.05)
+        before = time.monotonic_ns()
+        pids = [str(p.pid) for p in procs]
+        argv = ["move-pages", "--pid", pids[1], "--pid", pids[0], "--pages", "16", "--node", "0"]
+        assert cli.main(argv) == 0
+        lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert [x["pid"] for x in lines] == [procs[1].pid, procs[0].pid]
+    for x in lines:
+        assert before <= x["start_ns"] <= x["end_ns"] <= time.monotonic_ns()
+        assert x["requested"] == 16 and x["moved"] + x["already"] + x["failed"] == 16
