@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from .fs import STATE_DIR
@@ -55,13 +56,25 @@ def holder(state_dir: Path = STATE_DIR) -> str | None:
         os.close(fd)
 
 
+def _lock_exclusive(fd: int, patience_s: float = 1.0) -> bool:
+    """The exclusive lock, or False when a holder keeps it. Tried for a moment: `holder`
+    (a `clean` elsewhere) takes the lock shared for microseconds, and that is not a run."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
 def hold(run_id: str, controller: str, state_dir: Path = STATE_DIR) -> int:
     """Hold the machine for run_id until stdin closes; BUSY_RC when another run has it."""
     fd = _open(state_dir)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock_exclusive(fd):
             print(json.dumps({"busy": _record(fd)}), flush=True)
             return BUSY_RC
         os.ftruncate(fd, 0)

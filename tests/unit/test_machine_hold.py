@@ -62,3 +62,22 @@ def test_trial_folders_and_their_processes_are_found_by_run_tag(tmp_path: Path) 
     while sleeper.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sleeper.returncode is not None
+
+
+def test_a_shared_probe_in_flight_is_not_taken_for_a_holder(tmp_path: Path) -> None:
+    """`holder` (what `clean` asks) locks shared for a moment; a run taking the machine
+    then must wait it out, not report the machine busy. The probe is stretched to 0.3 s
+    here by holding the shared lock in this process."""
+    import fcntl
+
+    fd = os.open(hold.lock_file(tmp_path), os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    run = start_hold(tmp_path, "run-a")
+    try:
+        time.sleep(0.3)
+        os.close(fd)  # the probe ends
+        assert answer(run) == {"held": "run-a"}
+    finally:
+        assert run.stdin is not None
+        run.stdin.close()
+        assert run.wait(timeout=10) == 0
