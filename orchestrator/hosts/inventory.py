@@ -94,16 +94,21 @@ class InventoryHost(AgentHost):
         then sweep what killed runs left there (a killed attempt of this run too, on
         --resume: their KSM knobs must be back before ours save the machine's). HostBusy
         when another run holds it. Returns what the sweep removed."""
-        t = self.connect()
-        inv.ship_agent(t)
-        assert self.hold is not None
-        self.hold.take()
+        t = self.take_hold()
         _, removed, errors = inv.sweep_run_state(t, holder=self.run_id)
         if errors:
             raise HostError(f"{self.machine.name}: clean before the run: {'; '.join(errors)}")
         if self.releases is None:
             self.releases = self.install_kernels(t)
         return removed
+
+    def take_hold(self) -> inv.SshTransport:
+        """The agent shipped (the kernel's tmpfs may have lost it) and the hold taken."""
+        t = self.connect()
+        inv.ship_agent(t)
+        assert self.hold is not None
+        self.hold.take()
+        return t
 
     def install_kernels(self, t: inv.SshTransport) -> dict[str, str]:
         """The spec's kernels that no package brings (built from source, a built tree, a
@@ -138,7 +143,9 @@ class InventoryHost(AgentHost):
                     f"in {seconds:.1f} s",
                 )
             )
-            self.claim()  # the old kernel took the hold's session with it
+            # The old kernel took the hold's session with it. No sweep again: only what
+            # is on disk survives a switch, and the first claim swept that.
+            self.take_hold()
         notes.append(("machine", f"{self.machine.name} runs {release}"))
         self.kernels_run[kernel] = self.kernels_run.get(kernel, 0) + 1
         # The trial's own folder: a machine serves many trials, and `clean` finds ours.
