@@ -11,7 +11,7 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -20,6 +20,9 @@ from rich.table import Table
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
 from orchestrator.errors import DensitylabError, Interrupted, UsageError, printable, shown
+
+if TYPE_CHECKING:
+    from orchestrator.spec import Spec
 
 # The largest host RAM the capacity model is asked about (GiB): beyond any machine.
 MAX_HOST_RAM_GIB = 1 << 16
@@ -104,6 +107,16 @@ def doctor(
     raise typer.Exit(0 if report.ok else 1)
 
 
+def planned_machines(s: Spec) -> int:
+    """How many machines share an inventory spec's trials (the inventory file is read,
+    no machine is contacted); 1 for any other host."""
+    if s.host.kind != "inventory" or s.host.inventory is None:
+        return 1
+    from orchestrator import inventory
+
+    return len(inventory.load_inventory(Path(s.host.inventory), s.host.pattern))
+
+
 @app.command()
 def plan(
     spec: Path,
@@ -119,9 +132,10 @@ def plan(
     try:
         s, _, sha = load_spec(spec)
         trials = planmod.expand(s)
+        machines = planned_machines(s)
     except DensitylabError as e:
         fail(e)
-    est = planmod.estimate(s, trials, spec_history(results, s.name))
+    est = planmod.estimate(s, trials, spec_history(results, s.name), machines)
     t = Table(title=f"{s.name} ({len(trials)} trials, spec sha256 {sha[:12]})")
     swept = any(isinstance(v, list) for v in s.ksm.values())
     cols = ("trial", "kernel", "guests", *(("KSM setting",) if swept else ()), "repeat", "est. s")
@@ -137,7 +151,9 @@ def plan(
     out.print(
         f"estimated duration: {est.total_s / 60:.1f} min, of which {est.overhead_s:.0f} s "
         f"outside trials ({est.overhead_from}; guest RAM {s.fleet.memory_mib} MiB, "
-        f"fill {s.workload.mib} MiB per guest)",
+        f"fill {s.workload.mib} MiB per guest"
+        + (f"; trials side by side on {machines} machines" if machines > 1 else "")
+        + ")",
         markup=False,
     )
 

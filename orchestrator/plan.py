@@ -146,16 +146,30 @@ class Estimate:
     trial_s: list[tuple[float, str]]
     overhead_s: float
     overhead_from: str
+    machines: int = 1  # trials run side by side on this many (an inventory's)
 
     @property
     def total_s(self) -> float:
-        return sum(s for s, _ in self.trial_s) + self.overhead_s
+        return makespan_s([s for s, _ in self.trial_s], self.machines) + self.overhead_s
 
 
-def estimate(spec: Spec, trials: list[Trial], history: History | None = None) -> Estimate:
+def makespan_s(trial_s: list[float], machines: int) -> float:
+    """How long trials take on `machines` working side by side, each taking the next
+    trial when it is free: longest first onto the least busy machine (the pool hands
+    trials out as machines free up; its order differs, so this is an estimate)."""
+    busy = [0.0] * max(1, machines)
+    for s in sorted(trial_s, reverse=True):
+        busy[busy.index(min(busy))] += s
+    return max(busy)
+
+
+def estimate(
+    spec: Spec, trials: list[Trial], history: History | None = None, machines: int = 1
+) -> Estimate:
     """Each trial from earlier runs of the spec here (median of its successful
     attempts) where there are any, else from the model above, which leaves out what
-    only a run can tell (trigger and walk costs: they depend on the kernel)."""
+    only a run can tell (trigger and walk costs: they depend on the kernel). An
+    inventory's `machines` run trials side by side."""
     h = history or History()
     runs = f"{h.runs} earlier run{'s' if h.runs != 1 else ''}"
     per_trial = []
@@ -164,5 +178,5 @@ def estimate(spec: Spec, trials: list[Trial], history: History | None = None) ->
         per_trial.append((past, runs) if past is not None else (estimate_s(spec, t), "model"))
     past_overhead = h.overhead()
     if past_overhead is not None:
-        return Estimate(per_trial, past_overhead, runs)
-    return Estimate(per_trial, overhead_s(spec, trials), "model")
+        return Estimate(per_trial, past_overhead, runs, machines)
+    return Estimate(per_trial, overhead_s(spec, trials), "model", machines)

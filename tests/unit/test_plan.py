@@ -127,3 +127,35 @@ def test_trigger_phases_add_their_steps() -> None:
     (p,), (t,) = plan.expand(plain), plan.expand(triggered)
     extra = 3 * plan.TRIGGER_S + plan.RESTORE_S
     assert plan.estimate_s(triggered, t) == pytest.approx(plan.estimate_s(plain, p) + extra)
+
+
+def test_makespan_puts_trials_side_by_side_on_machines() -> None:
+    assert plan.makespan_s([30, 20, 20, 10], 1) == 80
+    assert plan.makespan_s([30, 20, 20, 10], 2) == 40  # 30+10 | 20+20
+    assert plan.makespan_s([30, 20], 4) == 30  # machines left idle
+    assert plan.makespan_s([], 3) == 0
+
+
+def test_an_inventory_spec_is_planned_over_its_machines(tmp_path: Path) -> None:
+    """The CLI reads the inventory (no SSH) and divides the trials over its machines."""
+    from typer.testing import CliRunner
+
+    from orchestrator.cli import app
+
+    inv = tmp_path / "hosts.ini"
+    inv.write_text("[lab]\nm1 ansible_host=127.0.0.1\nm2 ansible_host=127.0.0.1\n")
+    spec = tmp_path / "s.yaml"
+    spec.write_text(
+        f"name: inv\nhost: {{kind: inventory, inventory: {inv}, pattern: lab}}\n"
+        "kernels: ['6.12', '7.3']\nrepeats: 2\n"
+    )
+    one = plan.estimate(load_spec(spec)[0], plan.expand(load_spec(spec)[0]))
+    r = CliRunner().invoke(app, ["plan", str(spec), "--results", str(tmp_path / "none")])
+    assert r.exit_code == 0, r.output
+    assert "trials side by side on 2 machines" in r.output
+    shown_min = float(r.output.split("estimated duration: ")[1].split(" min")[0])
+    serial_trials = one.total_s - one.overhead_s
+    assert shown_min == pytest.approx((serial_trials / 2 + one.overhead_s) / 60, abs=0.06)
+    spec.write_text(spec.read_text().replace("pattern: lab", "pattern: nothere"))
+    r = CliRunner().invoke(app, ["plan", str(spec)])
+    assert r.exit_code == 2 and "matches no host" in r.output
