@@ -35,7 +35,6 @@ import os
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -48,9 +47,9 @@ from orchestrator.images import (
     REPO_ROOT,
     apt_state_stamp,
     build_lock,
+    find_current,
     host_package_versions,
-    point_current,
-    publish,
+    reuse_or_build,
     source_digests,
 )
 from orchestrator.labimage import (
@@ -280,49 +279,24 @@ def build_debian_image(root: Path | None = None, *, force: bool = False) -> Debi
     failed); a failed or interrupted build leaves nothing behind but its log."""
     top = (root or default_root()).resolve()
     images = top / "debian"
-    images.mkdir(parents=True, exist_ok=True)
     with build_lock(images):
         inputs = collect_inputs()
         key = inputs.key()
-        final = images / key
-        if not force and (image := load_image(final, verify=True)) is not None:
-            log.info("Debian guest image %s: cache hit", key[:12])
-            point_current(images, key)
-            return image
-        log.info("Debian guest image %s: building", key[:12])
-        t0_ns = time.monotonic_ns()
-        with tempfile.TemporaryDirectory(dir=images, prefix=f".build-{key[:12]}-") as tmp:
-            work = Path(tmp)
-            try:
-                manifest = assemble(inputs, key, work, top / f"debs-{SUITE}")
-            except BaseException:
-                keep_log(work / "out" / "mmdebstrap.log", images / "last-failed-build.log")
-                raise
-            manifest["build_s"] = round((time.monotonic_ns() - t0_ns) / 1e9, 3)
-            (work / "out" / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            publish(work / "out", final)
-        point_current(images, key)
-    image = load_image(final, verify=False)
-    if image is None:
-        raise HostError(f"{final}: Debian guest image incomplete right after building it")
-    return DebianImage(
-        image.rootfs, image.kernel, image.initrd, image.manifest, key, False, image.cmdline
-    )
-
-
-def keep_log(log_path: Path, dest: Path) -> None:
-    if log_path.is_file():
-        shutil.copyfile(log_path, dest)
+        return reuse_or_build(
+            images,
+            "Debian guest image",
+            key,
+            load_image,
+            lambda work: assemble(inputs, key, work, top / f"debs-{SUITE}"),
+            force=force,
+            failure_log="mmdebstrap.log",
+        )
 
 
 def find_debian_image(root: Path | None = None) -> DebianImage:
     """The image `current` points at, without apt or rebuilding. HostError if none."""
     images = (root or default_root()).resolve() / "debian"
-    current = images / "current"
-    image = load_image(current.resolve(), verify=False) if current.is_symlink() else None
-    if image is None:
-        raise HostError(f"no Debian guest image in {images}: {BUILD_HINT}")
-    return image
+    return find_current(images, load_image, "Debian guest image", BUILD_HINT)
 
 
 def export_qcow2(image: DebianImage, dest: Path) -> None:
