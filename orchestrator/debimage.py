@@ -40,18 +40,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from orchestrator import images
 from orchestrator.errors import DensitylabError, HostError, UsageError
 from orchestrator.files import sha256_file
-from orchestrator.images import (
-    IMAGES_DIR,
-    REPO_ROOT,
-    apt_state_stamp,
-    build_lock,
-    find_current,
-    host_package_versions,
-    reuse_or_build,
-    source_digests,
-)
 from orchestrator.labimage import (
     image_size_mib,
     in_root,
@@ -65,7 +56,7 @@ from orchestrator.qemuparts import convert_to_qcow2
 
 log = logging.getLogger(__name__)
 
-DEBIAN_DIR = IMAGES_DIR / "debian"
+DEBIAN_DIR = images.IMAGES_DIR / "debian"
 INIT_SCRIPT = DEBIAN_DIR / "densitylab-guest-init"
 INIT_PATH = "/sbin/densitylab-guest-init"
 INITRAMFS_CONF = DEBIAN_DIR / "initramfs-tools" / "conf.d" / "densitylab"
@@ -127,7 +118,7 @@ class DebianInputs:
     variant: str
     suite: str
     dpkg_options: tuple[str, ...]
-    apt_state: str  # apt_state_stamp(): changes when apt's index does
+    apt_state: str  # images.apt_state_stamp(): changes when apt's index does
     host_packages: dict[str, str]
     sources: dict[str, str]  # repo-relative path -> sha256
     free_space_mib: int
@@ -155,9 +146,9 @@ def collect_inputs() -> DebianInputs:
         variant=VARIANT,
         suite=SUITE,
         dpkg_options=DPKG_OPTIONS,
-        apt_state=apt_state_stamp(),
-        host_packages=host_package_versions(HOST_PACKAGES),
-        sources=source_digests(SOURCE_FILES, REPO_ROOT),
+        apt_state=images.apt_state_stamp(),
+        host_packages=images.host_package_versions(HOST_PACKAGES),
+        sources=images.source_digests(SOURCE_FILES, images.REPO_ROOT),
         free_space_mib=FREE_SPACE_MIB,
     )
 
@@ -211,10 +202,6 @@ def customise(root: Path, key: str) -> None:
     write_into(root, "/etc/densitylab/image-key", f"{key}\n".encode(), 0o644)
 
 
-def artifact_record(path: Path) -> dict[str, object]:
-    return {"sha256": sha256_file(path), "size_bytes": path.stat().st_size}
-
-
 def assemble(inputs: DebianInputs, key: str, work: Path, debs: Path) -> dict[str, object]:
     """Build into work/out; returns the manifest (without the total build time)."""
     root, out = work / "root", work / "out"
@@ -240,7 +227,7 @@ def assemble(inputs: DebianInputs, key: str, work: Path, debs: Path) -> dict[str
         "rootfs": {"image_mib": size_mib, "label": LABEL},
         "timings_s": {"mmdebstrap": round(mmdebstrap_s, 3), "mkfs": round(mkfs_s, 3)},
         "artifacts": {
-            n: artifact_record(out / n) for n in ("rootfs.ext4", "vmlinuz", "initrd.img")
+            n: images.artifact_record(out / n) for n in ("rootfs.ext4", "vmlinuz", "initrd.img")
         },
         "inputs": asdict(inputs),
     }
@@ -278,12 +265,12 @@ def build_debian_image(root: Path | None = None, *, force: bool = False) -> Debi
     Raises HostError (missing packages, no apt sources) or CommandError (a build step
     failed); a failed or interrupted build leaves nothing behind but its log."""
     top = (root or default_root()).resolve()
-    images = top / "debian"
-    with build_lock(images):
+    debian = top / "debian"
+    with images.build_lock(debian):
         inputs = collect_inputs()
         key = inputs.key()
-        return reuse_or_build(
-            images,
+        return images.reuse_or_build(
+            debian,
             "Debian guest image",
             key,
             load_image,
@@ -295,8 +282,8 @@ def build_debian_image(root: Path | None = None, *, force: bool = False) -> Debi
 
 def find_debian_image(root: Path | None = None) -> DebianImage:
     """The image `current` points at, without apt or rebuilding. HostError if none."""
-    images = (root or default_root()).resolve() / "debian"
-    return find_current(images, load_image, "Debian guest image", BUILD_HINT)
+    debian = (root or default_root()).resolve() / "debian"
+    return images.find_current(debian, load_image, "Debian guest image", BUILD_HINT)
 
 
 def export_qcow2(image: DebianImage, dest: Path) -> None:

@@ -55,6 +55,7 @@ from orchestrator.images import (
     DEFAULT_OUT_ROOT,
     IMAGES_DIR,
     REPO_ROOT,
+    artifact_record,
     build_lock,
     find_current,
     host_package_versions,
@@ -397,10 +398,6 @@ def run_in_group(argv: Sequence[str], log_path: Path, timeout_s: float) -> None:
 
 
 # ---------------------------------------------------------------- build, cache, publish
-
-
-def artifact_record(path: Path) -> dict[str, object]:
-    return {"sha256": sha256_file(path), "size_bytes": path.stat().st_size}
 
 
 def assemble(
