@@ -35,24 +35,14 @@ import os
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from orchestrator import images
 from orchestrator.errors import DensitylabError, HostError, UsageError
 from orchestrator.files import sha256_file
-from orchestrator.images import (
-    IMAGES_DIR,
-    REPO_ROOT,
-    apt_state_stamp,
-    build_lock,
-    host_package_versions,
-    point_current,
-    publish,
-    source_digests,
-)
 from orchestrator.labimage import (
     image_size_mib,
     in_root,
@@ -66,7 +56,7 @@ from orchestrator.qemuparts import convert_to_qcow2
 
 log = logging.getLogger(__name__)
 
-DEBIAN_DIR = IMAGES_DIR / "debian"
+DEBIAN_DIR = images.IMAGES_DIR / "debian"
 INIT_SCRIPT = DEBIAN_DIR / "densitylab-guest-init"
 INIT_PATH = "/sbin/densitylab-guest-init"
 INITRAMFS_CONF = DEBIAN_DIR / "initramfs-tools" / "conf.d" / "densitylab"
@@ -128,7 +118,7 @@ class DebianInputs:
     variant: str
     suite: str
     dpkg_options: tuple[str, ...]
-    apt_state: str  # apt_state_stamp(): changes when apt's index does
+    apt_state: str  # images.apt_state_stamp(): changes when apt's index does
     host_packages: dict[str, str]
     sources: dict[str, str]  # repo-relative path -> sha256
     free_space_mib: int
@@ -156,9 +146,9 @@ def collect_inputs() -> DebianInputs:
         variant=VARIANT,
         suite=SUITE,
         dpkg_options=DPKG_OPTIONS,
-        apt_state=apt_state_stamp(),
-        host_packages=host_package_versions(HOST_PACKAGES),
-        sources=source_digests(SOURCE_FILES, REPO_ROOT),
+        apt_state=images.apt_state_stamp(),
+        host_packages=images.host_package_versions(HOST_PACKAGES),
+        sources=images.source_digests(SOURCE_FILES, images.REPO_ROOT),
         free_space_mib=FREE_SPACE_MIB,
     )
 
@@ -212,10 +202,6 @@ def customise(root: Path, key: str) -> None:
     write_into(root, "/etc/densitylab/image-key", f"{key}\n".encode(), 0o644)
 
 
-def artifact_record(path: Path) -> dict[str, object]:
-    return {"sha256": sha256_file(path), "size_bytes": path.stat().st_size}
-
-
 def assemble(inputs: DebianInputs, key: str, work: Path, debs: Path) -> dict[str, object]:
     """Build into work/out; returns the manifest (without the total build time)."""
     root, out = work / "root", work / "out"
@@ -241,7 +227,7 @@ def assemble(inputs: DebianInputs, key: str, work: Path, debs: Path) -> dict[str
         "rootfs": {"image_mib": size_mib, "label": LABEL},
         "timings_s": {"mmdebstrap": round(mmdebstrap_s, 3), "mkfs": round(mkfs_s, 3)},
         "artifacts": {
-            n: artifact_record(out / n) for n in ("rootfs.ext4", "vmlinuz", "initrd.img")
+            n: images.artifact_record(out / n) for n in ("rootfs.ext4", "vmlinuz", "initrd.img")
         },
         "inputs": asdict(inputs),
     }
@@ -279,50 +265,25 @@ def build_debian_image(root: Path | None = None, *, force: bool = False) -> Debi
     Raises HostError (missing packages, no apt sources) or CommandError (a build step
     failed); a failed or interrupted build leaves nothing behind but its log."""
     top = (root or default_root()).resolve()
-    images = top / "debian"
-    images.mkdir(parents=True, exist_ok=True)
-    with build_lock(images):
+    debian = top / "debian"
+    with images.build_lock(debian):
         inputs = collect_inputs()
         key = inputs.key()
-        final = images / key
-        if not force and (image := load_image(final, verify=True)) is not None:
-            log.info("Debian guest image %s: cache hit", key[:12])
-            point_current(images, key)
-            return image
-        log.info("Debian guest image %s: building", key[:12])
-        t0_ns = time.monotonic_ns()
-        with tempfile.TemporaryDirectory(dir=images, prefix=f".build-{key[:12]}-") as tmp:
-            work = Path(tmp)
-            try:
-                manifest = assemble(inputs, key, work, top / f"debs-{SUITE}")
-            except BaseException:
-                keep_log(work / "out" / "mmdebstrap.log", images / "last-failed-build.log")
-                raise
-            manifest["build_s"] = round((time.monotonic_ns() - t0_ns) / 1e9, 3)
-            (work / "out" / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            publish(work / "out", final)
-        point_current(images, key)
-    image = load_image(final, verify=False)
-    if image is None:
-        raise HostError(f"{final}: Debian guest image incomplete right after building it")
-    return DebianImage(
-        image.rootfs, image.kernel, image.initrd, image.manifest, key, False, image.cmdline
-    )
-
-
-def keep_log(log_path: Path, dest: Path) -> None:
-    if log_path.is_file():
-        shutil.copyfile(log_path, dest)
+        return images.reuse_or_build(
+            debian,
+            "Debian guest image",
+            key,
+            load_image,
+            lambda work: assemble(inputs, key, work, top / f"debs-{SUITE}"),
+            force=force,
+            failure_log="mmdebstrap.log",
+        )
 
 
 def find_debian_image(root: Path | None = None) -> DebianImage:
     """The image `current` points at, without apt or rebuilding. HostError if none."""
-    images = (root or default_root()).resolve() / "debian"
-    current = images / "current"
-    image = load_image(current.resolve(), verify=False) if current.is_symlink() else None
-    if image is None:
-        raise HostError(f"no Debian guest image in {images}: {BUILD_HINT}")
-    return image
+    debian = (root or default_root()).resolve() / "debian"
+    return images.find_current(debian, load_image, "Debian guest image", BUILD_HINT)
 
 
 def export_qcow2(image: DebianImage, dest: Path) -> None:

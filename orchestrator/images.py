@@ -33,14 +33,18 @@ import sys
 import tempfile
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from orchestrator.errors import DensitylabError, HostError, UsageError
 from orchestrator.files import sha256_file, write_text_atomic
 from orchestrator.proc import run
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 log = logging.getLogger(__name__)
 
@@ -499,9 +503,12 @@ def make_initrd(root: Path) -> bytes:
 
 
 @contextmanager
-def build_lock(tiny: Path) -> Iterator[None]:
-    """One builder per output root: a second one waits, then finds a cache hit."""
-    with (tiny / ".lock").open("w") as lock:
+def build_lock(kind_dir: Path) -> Iterator[None]:
+    """One builder per output root: a second one waits, then finds a cache hit.
+
+    kind_dir is made if missing."""
+    kind_dir.mkdir(parents=True, exist_ok=True)
+    with (kind_dir / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -590,6 +597,72 @@ def point_current(tiny: Path, key: str) -> None:
     os.replace(link, tiny / "current")
 
 
+# An image type (TinyImage, LabImage, DebianImage): a dataclass with key and cache_hit.
+ImageT = TypeVar("ImageT", bound="DataclassInstance")
+ImageT_co = TypeVar("ImageT_co", bound="DataclassInstance", covariant=True)
+
+
+class ImageLoader(Protocol[ImageT_co]):
+    """A kind's load_image: None when directory holds no complete image."""
+
+    def __call__(self, directory: Path, *, verify: bool) -> ImageT_co | None: ...
+
+
+def reuse_or_build(
+    kind_dir: Path,
+    what: str,
+    key: str,
+    load: ImageLoader[ImageT],
+    assemble: Callable[[Path], dict[str, object]],
+    *,
+    force: bool = False,
+    failure_log: str | None = None,
+    detail: str = "",
+) -> ImageT:
+    """The image kind_dir/<key> if it verifies, else assemble(work) builds it; either way
+    kind_dir/current then points at it. Call with build_lock(kind_dir) held.
+
+    assemble writes the artifacts to work/out and returns the manifest; build_s (seconds)
+    is added here. failure_log: a file of work/out kept as kind_dir/last-failed-build.log
+    when assemble raises (the scratch folder goes). what names the kind in logs and errors,
+    detail is added to the "building" line. Raises what assemble raises, or HostError if
+    the new image does not load.
+    """
+    final = kind_dir / key
+    if not force and (image := load(final, verify=True)) is not None:
+        log.info("%s %s: cache hit", what, key[:12])
+        point_current(kind_dir, key)
+        return image
+    log.info("%s %s: building%s", what, key[:12], detail)
+    t0_ns = time.monotonic_ns()
+    with tempfile.TemporaryDirectory(dir=kind_dir, prefix=f".build-{key[:12]}-") as tmp:
+        out = Path(tmp) / "out"
+        try:
+            manifest = assemble(Path(tmp))
+        except BaseException:
+            if failure_log is not None and (out / failure_log).is_file():
+                shutil.copyfile(out / failure_log, kind_dir / "last-failed-build.log")
+            raise
+        manifest["build_s"] = round((time.monotonic_ns() - t0_ns) / 1e9, 3)
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        publish(out, final)
+    point_current(kind_dir, key)
+    built = load(final, verify=False)
+    if built is None:
+        raise HostError(f"{final}: {what} incomplete right after building it")
+    return replace(built, cache_hit=False)
+
+
+def find_current(kind_dir: Path, load: ImageLoader[ImageT], what: str, hint: str) -> ImageT:
+    """The image kind_dir/current points at, loaded without hashing; HostError naming
+    what is missing and the hint to build it when there is none."""
+    current = kind_dir / "current"
+    image = load(current.resolve(), verify=False) if current.is_symlink() else None
+    if image is None:
+        raise HostError(f"no {what} in {kind_dir}: {hint}")
+    return image
+
+
 def build_tiny_image(
     out_root: Path = DEFAULT_OUT_ROOT, force: bool = False, *, cache_root: Path = DEFAULT_CACHE_ROOT
 ) -> TinyImage:
@@ -599,27 +672,17 @@ def build_tiny_image(
     Raises HostError (missing packages, apt trouble) or CommandError (a build step failed).
     """
     tiny = out_root.resolve() / "tiny"
-    tiny.mkdir(parents=True, exist_ok=True)
     with build_lock(tiny):
         inputs = collect_inputs(cache_root)
         key = inputs.key()
-        final = tiny / key
-        if not force and (image := load_image(final, verify=True)) is not None:
-            log.info("tiny image %s: cache hit", key[:12])
-            point_current(tiny, key)
-            return image
-        log.info("tiny image %s: building", key[:12])
-        t0_ns = time.monotonic_ns()
-        with tempfile.TemporaryDirectory(dir=tiny, prefix=f".build-{key[:12]}-") as tmp:
-            work = Path(tmp)
-            manifest = assemble(inputs, key, work, cache_root)
-            manifest["build_s"] = round((time.monotonic_ns() - t0_ns) / 1e9, 3)
-            (work / "out" / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            publish(work / "out", final)
-        point_current(tiny, key)
-    return TinyImage(
-        final / "vmlinuz", final / "initrd.img", final / "manifest.json", key, cache_hit=False
-    )
+        return reuse_or_build(
+            tiny,
+            "tiny image",
+            key,
+            load_image,
+            lambda work: assemble(inputs, key, work, cache_root),
+            force=force,
+        )
 
 
 def find_tiny_image(out_root: Path = DEFAULT_OUT_ROOT) -> TinyImage:
@@ -627,12 +690,7 @@ def find_tiny_image(out_root: Path = DEFAULT_OUT_ROOT) -> TinyImage:
 
     Raises HostError with a hint to build it when there is none.
     """
-    tiny = out_root.resolve() / "tiny"
-    current = tiny / "current"
-    image = load_image(current.resolve(), verify=False) if current.is_symlink() else None
-    if image is None:
-        raise HostError(f"no tiny guest image in {tiny}: {BUILD_HINT}")
-    return image
+    return find_current(out_root.resolve() / "tiny", load_image, "tiny guest image", BUILD_HINT)
 
 
 def main(argv: list[str] | None = None) -> int:

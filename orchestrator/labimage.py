@@ -41,7 +41,6 @@ import re
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -56,10 +55,11 @@ from orchestrator.images import (
     DEFAULT_OUT_ROOT,
     IMAGES_DIR,
     REPO_ROOT,
+    artifact_record,
     build_lock,
+    find_current,
     host_package_versions,
-    point_current,
-    publish,
+    reuse_or_build,
     source_digests,
 )
 from orchestrator.inventory import LAB_PACKAGES
@@ -400,10 +400,6 @@ def run_in_group(argv: Sequence[str], log_path: Path, timeout_s: float) -> None:
 # ---------------------------------------------------------------- build, cache, publish
 
 
-def artifact_record(path: Path) -> dict[str, object]:
-    return {"sha256": sha256_file(path), "size_bytes": path.stat().st_size}
-
-
 def assemble(
     inputs: LabInputs,
     ks: Sequence[KernelArtifact],
@@ -515,7 +511,6 @@ def build_lab_image(
         )
     out_root, cache_root = out_root.resolve(), cache_root.resolve()
     labhost = out_root / "labhost"
-    labhost.mkdir(parents=True, exist_ok=True)
     apt = kernels.private_apt(cache_root)
     with build_lock(labhost):
         ks = [
@@ -525,24 +520,15 @@ def build_lab_image(
             raise UsageError(f"kernel specs {kernel_specs} name the same kernel twice")
         inputs = collect_inputs(ks, apt, with_bpftrace=with_bpftrace)
         key = inputs.key()
-        final = labhost / key
-        if not force and (image := load_image(final, verify=True)) is not None:
-            log.info("lab image %s: cache hit", key[:12])
-            point_current(labhost, key)
-            return image
-        log.info("lab image %s: building (kernels %s)", key[:12], [k.release for k in ks])
-        t0_ns = time.monotonic_ns()
-        with tempfile.TemporaryDirectory(dir=labhost, prefix=f".build-{key[:12]}-") as tmp:
-            work = Path(tmp)
-            manifest = assemble(inputs, ks, apt, key, work, cache_root)
-            manifest["build_s"] = round((time.monotonic_ns() - t0_ns) / 1e9, 3)
-            (work / "out" / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            publish(work / "out", final)
-        point_current(labhost, key)
-    image = load_image(final, verify=False)
-    if image is None:
-        raise HostError(f"{final}: lab image incomplete right after building it")
-    return LabImage(image.rootfs, image.kernels, image.manifest, key, False, image.cmdline)
+        return reuse_or_build(
+            labhost,
+            "lab image",
+            key,
+            load_image,
+            lambda work: assemble(inputs, ks, apt, key, work, cache_root),
+            force=force,
+            detail=f" (kernels {[k.release for k in ks]})",
+        )
 
 
 def resolve_kernel(image: LabImage, entry: KernelEntry) -> LabKernel:
@@ -563,12 +549,7 @@ def find_lab_image(out_root: Path = DEFAULT_OUT_ROOT) -> LabImage:
 
     Raises HostError with a hint to build it when there is none.
     """
-    labhost = out_root.resolve() / "labhost"
-    current = labhost / "current"
-    image = load_image(current.resolve(), verify=False) if current.is_symlink() else None
-    if image is None:
-        raise HostError(f"no lab-host image in {labhost}: {BUILD_HINT}")
-    return image
+    return find_current(out_root.resolve() / "labhost", load_image, "lab-host image", BUILD_HINT)
 
 
 # ---------------------------------------------------------------- booting it
