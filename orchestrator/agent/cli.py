@@ -127,6 +127,18 @@ def do_move_pages(a: argparse.Namespace) -> int:
     return 0
 
 
+def do_verify(a: argparse.Namespace) -> int:
+    """One JSON line per workload: its name and its DLFILL VERIFIED line."""
+    workloads = {}
+    for spec in a.proc:
+        name, _, rest = spec.partition("=")
+        pid, _, out = rest.partition(":")
+        workloads[name] = (int(pid), Path(out))
+    for name, line in procs.verify_workloads(workloads, a.timeout_s):
+        print(json.dumps({"workload": name, "line": line}))
+    return 0
+
+
 def do_hold(a: argparse.Namespace) -> int:
     return hold.hold(a.run_id, a.controller)
 
@@ -232,6 +244,14 @@ COMMANDS: dict[str, Command] = {
         "make a memory cgroup of ours, print its path", do_cgroup_create, [CGROUP]
     ),
     "ksm-restore": Command("restore KSM knobs saved by ksm-apply", do_ksm_restore, [SAVED]),
+    "verify": Command(
+        "ask dlfill processes to check their pages; print each one's answer",
+        do_verify,
+        [
+            arg("--proc", action="append", required=True, metavar="NAME=PID:OUTFILE"),
+            arg("--timeout-s", type=float, default=900),
+        ],
+    ),
     "hold": Command(
         "hold this machine for a run until stdin closes (exit 3: another run has it)",
         do_hold,

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from .fs import PROC, read_text, write_text
+from .fs import PROC, AgentError, read_text, write_text
 from .memory import memcg_add_pid, memcg_create
 
 
@@ -69,6 +69,42 @@ def stop_pidfile(pidfile: Path, grace_s: float = 30) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
     pidfile.unlink(missing_ok=True)
+
+
+VERIFIED_PREFIX = "DLFILL VERIFIED "  # dlfill's answer to SIGUSR2 (orchestrator.integrity)
+
+
+def verify_workloads(
+    procs: dict[str, tuple[int, Path]], timeout_s: float, poll_s: float = 0.05
+) -> list[tuple[str, str]]:
+    """SIGUSR2 every dlfill (name -> pid, its output file) at once, so they check their
+    pages side by side, and return each one's new DLFILL VERIFIED line. Done here, not
+    by the caller over its transport: each of its reads is a round trip (the signals,
+    the reads before and the polls cost ~3 s a check in a TCG lab host)."""
+
+    def lines(out: Path) -> list[str]:
+        text = out.read_text(errors="replace") if out.exists() else ""
+        return [ln for ln in text.splitlines() if ln.startswith(VERIFIED_PREFIX)]
+
+    before = {name: len(lines(out)) for name, (_, out) in procs.items()}
+    for name, (pid, _) in procs.items():
+        try:
+            os.kill(pid, signal.SIGUSR2)
+        except ProcessLookupError:
+            raise AgentError(
+                f"{name} (pid {pid}) is not running: its pages cannot be verified"
+            ) from None
+    deadline = time.monotonic() + timeout_s
+    found = []
+    for name, (pid, out) in procs.items():
+        while len(new := lines(out)) <= before[name]:
+            if not pid_alive(pid):
+                raise AgentError(f"{name} (pid {pid}) exited before verifying its pages")
+            if time.monotonic() > deadline:
+                raise AgentError(f"{name} (pid {pid}): no verification within {timeout_s:.0f}s")
+            time.sleep(poll_s)
+        found.append((name, new[-1]))
+    return found
 
 
 def _flag(argv: list[str], name: str) -> str | None:

@@ -244,13 +244,16 @@ class AgentHost:
                 time.sleep(0.5)
 
     def verify(self, procs: list[Proc]) -> list[Verification]:
-        """Every dlfill checks its pages; the line lands in its .out file."""
-        return integrity.verify_processes(
-            {p.name: p.pid for p in procs},
-            self._send_verify,
-            lambda name: self.read_text(f"{self.work}/{name}.out"),
-            poll_s=0.5,
+        """Every dlfill checks its pages, side by side; one agent call signals them and
+        waits for their lines on the host."""
+        out = self.agent(
+            "verify",
+            *[f"--proc={p.name}={p.pid}:{self.work}/{p.name}.out" for p in procs],
+            *("--timeout-s", str(integrity.VERIFY_TIMEOUT_S)),
+            timeout_s=integrity.VERIFY_TIMEOUT_S + 60,
         )
+        answers = [json.loads(line) for line in out.splitlines() if line.strip()]
+        return [integrity.parse_verified(a["line"], a["workload"]) for a in answers]
 
     def _stop_procs(self) -> None:
         agent = f"/usr/bin/python3 {AGENT_PATH}"
@@ -260,9 +263,6 @@ class AgentHost:
             for n in reversed(self._procs)
         ]
         self.transport.run(["/bin/sh", "-ec", "; ".join(steps)], 300)
-
-    def _send_verify(self, pid: int) -> None:
-        self.transport.run(["/usr/bin/kill", "-USR2", str(pid)])
 
     # -------------------------------------------------------------- sampling
 

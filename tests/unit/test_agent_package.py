@@ -17,6 +17,7 @@ import pytest
 
 from orchestrator import agentship, dlfill, images
 from orchestrator.agent import cli, cmd
+from orchestrator.agent import procs as procs_mod
 
 PACKAGE = agentship.AGENT_PACKAGE
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -208,19 +209,8 @@ def test_move_pages_reports_one_window_per_process_in_order(
 ) -> None:
     """Two real dlfill processes in one call: a line each, in the order given, with the
     pid and a window on this clock (node 0: pages already there on a one-node host)."""
-    fill = images.host_dlfill()
-    procs, outs = [], []
-    for i in range(2):
-        out = (tmp_path / f"fill-{i}.out").open("w+")
-        argv = [str(fill), "--mib", "2", "--dup", "1", "--seed", "3", "--instance", str(i)]
-        procs.append(subprocess.Popen([*argv, "--mergeable", "--hold"], stdout=out))
-        outs.append(out)
+    procs, _ = start_fills(tmp_path, 2)
     try:
-        for out in outs:
-            deadline = time.monotonic() + 30
-            while dlfill.done_record(Path(out.name).read_text()) is None:
-                assert time.monotonic() < deadline, "dlfill did not fill"
-                time.sleep(0.05)
         before = time.monotonic_ns()
         pids = [str(p.pid) for p in procs]
         argv = ["move-pages", "--pid", pids[1], "--pid", pids[0], "--pages", "16", "--node", "0"]
@@ -234,3 +224,49 @@ def test_move_pages_reports_one_window_per_process_in_order(
     for x in lines:
         assert before <= x["start_ns"] <= x["end_ns"] <= time.monotonic_ns()
         assert x["requested"] == 16 and x["moved"] + x["already"] + x["failed"] == 16
+
+
+def start_fills(tmp_path: Path, count: int) -> tuple[list[subprocess.Popen[bytes]], list[Path]]:
+    """`count` real dlfill processes holding 2 MiB each, filled."""
+    fill = images.host_dlfill()
+    procs, outs = [], []
+    for i in range(count):
+        out = tmp_path / f"fill-{i}.out"
+        argv = [str(fill), "--mib", "2", "--dup", "1", "--seed", "3", "--instance", str(i)]
+        with out.open("w") as f:
+            procs.append(subprocess.Popen([*argv, "--mergeable", "--hold"], stdout=f))
+        outs.append(out)
+    for out in outs:
+        deadline = time.monotonic() + 30
+        while dlfill.done_record(out.read_text()) is None:
+            assert time.monotonic() < deadline, "dlfill did not fill"
+            time.sleep(0.05)
+    return procs, outs
+
+
+def test_verify_signals_every_workload_and_returns_its_new_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from orchestrator import integrity
+
+    assert procs_mod.VERIFIED_PREFIX == integrity.VERIFIED_PREFIX
+    procs, outs = start_fills(tmp_path, 2)
+    try:
+        argv = [
+            "verify",
+            *[f"--proc=w{i}={p.pid}:{o}" for i, (p, o) in enumerate(zip(procs, outs, strict=True))],
+        ]
+        for seq in (1, 2):  # a second request waits for a new line, not the old one
+            assert cli.main(argv) == 0
+            answers = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+            got = [integrity.parse_verified(a["line"], a["workload"]) for a in answers]
+            assert [v.workload for v in got] == ["w0", "w1"]
+            assert all(v.pages == 512 and v.mismatches == 0 and v.seq == seq for v in got)
+        procs[1].kill()
+        procs[1].wait()
+        assert cli.main(argv) == 1
+        assert "w1 (pid" in capsys.readouterr().err
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
