@@ -112,8 +112,8 @@ lab-images: setup
 	@scripts/apt-ensure mmdebstrap e2fsprogs debian-archive-keyring qemu-utils zstd
 	$(PY) -m orchestrator.labimage
 
-# Kernel A/B: Debian 6.12 against 7.3 in lab-host VMs, rmap_walk_ksm timed by kprobes,
-# then the report. About 15 minutes under TCG.
+# Kernel A/B: Debian 6.12 against 7.3 in lab-host VMs, rmap_walk_ksm timed by BPF fentry/fexit,
+# then the report. About 11 minutes under TCG.
 ab-demo: setup images lab-images
 	@started=$$(scripts/labd start | grep -c '^labd: running' || true); \
 	$(DL) run experiments/rmap-walk-ksm.yaml; rc=$$?; \
