@@ -18,23 +18,22 @@ report. It touches nothing itself: callers pass how to signal and how to read ou
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from orchestrator.agent import procs as agent_procs
+from orchestrator.agent.fs import AgentError
 from orchestrator.errors import HostError, IntegrityError
 from orchestrator.results import schema
 from orchestrator.triggers import HostProcess
 
-VERIFIED_PREFIX = "DLFILL VERIFIED "
+VERIFIED_PREFIX = agent_procs.VERIFIED_PREFIX
 VERIFY_TIMEOUT_S = 900.0  # generous: a TCG guest verified 32 MiB in 0.06-0.4 s here
-POLL_S = 0.05
 TABLE = schema.INTEGRITY.name
 COLUMNS = schema.INTEGRITY.names
 
@@ -77,49 +76,20 @@ def verified_lines(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if ln.startswith(VERIFIED_PREFIX)]
 
 
-def verify_processes(
-    procs: Mapping[str, int],
-    send: Callable[[int], None],
-    read_out: Callable[[str], str],
-    *,
-    alive: Callable[[str], bool] | None = None,
-    timeout_s: float = VERIFY_TIMEOUT_S,
-    poll_s: float = POLL_S,
-) -> list[Verification]:
-    """Ask each dlfill (name -> pid) to verify and wait for its new verified line.
-
-    send(pid) delivers SIGUSR2; read_out(name) returns the process's output so far. All
-    are signalled first, so they verify side by side. Raises HostError when a process
-    dies or gives no new line within timeout_s.
-    """
-    before = {name: len(verified_lines(read_out(name))) for name in procs}
-    for pid in procs.values():
-        send(pid)
-    deadline = time.monotonic() + timeout_s
-    out = []
-    for name, pid in procs.items():
-        while len(lines := verified_lines(read_out(name))) <= before[name]:
-            if alive is not None and not alive(name):
-                raise HostError(f"{name} (pid {pid}) exited before verifying its pages")
-            if time.monotonic() > deadline:
-                raise HostError(f"{name} (pid {pid}): no verification within {timeout_s:.0f}s")
-            time.sleep(poll_s)
-        out.append(parse_verified(lines[-1], name))
-    return out
-
-
 def verify_host_workload(
     procs: Sequence[HostProcess], timeout_s: float = VERIFY_TIMEOUT_S
 ) -> list[Verification]:
-    """Verify the host dlfill copies (named host-dlfill-<i>, as in the samples)."""
-    by_name = {f"host-dlfill-{i}": p for i, p in enumerate(procs)}
-    return verify_processes(
-        {name: p.pid for name, p in by_name.items()},
-        lambda pid: os.kill(pid, signal.SIGUSR2),
-        lambda name: by_name[name].out.read_text(errors="replace"),
-        alive=lambda name: by_name[name].popen.poll() is None,
-        timeout_s=timeout_s,
-    )
+    """Verify the host dlfill copies (named host-dlfill-<i>, as in the samples): the
+    agent's check, as lab hosts run it, with this process's children tested by poll."""
+    by_pid = {p.pid: p for p in procs}
+    named = {f"host-dlfill-{i}": (p.pid, p.out) for i, p in enumerate(procs)}
+    try:
+        answers = agent_procs.verify_workloads(
+            named, timeout_s, alive=lambda pid: by_pid[pid].popen.poll() is None
+        )
+    except AgentError as e:
+        raise HostError(str(e)) from e
+    return [parse_verified(line, name) for name, line in answers]
 
 
 Source = Callable[[], list[Verification]]

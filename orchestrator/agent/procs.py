@@ -7,7 +7,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .fs import PROC, AgentError, read_text, write_text
@@ -75,12 +75,16 @@ VERIFIED_PREFIX = "DLFILL VERIFIED "  # dlfill's answer to SIGUSR2 (orchestrator
 
 
 def verify_workloads(
-    procs: dict[str, tuple[int, Path]], timeout_s: float, poll_s: float = 0.05
+    procs: dict[str, tuple[int, Path]],
+    timeout_s: float,
+    poll_s: float = 0.05,
+    alive: Callable[[int], bool] = pid_alive,
 ) -> list[tuple[str, str]]:
     """SIGUSR2 every dlfill (name -> pid, its output file) at once, so they check their
     pages side by side, and return each one's new DLFILL VERIFIED line. Done here, not
     by the caller over its transport: each of its reads is a round trip (the signals,
-    the reads before and the polls cost ~3 s a check in a TCG lab host)."""
+    the reads before and the polls cost ~3 s a check in a TCG lab host). `alive`: a
+    parent passes its own test (a dead child of its stays a zombie until reaped)."""
 
     def lines(out: Path) -> list[str]:
         text = out.read_text(errors="replace") if out.exists() else ""
@@ -98,7 +102,7 @@ def verify_workloads(
     found = []
     for name, (pid, out) in procs.items():
         while len(new := lines(out)) <= before[name]:
-            if not pid_alive(pid):
+            if not alive(pid):
                 raise AgentError(f"{name} (pid {pid}) exited before verifying its pages")
             if time.monotonic() > deadline:
                 raise AgentError(f"{name} (pid {pid}): no verification within {timeout_s:.0f}s")
