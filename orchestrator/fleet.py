@@ -139,6 +139,29 @@ def domain_xml(spec: GuestSpec, *, run_id: str, trial_id: str, domain_type: str)
     )
 
 
+# The BPF verifier gives up with EAGAIN when a signal is pending in the loading thread;
+# libvirtd starting several guests at once takes SIGCHLDs, so its device-cgroup program
+# load fails now and then (seen once in a CI run: "failed to load cgroup BPF prog:
+# Resource temporarily unavailable"). libbpf retries the same way.
+TRANSIENT_START_ERRORS = ("failed to load cgroup BPF prog: Resource temporarily unavailable",)
+START_ATTEMPTS = 4
+
+
+def create_domain(dom: libvirt.virDomain, attempts: int = START_ATTEMPTS) -> None:
+    """dom.create(), tried again on a transient libvirt failure; a failed create leaves
+    the domain defined and shut off, so another try starts from the same state."""
+    for attempt in range(1, attempts + 1):
+        try:
+            dom.create()
+            return
+        except libvirt.libvirtError as e:
+            msg = e.get_error_message() or ""
+            if attempt == attempts or not any(t in msg for t in TRANSIENT_START_ERRORS):
+                raise
+            log.warning("%s: start try %d: %s; trying again", dom.name(), attempt, msg)
+            time.sleep(0.2 * attempt)
+
+
 def qemu_pid(name: str) -> int | None:
     """The QEMU pid libvirt recorded for a running domain."""
     for d in (Path("/run/libvirt/qemu"), Path("/var/run/libvirt/qemu")):
@@ -197,7 +220,7 @@ class Fleet:
         try:
             dom = self.conn.lookupByName(guest.name)
             guest.started_ns = time.monotonic_ns()
-            dom.create()
+            create_domain(dom)
         except libvirt.libvirtError as e:
             return GuestError(guest.name, f"start failed: {e.get_error_message()}")
         guest.pid = qemu_pid(guest.name)
