@@ -223,7 +223,7 @@ class Collector:
                 raise HostError(f"latency collector ({self.method}) exited {rc}")
 
     def samples(self) -> pd.DataFrame:
-        cols = ["ts_ns", "duration_ns", "method", "lower_bound", "pid", "comm"]
+        cols = ["ts_ns", "duration_ns", "method", "lower_bound", "pid", "comm", "rmap_one"]
         if not self.out.exists() or self.out.stat().st_size == 0:
             return pd.DataFrame(columns=cols)
         return pd.read_json(self.out, lines=True, dtype={"comm": str})

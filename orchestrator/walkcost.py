@@ -7,9 +7,11 @@ Why this shape: the old walk visits, for each mapping of the KSM page, the whole
 interval tree of the mapping process, so its cost is about (mappings) x (VMAs); the new
 one keeps the page index in the rmap item and goes straight to the VMA, so it stays flat.
 
-Fits (stated in every report): for each kernel, trigger, timing method and statistic (p50,
-p99), the points are the workload rows at one mapping count (for VMAs) or at one VMA count
-(for mappings). Two least-squares fits over those points:
+Fits (stated in every report): for each kernel, trigger, walk function (rmap_one: a walk
+that stops once the page is unmapped costs about half of one that visits every mapping),
+timing method and statistic (p50, p99), the points are the workload rows at one mapping
+count (for VMAs) or at one VMA count (for mappings). Two least-squares fits over those
+points:
 - linear, y = a + b x: b is the cost per 1,000 VMAs (or per mapping) in µs, with R²;
 - log-log, log y = c + k log x: k is the growth exponent (1: linear, 0: flat), with R².
 Fewer than 2 distinct x: no fit ("not fitted"). With 2 points R² is 1 by construction.
@@ -139,7 +141,9 @@ def walk_cost_points(summary: pd.DataFrame) -> pd.DataFrame:
         & summary["vmas"].notna()
     ]
     cols = ["kernel", "trigger", "method", "workload", "vmas", "mappings", "statistic"]
-    return s[[*cols, "value_us", "n"]].reset_index(drop=True)
+    out = s[[*cols, "value_us", "n"]].reset_index(drop=True)
+    walk = s["rmap_one"] if "rmap_one" in s.columns else pd.Series(None, index=s.index)
+    return out.assign(rmap_one=walk.astype(object).where(walk.notna(), "").to_numpy())
 
 
 def _fits_along(points: pd.DataFrame, x: str) -> list[dict[str, Any]]:
@@ -148,7 +152,8 @@ def _fits_along(points: pd.DataFrame, x: str) -> list[dict[str, Any]]:
     held, _words, _per = AXES[x]
     rows = []
     p = points.assign(_held=points[held].astype("Float64").fillna(-1))
-    for key, grp in p.groupby(["kernel", "trigger", "method", "statistic"], sort=False):
+    by = ["kernel", "trigger", "rmap_one", "method", "statistic"]
+    for key, grp in p.groupby(by, sort=False):
         d = grp.dropna(subset=[x])
         fitted = []
         for level, g in d.groupby("_held", sort=True):
@@ -160,7 +165,7 @@ def _fits_along(points: pd.DataFrame, x: str) -> list[dict[str, Any]]:
             n_x = max((g[x].nunique() for _, g in d.groupby("_held")), default=0)
             note = f"not fitted: fewer than 2 distinct {AXES[x][1]} at any {AXES[held][1]}"
             fitted = [{"held": None, "n_points": len(d), "n_x": n_x, "note": note}]
-        base = dict(zip(["kernel", "trigger", "method", "statistic"], key, strict=True))
+        base = dict(zip(by, key, strict=True))
         rows += [base | {"x": x, "held_column": held} | f for f in fitted]
     return rows
 
@@ -169,8 +174,8 @@ def _kernel_sentence(kernel: str, fits: pd.DataFrame) -> str:
     """One sentence: per trigger, how p50 grows with VMAs (and with mappings if fitted)."""
     parts = []
     f = fits[(fits["kernel"] == kernel) & (fits["statistic"] == "p50")]
-    for trigger, g in f.groupby("trigger", sort=False):
-        parts.append(_trigger_clause(str(trigger), g))
+    for (trigger, walk), g in f.groupby(["trigger", "rmap_one"], sort=False):
+        parts.append(_trigger_clause(f"{trigger} via {walk}" if walk else str(trigger), g))
     if not parts:
         return ""
     how = "p50, linear least squares with R² and points, log-log exponent"
@@ -238,9 +243,10 @@ def is_rmap_bench(spec_names: Sequence[str], summary: pd.DataFrame) -> bool:
 
 
 def published_comparison(summary: pd.DataFrame, kernels: Sequence[str]) -> pd.DataFrame | None:
-    """Per trigger, at the largest VMA count walked on both kernels (one-content rows when
-    there are any): max and p50 before (reference kernel) and after, in ms, and the ratio
-    before/after; a first row with the published figures. None without two kernels."""
+    """Per trigger and walk function, at the largest VMA count walked on both kernels
+    (one-content rows when there are any): max and p50 before (reference kernel) and
+    after, in ms, and the ratio before/after; a first row with the published figures.
+    None without two kernels."""
     if len(kernels) < 2:
         return None
     s = summary[(summary["target_kind"] != "unattributed") & summary["vmas"].notna()]
@@ -261,7 +267,9 @@ def published_comparison(summary: pd.DataFrame, kernels: Sequence[str]) -> pd.Da
         }
     ]
     exact = s[s["method"] != "tracepoint-proxy"]
-    for trigger, g in exact.groupby("trigger", sort=False):
+    walk = exact["rmap_one"] if "rmap_one" in exact.columns else pd.Series(None, index=exact.index)
+    exact = exact.assign(_walk=walk.astype(object).where(walk.notna(), ""))
+    for (trigger, walk_func), g in exact.groupby(["trigger", "_walk"], sort=False):
         both = g.groupby("vmas")["kernel"].agg(lambda k: {before, after} <= set(k))
         if not both.any():
             continue
@@ -275,7 +283,7 @@ def published_comparison(summary: pd.DataFrame, kernels: Sequence[str]) -> pd.Da
         rows.append(
             {
                 "source": f"this run ({before} → {after})",
-                "trigger": str(trigger),
+                "trigger": f"{trigger} via {walk_func}" if walk_func else str(trigger),
                 "VMAs": vmas,
                 "max before (ms)": ms(before, "max"),
                 "max after (ms)": ms(after, "max"),

@@ -5,10 +5,16 @@ TCG, and prints one text line per walk that a Python loop on the same vCPUs must
 (what made the kprobe collector cost 11-20% of migration throughput). Here two tiny
 hand-assembled programs do the work in the kernel: fentry stores the entry time per
 thread, fexit writes one fixed-size binary record (start ns, duration ns, pid/tid,
-comm) into a BPF ring buffer without waking anyone. The agent copies the ring buffer's
+the walk's rmap_walk_control.rmap_one, comm) into a BPF ring buffer without waking
+anyone. The agent copies the ring buffer's
 new bytes to a file a few times a second (one memcpy, no per-walk work) and turns the
 file into JSON lines only once collection has stopped. Every walk keeps its own time
 stamp and pid, so attribution by time window and pid works as with kprobes.
+
+rmap_one says which walk it was (try_to_migrate_one, remove_migration_pte,
+folio_referenced_one, try_to_unmap_one, ...): the walks that stop once the page is
+unmapped cost about half of those that visit every mapping on the old kernel, so one
+page moved gives two walks of different cost and a row must not pool them.
 
 Timestamps are bpf_ktime_get_ns(), CLOCK_MONOTONIC: they line up with the samplers'.
 """
@@ -42,10 +48,12 @@ RINGBUF_HDR_SZ = 8
 MAP_LOOKUP, MAP_UPDATE, MAP_DELETE = 1, 2, 3
 KTIME_GET_NS, GET_CURRENT_PID_TGID, GET_CURRENT_COMM, RINGBUF_OUTPUT = 5, 14, 16, 130
 
-# One walk: start ns, duration ns, pid_tgid (tgid << 32 | tid), comm[16].
-RECORD = struct.Struct("<QQQ16s")
-RECORD_SLOT = RINGBUF_HDR_SZ + RECORD.size  # 48: a multiple of 8, no padding
-BTF_KIND_FUNC = 12
+# One walk: start ns, duration ns, pid_tgid (tgid << 32 | tid), rmap_one address, comm[16].
+RECORD = struct.Struct("<QQQQ16s")
+RECORD_SLOT = RINGBUF_HDR_SZ + RECORD.size  # 56: a multiple of 8, no padding
+BTF_KIND_STRUCT, BTF_KIND_FUNC = 4, 12
+WALK_CONTROL, WALK_FUNC_MEMBER = "rmap_walk_control", "rmap_one"
+WALK_CONTROL_ARG = 1  # rmap_walk_ksm(struct folio *, struct rmap_walk_control *)
 
 
 # ---------------------------------------------------------------- BTF
@@ -64,39 +72,83 @@ def btf_type_extra(kind: int, vlen: int) -> int:
     return 0
 
 
-def btf_func_id(name: str, btf: bytes) -> int | None:
-    """The type id of the BTF FUNC named `name` in a raw BTF blob, None if absent."""
+def _btf_sections(btf: bytes) -> tuple[int, int, bytes]:
+    """(first type's offset, end of the types, string section) of a raw BTF blob."""
     magic, _version, _flags, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from(
         "<HBBIIIII", btf, 0
     )
     if magic != 0xEB9F:
         raise AgentError(f"BTF: bad magic {magic:#x}")
     strings = btf[hdr_len + str_off : hdr_len + str_off + str_len]
-    # The name's offset in the string section: FUNC types are then matched by number.
-    offsets = {m.start() + 1 for m in re.finditer(b"\0" + name.encode() + b"\0", strings)}
-    if not offsets:
-        return None
-    pos, end, type_id = hdr_len + type_off, hdr_len + type_off + type_len, 1
+    return hdr_len + type_off, hdr_len + type_off + type_len, strings
+
+
+def _name_offsets(name: str, strings: bytes) -> set[int]:
+    """Where `name` stands in the string section: types are then matched by number."""
+    return {m.start() + 1 for m in re.finditer(b"\0" + name.encode() + b"\0", strings)}
+
+
+def _btf_types(btf: bytes) -> Iterator[tuple[int, int, int, int, int]]:
+    """(type id, name offset, kind, vlen, offset of the type's header) of every type."""
+    pos, end, _strings = _btf_sections(btf)
     unpack = struct.Struct("<III").unpack_from
+    type_id = 1
     while pos < end:
         name_off, info, _ = unpack(btf, pos)
         kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-        if kind == BTF_KIND_FUNC and name_off in offsets:
-            return type_id
+        yield type_id, name_off, kind, vlen, pos
         pos += 12 + btf_type_extra(kind, vlen)
         type_id += 1
+
+
+def btf_func_id(name: str, btf: bytes) -> int | None:
+    """The type id of the BTF FUNC named `name` in a raw BTF blob, None if absent."""
+    offsets = _name_offsets(name, _btf_sections(btf)[2])
+    if offsets:
+        for type_id, name_off, kind, _vlen, _pos in _btf_types(btf):
+            if kind == BTF_KIND_FUNC and name_off in offsets:
+                return type_id
     return None
 
 
-def kernel_func_id(name: str, btf_path: Path = VMLINUX_BTF) -> int:
-    """BTF id of a kernel function; AgentError naming the file when it has none."""
+def btf_member_offset(struct_name: str, member: str, btf: bytes) -> int | None:
+    """Byte offset of `member` in the BTF STRUCT `struct_name`, None if either is absent."""
+    strings = _btf_sections(btf)[2]
+    structs, members = _name_offsets(struct_name, strings), _name_offsets(member, strings)
+    if not structs or not members:
+        return None
+    for _id, name_off, kind, vlen, pos in _btf_types(btf):
+        if kind != BTF_KIND_STRUCT or name_off not in structs:
+            continue
+        kind_flag = struct.unpack_from("<I", btf, pos + 4)[0] >> 31
+        for i in range(vlen):
+            m_name, _type, bits = struct.unpack_from("<III", btf, pos + 12 + 12 * i)
+            if m_name in members:
+                # With kind_flag the low 24 bits are the bit offset (bitfield size above).
+                return int((bits & 0xFFFFFF) if kind_flag else bits) // 8
+    return None
+
+
+def read_btf(btf_path: Path = VMLINUX_BTF) -> bytes:
     try:
-        blob = btf_path.read_bytes()
+        return btf_path.read_bytes()
     except OSError as e:
         raise AgentError(f"{btf_path}: {e.strerror or e} (kernel without BTF?)") from e
-    found = btf_func_id(name, blob)
+
+
+def kernel_func_id(name: str, btf_path: Path = VMLINUX_BTF, blob: bytes | None = None) -> int:
+    """BTF id of a kernel function; AgentError naming the file when it has none."""
+    found = btf_func_id(name, read_btf(btf_path) if blob is None else blob)
     if found is None:
         raise AgentError(f"{btf_path}: no function {name}")
+    return found
+
+
+def walk_func_offset(btf_path: Path = VMLINUX_BTF, blob: bytes | None = None) -> int:
+    """Offset of rmap_one in the kernel's struct rmap_walk_control (16 on 6.12 and 7.3)."""
+    found = btf_member_offset(WALK_CONTROL, WALK_FUNC_MEMBER, blob or read_btf(btf_path))
+    if found is None:
+        raise AgentError(f"{btf_path}: no {WALK_CONTROL}.{WALK_FUNC_MEMBER}")
     return found
 
 
@@ -156,7 +208,7 @@ def ldx_dw(dst: int, src: int, off: int) -> bytes:
 
 
 EXIT = mov_k(0, 0) + insn(0x95)
-R0, R1, R2, R3, R4, R6, R7, R10 = 0, 1, 2, 3, 4, 6, 7, 10
+R0, R1, R2, R3, R4, R6, R7, R8, R10 = 0, 1, 2, 3, 4, 6, 7, 8, 10
 
 
 def fentry_program(starts_fd: int) -> bytes:
@@ -170,18 +222,23 @@ def fentry_program(starts_fd: int) -> bytes:
     ])  # fmt: skip
 
 
-def fexit_program(starts_fd: int, ring_fd: int) -> bytes:
+def fexit_program(starts_fd: int, ring_fd: int, walk_func_off: int) -> bytes:
     """With a start for this thread: one record into the ring buffer, start deleted.
-    The record is built on the stack at fp-56 (start, duration, pid_tgid, comm)."""
+    The record is built on the stack at fp-64 (start, duration, pid_tgid, rmap_one,
+    comm). rmap_one is read through the function's second argument, a BTF pointer: the
+    verifier checks the offset against struct rmap_walk_control and guards the load."""
     found = b"".join([
-        ldx_dw(R1, R0, 0), stx_dw(R10, -56, R1), insn(0x1F, R6, R1),  # r6 = now - start
-        stx_dw(R10, -48, R6), stx_dw(R10, -40, R7),
+        ldx_dw(R1, R0, 0), stx_dw(R10, -64, R1), insn(0x1F, R6, R1),  # r6 = now - start
+        stx_dw(R10, -56, R6), stx_dw(R10, -48, R7),
+        ldx_dw(R1, R8, 8 * WALK_CONTROL_ARG), ldx_dw(R1, R1, walk_func_off),
+        stx_dw(R10, -40, R1),
         mov_x(R1, R10), add_k(R1, -32), mov_k(R2, 16), call(GET_CURRENT_COMM),
         ld_map_fd(R1, starts_fd), mov_x(R2, R10), add_k(R2, -8), call(MAP_DELETE),
-        ld_map_fd(R1, ring_fd), mov_x(R2, R10), add_k(R2, -56), mov_k(R3, RECORD.size),
+        ld_map_fd(R1, ring_fd), mov_x(R2, R10), add_k(R2, -64), mov_k(R3, RECORD.size),
         mov_k(R4, BPF_RB_NO_WAKEUP), call(RINGBUF_OUTPUT),
     ])  # fmt: skip
     return b"".join([
+        mov_x(R8, R1),  # the context (the arguments), kept past the helper calls
         call(KTIME_GET_NS), mov_x(R6, R0),
         call(GET_CURRENT_PID_TGID), mov_x(R7, R0), stx_dw(R10, -8, R0),
         ld_map_fd(R1, starts_fd), mov_x(R2, R10), add_k(R2, -8), call(MAP_LOOKUP),
@@ -257,16 +314,16 @@ class RingReader:
         return chunk
 
 
-def records(raw: bytes) -> Iterator[tuple[int, int, int, int, str]]:
-    """(ts_ns, duration_ns, tid, tgid, comm) of each slot of raw ring buffer bytes;
-    discarded slots are skipped."""
+def records(raw: bytes) -> Iterator[tuple[int, int, int, int, int, str]]:
+    """(ts_ns, duration_ns, tid, tgid, rmap_one address, comm) of each slot of raw ring
+    buffer bytes; discarded slots are skipped."""
     for off in range(0, len(raw) - RECORD_SLOT + 1, RECORD_SLOT):
         (hdr,) = struct.unpack_from("<I", raw, off)
         if hdr & RINGBUF_DISCARD_BIT:
             continue
-        ts, dur, pid_tgid, comm = RECORD.unpack_from(raw, off + RINGBUF_HDR_SZ)
+        ts, dur, pid_tgid, walk_func, comm = RECORD.unpack_from(raw, off + RINGBUF_HDR_SZ)
         name = comm.split(b"\0", 1)[0].decode(errors="replace")
-        yield ts, dur, pid_tgid & 0xFFFFFFFF, pid_tgid >> 32, name
+        yield ts, dur, pid_tgid & 0xFFFFFFFF, pid_tgid >> 32, walk_func, name
 
 
 class FentryTimer:
@@ -282,12 +339,14 @@ class FentryTimer:
 
     def __enter__(self) -> FentryTimer:
         try:
-            btf_id = kernel_func_id(self.func)
+            blob = read_btf()
+            btf_id = kernel_func_id(self.func, blob=blob)
+            walk_func_off = walk_func_offset(blob=blob)
             starts = self.own(map_create(BPF_MAP_TYPE_HASH, 8, 8, 4096))
             ring = self.own(map_create(BPF_MAP_TYPE_RINGBUF, 0, 0, self.ring_bytes))
             progs = [
                 (fentry_program(starts), BPF_TRACE_FENTRY, "dl_rwk_entry"),
-                (fexit_program(starts, ring), BPF_TRACE_FEXIT, "dl_rwk_exit"),
+                (fexit_program(starts, ring, walk_func_off), BPF_TRACE_FEXIT, "dl_rwk_exit"),
             ]
             for code, kind, name in progs:
                 prog = self.own(prog_load(code, kind, btf_id, name))

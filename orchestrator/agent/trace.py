@@ -55,6 +55,7 @@ METHODS = ("tracepoint", "bpf-fentry", "kprobe", "tracepoint-proxy")
 RMAP_WALK_EVENT = "rmap/rmap_walk"
 # How often the BPF collector copies its ring buffer to the file.
 RING_POLL_S = 0.25
+KALLSYMS = Path("/proc/kallsyms")
 TRACE_INSTANCE_PREFIX = "densitylab-"
 KPROBE_GROUP_PREFIX = "densitylab_"
 # `comm-pid [cpu] flags ts: event: fields`; the flags column is absent with irq-info off.
@@ -140,15 +141,17 @@ class KprobePairer:
 
     def __init__(self, entry: str, ret: str) -> None:
         self.entry, self.ret = entry, ret
-        self.started: dict[int, tuple[int, str]] = {}
+        self.started: dict[int, tuple[int, str, str | None]] = {}
 
     def feed(self, ev: dict[str, Any]) -> dict[str, Any] | None:
         if ev["event"] == self.entry:
-            self.started[ev["pid"]] = (ev["ts_ns"], ev["comm"])
+            walk_func = ev["fields"].get("rmap_one")  # "try_to_migrate_one+0x0/0x2a0"
+            walk_func = walk_func.split("+", 1)[0] if walk_func else None
+            self.started[ev["pid"]] = (ev["ts_ns"], ev["comm"], walk_func)
             return None
         if ev["event"] != self.ret or ev["pid"] not in self.started:
             return None
-        t0, comm = self.started.pop(ev["pid"])
+        t0, comm, walk_func = self.started.pop(ev["pid"])
         caller = re.search(r"\((\S+?)\+", ev["rest"])
         return {
             "ts_ns": t0,
@@ -158,6 +161,7 @@ class KprobePairer:
             "pid": ev["pid"],
             "comm": comm,
             "caller": caller.group(1) if caller else None,
+            "rmap_one": walk_func,
         }
 
     def flush(self) -> list[dict[str, Any]]:
@@ -207,8 +211,21 @@ def remove_trace_instance(path: Path) -> None:
     raise AgentError(f"{path}: cannot remove trace instance")
 
 
-def kprobe_definitions(group: str) -> list[str]:
-    return [f"p:{group}/rwk rmap_walk_ksm", f"r:{group}/rwkr rmap_walk_ksm"]
+def kprobe_definitions(group: str, walk_func_off: int | None = None) -> list[str]:
+    """Entry and return probes; the entry one fetches rwc->rmap_one (rwc: the second
+    argument, %si on x86-64) as a symbol where BTF gave its offset."""
+    entry = f"p:{group}/rwk rmap_walk_ksm"
+    if walk_func_off is not None:
+        entry += f" rmap_one=+{walk_func_off}(%si):symbol"
+    return [entry, f"r:{group}/rwkr rmap_walk_ksm"]
+
+
+def walk_func_offset_or_none() -> int | None:
+    """rmap_one's offset from the kernel's BTF; None without BTF (walks stay unnamed)."""
+    try:
+        return bpf.walk_func_offset()
+    except AgentError:
+        return None
 
 
 def append_line(path: Path, line: str) -> None:
@@ -223,7 +240,7 @@ def append_line(path: Path, line: str) -> None:
 
 
 def add_kprobes(root: Path, group: str) -> None:
-    for d in kprobe_definitions(group):
+    for d in kprobe_definitions(group, walk_func_offset_or_none()):
         append_line(root / "kprobe_events", d)
 
 
@@ -369,17 +386,38 @@ def run_fentry_collector(out: Path, should_stop: Any) -> None:
     raw_path.unlink()
 
 
-def write_fentry_samples(raw_path: Path, out: Path) -> int:
+def write_fentry_samples(raw_path: Path, out: Path, kallsyms: Path = KALLSYMS) -> int:
     """Append the walks of a raw ring buffer file to `out` as JSON lines; returns how
-    many. `pid` is the thread id, as in the kprobe collector's trace lines."""
-    n = 0
+    many. `pid` is the thread id, as in the kprobe collector's trace lines; `rmap_one`
+    the walk's function by name (its address in hex where /proc/kallsyms hides it)."""
+    walks = list(bpf.records(raw_path.read_bytes()))
+    names = symbol_names({w[4] for w in walks}, kallsyms)
     with open(out, "a") as f:
-        for ts, dur, tid, _tgid, comm in bpf.records(raw_path.read_bytes()):
+        for ts, dur, tid, _tgid, walk_func, comm in walks:
             sample = {"ts_ns": ts, "duration_ns": dur, "method": "bpf-fentry"}
             sample |= {"lower_bound": False, "pid": tid, "comm": comm}
+            sample["rmap_one"] = names.get(walk_func) or (f"{walk_func:#x}" if walk_func else None)
             f.write(json.dumps(sample) + "\n")
-            n += 1
-    return n
+    return len(walks)
+
+
+def symbol_names(addresses: set[int], kallsyms: Path = KALLSYMS) -> dict[int, str]:
+    """Kernel symbol of each address that starts one (a function pointer does); addresses
+    read as 0 when kptr_restrict hides them, and then nothing is named."""
+    wanted = {a for a in addresses if a}
+    found: dict[int, str] = {}
+    if not wanted:
+        return found
+    try:
+        with open(kallsyms) as f:
+            for line in f:
+                addr, _kind, name = line.split()[:3]
+                a = int(addr, 16)
+                if a in wanted and a not in found:
+                    found[a] = name
+    except (OSError, ValueError):
+        return found
+    return found
 
 
 def duration_field(event_dir: Path) -> str:

@@ -25,7 +25,9 @@ from orchestrator.spec import HostWorkload, Migrate, Reclaim, Workload
 AGENT_PATH = agentship.REMOTE_AGENT_PATH  # the agent as one file (a zipapp)
 DLFILL_PATH = "/usr/local/bin/dlfill"
 WORK = "/run/densitylab"
-LATENCY_COLUMNS = ["ts_ns", "duration_ns", "method", "lower_bound", "pid", "comm", "caller"]
+LATENCY_COLUMNS = [
+    "ts_ns", "duration_ns", "method", "lower_bound", "pid", "comm", "caller", "rmap_one"
+]  # fmt: skip
 
 
 class Transport(Protocol):

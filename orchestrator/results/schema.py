@@ -161,7 +161,8 @@ EVENTS = Table(
     ),
 )
 # One row per timed rmap_walk_ksm; target..mappings: the workload whose page was walked
-# (orchestrator.attribution; absent in runs written before attribution).
+# (orchestrator.attribution; absent in runs written before attribution); rmap_one: which
+# walk (the rmap_walk_control's function, e.g. try_to_migrate_one; absent before 2026-12).
 LATENCY = Table(
     "latency",
     _join(
@@ -169,7 +170,7 @@ LATENCY = Table(
         _cols("duration_ns", "int", True),
         _cols("lower_bound", "bool"),
         (Column("ts_ns", "int"), Column("t_s", "float")),
-        _cols("caller comm target target_kind pattern", "str"),
+        _cols("caller rmap_one comm target target_kind pattern", "str"),
         _cols("pid vmas mappings", "int"),
     ),
     sample=True,

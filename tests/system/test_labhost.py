@@ -323,9 +323,12 @@ def test_bpf_fentry_collector_times_every_walk_of_a_migration(booted: Boot, dlfi
     if durations:
         summary |= {"p50_us": round(statistics.median(durations), 1), "max_us": durations[-1]}
     print(f"LABHOST {booted.kernel.label} bpf-fentry: {json.dumps(summary)}")
-    # Two copies, each KSM page mapped by both: one walk per KSM page migrated.
+    # Two copies, each KSM page mapped by both: walks for at least half the pages.
     assert len(inside) >= DLFILL_PAGES * 0.5, summary
     assert all(w["method"] == "bpf-fentry" and w["duration_ns"] > 0 for w in walks)
+    # Each page moved is walked twice: unmapped to migration entries, then remapped.
+    walk_funcs = {w["rmap_one"] for w in inside}
+    assert walk_funcs == {"try_to_migrate_one", "remove_migration_pte"}, walk_funcs
 
 
 # ---------------------------------------------------------------- kernels on their own

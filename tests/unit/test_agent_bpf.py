@@ -38,6 +38,9 @@ def test_btf_lookup_skips_every_kind_by_its_own_size() -> None:
     ]
     blob = btf_blob(types, strings)
     assert bpf.btf_func_id("walk", blob) == 5
+    assert bpf.btf_member_offset("pair", "a", blob) == 0  # both members are named "a"
+    assert bpf.btf_member_offset("pair", "b", blob) is None
+    assert bpf.btf_member_offset("walk", "a", blob) is None  # not a struct
     assert bpf.btf_func_id("pair", blob) is None  # a struct, not a function
     assert bpf.btf_func_id("absent", blob) is None
     with pytest.raises(fs.AgentError, match="bad magic"):
@@ -51,6 +54,18 @@ def test_this_kernels_btf_has_rmap_walk_ksm() -> None:
     assert bpf.btf_func_id("rmap_walk_ksm", blob) == found > 0
     with pytest.raises(fs.AgentError, match="no function densitylab_no_such"):
         bpf.kernel_func_id("densitylab_no_such_function")
+    # bool (*rmap_one)(...) after void *arg and two bools (include/linux/rmap.h).
+    assert bpf.walk_func_offset() == 16
+
+
+def test_member_offsets_of_a_bitfield_struct() -> None:
+    strings = b"\0s\0x\0y\0"
+    off = {n: strings.index(b"\0" + n.encode() + b"\0") + 1 for n in ("s", "x", "y")}
+    members = struct.pack("<III", off["x"], 1, (3 << 24) | 0)
+    members += struct.pack("<III", off["y"], 1, (5 << 24) | 64)  # bit 64, 5 bits wide
+    kind_flag_struct = struct.pack("<III", off["s"], (1 << 31) | (4 << 24) | 2, 16)
+    blob = btf_blob([kind_flag_struct + members], strings)
+    assert bpf.btf_member_offset("s", "y", blob) == 8
 
 
 def decode(code: bytes) -> list[tuple[int, int, int, int, int]]:
@@ -63,39 +78,50 @@ def decode(code: bytes) -> list[tuple[int, int, int, int, int]]:
 
 
 def test_the_programs_end_in_exit_and_the_fexit_branch_lands_on_it() -> None:
-    for code in (bpf.fentry_program(7), bpf.fexit_program(7, 8)):
+    for code in (bpf.fentry_program(7), bpf.fexit_program(7, 8, 16)):
         insns = decode(code)
         assert len(code) % 8 == 0 and insns[-1][0] == 0x95  # exit
         assert insns[-2][:2] == (0xB7, 0) and insns[-2][4] == 0  # r0 = 0
-    insns = decode(bpf.fexit_program(7, 8))
+    insns = decode(bpf.fexit_program(7, 8, 16))
     (branch,) = [i for i, x in enumerate(insns) if x[0] == 0x15]
     assert branch + 1 + insns[branch][3] == len(insns) - 2  # to `r0 = 0; exit`
     maps = [x[4] for x in insns if x[0] == 0x18 and x[2] == bpf.BPF_PSEUDO_MAP_FD]
     assert maps == [7, 7, 8]  # lookup and delete in starts, output to the ring
     calls = [x[4] for x in insns if x[0] == 0x85]
     assert calls[-1] == bpf.RINGBUF_OUTPUT and bpf.GET_CURRENT_COMM in calls
+    # The context is kept in r8 before any call; rwc = ctx[1], then rwc->rmap_one.
+    assert insns[0] == (0xBF, bpf.R8, bpf.R1, 0, 0)
+    loads = [x for x in insns if x[0] == 0x79]
+    assert (0x79, bpf.R1, bpf.R8, 8, 0) in loads and (0x79, bpf.R1, bpf.R1, 16, 0) in loads
 
 
-def slot(ts: int, dur: int, tid: int, tgid: int, comm: bytes, hdr_flags: int = 0) -> bytes:
+def slot(
+    ts: int, dur: int, tid: int, tgid: int, comm: bytes, hdr_flags: int = 0, func: int = 0
+) -> bytes:
     hdr = struct.pack("<II", bpf.RECORD.size | hdr_flags, 0)
-    return hdr + bpf.RECORD.pack(ts, dur, (tgid << 32) | tid, comm)
+    return hdr + bpf.RECORD.pack(ts, dur, (tgid << 32) | tid, func, comm)
 
 
 def test_records_split_pid_tgid_and_skip_discarded_slots(tmp_path: Path) -> None:
-    raw = slot(100, 5, 41, 40, b"migratepages") + slot(1, 1, 1, 1, b"x", bpf.RINGBUF_DISCARD_BIT)
-    raw += slot(200, 7, 42, 42, b"kcompactd0")
+    raw = slot(100, 5, 41, 40, b"migratepages", func=0xFFFF0010)
+    raw += slot(1, 1, 1, 1, b"x", bpf.RINGBUF_DISCARD_BIT)
+    raw += slot(200, 7, 42, 42, b"kcompactd0", func=0xFFFF0020)
     assert list(bpf.records(raw)) == [
-        (100, 5, 41, 40, "migratepages"),
-        (200, 7, 42, 42, "kcompactd0"),
+        (100, 5, 41, 40, 0xFFFF0010, "migratepages"),
+        (200, 7, 42, 42, 0xFFFF0020, "kcompactd0"),
     ]
     path = tmp_path / "lat.jsonl.raw"
     path.write_bytes(raw)
     out = tmp_path / "lat.jsonl"
-    assert trace.write_fentry_samples(path, out) == 2
-    first = json.loads(out.read_text().splitlines()[0])
+    kallsyms = tmp_path / "kallsyms"
+    kallsyms.write_text("ffff0000 T _text\nffff0010 t try_to_migrate_one\n")
+    assert trace.write_fentry_samples(path, out, kallsyms) == 2
+    first, second = (json.loads(ln) for ln in out.read_text().splitlines())
     # The same fields as the kprobe collector's samples, pid being the thread.
     assert first == {"ts_ns": 100, "duration_ns": 5, "method": "bpf-fentry",
-                     "lower_bound": False, "pid": 41, "comm": "migratepages"}  # fmt: skip
+                     "lower_bound": False, "pid": 41, "comm": "migratepages",
+                     "rmap_one": "try_to_migrate_one"}  # fmt: skip
+    assert second["rmap_one"] == "0xffff0020"  # not in kallsyms: the address itself
 
 
 def test_a_real_ring_buffer_maps_and_reads_empty() -> None:

@@ -433,6 +433,23 @@ def test_walk_cost_model_fits_known_lines() -> None:
     assert wc.sentences[1].startswith("7.3") and "flat in VMAs" in wc.sentences[1]
 
 
+def test_walk_cost_fits_each_walk_function_apart() -> None:
+    """Old kernel, two walks per page moved: the one that stops once the page is
+    unmapped costs half. Pooled they would zig-zag; apart each is an exact line."""
+    rows = []
+    for walk, per_vma in (("try_to_migrate_one", 0.6), ("remove_migration_pte", 1.2)):
+        points = _summary_points("6.12", {v: 2.0 + per_vma * v for v in (1, 2000, 10000)})
+        rows += [r | {"workload": f"{r['workload']}-{walk}", "rmap_one": walk} for r in points]
+    wc = walk_cost_model(pd.DataFrame(rows), ["6.12"])
+    assert wc is not None
+    vmas = wc.fits[wc.fits["x"] == "vmas"].set_index("rmap_one")
+    assert vmas.loc["try_to_migrate_one", "slope_us"] == pytest.approx(0.6)
+    assert vmas.loc["remove_migration_pte", "slope_us"] == pytest.approx(1.2)
+    assert (vmas["n_points"] == 3).all()
+    assert "migrate via try_to_migrate_one grows ~linearly" in wc.sentences[0]
+    assert "+1,200 µs per 1,000 VMAs" in wc.sentences[0]
+
+
 def test_walk_cost_refuses_a_single_vma_count() -> None:
     wc = walk_cost_model(pd.DataFrame(_summary_points("6.12", {2000: 5.0})), ["6.12"])
     assert wc is not None and (wc.fits["note"].str.startswith("not fitted")).all()

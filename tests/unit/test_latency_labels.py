@@ -39,3 +39,31 @@ def test_near_equal_counts_are_one_row_so_kernels_pair() -> None:
         "host-copy, distinct, 2,000 VMAs, 2 mappings/page",
         "host-copy, distinct, 10,000 VMAs, 2 mappings/page",
     ]
+
+
+def test_walks_of_different_functions_are_different_rows() -> None:
+    """One page migrated on the old kernel: try_to_migrate_one stops once the page is
+    unmapped, remove_migration_pte visits every mapping (about twice the time). Pooled,
+    their p50 sits between two modes; each function is its own row, unattributed too."""
+    lat = pd.DataFrame(
+        {
+            "target_kind": ["host-copy", "host-copy", "host-copy", None],
+            "pattern": ["distinct"] * 4,
+            "vmas": pd.array([10000, 10000, 10000, 10000], dtype="Int64"),
+            "mappings": pd.array([3, 3, 3, 3], dtype="Int64"),
+            "rmap_one": ["try_to_migrate_one", "remove_migration_pte", None, "try_to_unmap_one"],
+        }
+    )
+    out, wl = label_workloads(normalise_latency(lat))
+    row = "host-copy, distinct, 10,000 VMAs, 3 mappings/page"
+    assert list(out.workload) == [
+        f"{row}, via try_to_migrate_one",
+        f"{row}, via remove_migration_pte",
+        row,  # a walk whose function was not read
+        "unattributed, via try_to_unmap_one",
+    ]
+    assert list(wl.index) == [row, f"{row}, via remove_migration_pte",
+                              f"{row}, via try_to_migrate_one",
+                              "unattributed, via try_to_unmap_one"]  # fmt: skip
+    assert wl.loc[f"{row}, via try_to_migrate_one", "rmap_one"] == "try_to_migrate_one"
+    assert pd.isna(wl.loc[row, "rmap_one"])

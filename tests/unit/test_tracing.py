@@ -66,7 +66,8 @@ def test_proxy_span_is_first_to_last_event() -> None:
 
 def test_kprobe_pairs_entry_and_return_per_pid() -> None:
     lines = [
-        "  kcompactd0-40 [001] ..... 100.000010: rwk: (rmap_walk_ksm+0x0/0x1e0)",
+        "  kcompactd0-40 [001] ..... 100.000010: rwk: (rmap_walk_ksm+0x0/0x1e0) "
+        "rmap_one=try_to_migrate_one+0x0/0x2a0",
         "  bash-77 [000] ..... 100.000020: rwk: (rmap_walk_ksm+0x0/0x1e0)",
         "  kcompactd0-40 [001] ..... 100.000510: rwkr: (rmap_walk+0x2c/0x40 <- rmap_walk_ksm)",
         "  bash-77 [000] ..... 100.001020: rwkr: (rmap_walk+0x2c/0x40 <- rmap_walk_ksm)",
@@ -82,8 +83,17 @@ def test_kprobe_pairs_entry_and_return_per_pid() -> None:
         "pid": 40,
         "comm": "kcompactd0",
         "caller": "rmap_walk",
+        "rmap_one": "try_to_migrate_one",
     }
     assert out[3] is not None and out[3]["duration_ns"] == 1_000_000
+    assert out[3]["rmap_one"] is None  # a probe defined without BTF fetches nothing
+
+
+def test_the_entry_probe_fetches_rmap_one_where_btf_gave_its_offset() -> None:
+    entry, ret = trace.kprobe_definitions("densitylab_t", 16)
+    assert entry == "p:densitylab_t/rwk rmap_walk_ksm rmap_one=+16(%si):symbol"
+    assert ret == "r:densitylab_t/rwkr rmap_walk_ksm"
+    assert trace.kprobe_definitions("g")[0] == "p:g/rwk rmap_walk_ksm"
 
 
 def test_latency_method_choice() -> None:

@@ -30,7 +30,7 @@ LEGACY_KIND_PREFIXES = (
     ("pattern-", "host-process"),
 )
 
-WORKLOAD_COLUMNS = ("target_kind", "pattern", "vmas", "mappings")
+WORKLOAD_COLUMNS = ("target_kind", "pattern", "vmas", "mappings", "rmap_one")
 
 MAX_COUNT_LEVELS = 12  # more levels than this: a continuous count, binned by powers of two
 
@@ -77,7 +77,9 @@ def normalise_latency(lat: pd.DataFrame) -> pd.DataFrame:
     written before attribution) a walk with a target gets the kind its name implies, one
     without is "unattributed". An unattributed walk keeps no VMA count, mapping count or
     pattern: before attribution `vmas` was the phase's maximum over every process, the
-    label under which reclaim pooled every workload as the fragmented copy's."""
+    label under which reclaim pooled every workload as the fragmented copy's. rmap_one
+    (which walk: the rmap_walk_control's function) is kept for every walk, attributed or
+    not; missing where the collector could not read it."""
     n = len(lat)
     missing = pd.Series(pd.Categorical.from_codes(np.full(n, -1), categories=[]), index=lat.index)
     target = lat["target"] if "target" in lat.columns else missing
@@ -94,6 +96,7 @@ def normalise_latency(lat: pd.DataFrame) -> pd.DataFrame:
         "target": _masked_category(target, attributed),
         "target_kind": kind,
         "pattern": _masked_category(lat.get("pattern", missing), attributed),
+        "rmap_one": _category(lat.get("rmap_one", missing)),
     }
     for col in ("vmas", "mappings"):
         values = lat[col] if col in lat.columns else _na_counts(lat.index)
@@ -147,10 +150,12 @@ def _levelled(s: pd.Series, level: dict[int, int]) -> np.ndarray:
     return np.asarray(lookup[codes])
 
 
-def workload_label(kind: str, pattern: Any, vmas: int, mappings: int) -> str:
-    """A workload row in words: "host-copy, distinct, 10,000 VMAs, 2 mappings/page"."""
+def workload_label(kind: str, pattern: Any, vmas: int, mappings: int, walk: Any = None) -> str:
+    """A workload row in words: "host-copy, distinct, 10,000 VMAs, 2 mappings/page", and
+    the walk's function where known: "..., via try_to_migrate_one"."""
+    via = f", via {walk}" if isinstance(walk, str) and walk else ""
     if kind == UNATTRIBUTED:
-        return UNATTRIBUTED
+        return UNATTRIBUTED + via
     parts = [kind]
     if isinstance(pattern, str) and pattern:
         parts.append(pattern)
@@ -158,7 +163,13 @@ def workload_label(kind: str, pattern: Any, vmas: int, mappings: int) -> str:
         parts.append(f"{vmas:,} VMA{'s' if vmas != 1 else ''}")
     if mappings >= 0:
         parts.append(f"{mappings:,} mappings/page")
-    return ", ".join(parts)
+    return ", ".join(parts) + via
+
+
+def _no_walks(lat: pd.DataFrame) -> pd.Series:
+    """An all-missing categorical: a table written before walks were named."""
+    codes = np.full(len(lat), -1)
+    return pd.Series(pd.Categorical.from_codes(codes, categories=[]), index=lat.index)
 
 
 def _combined_codes(columns: dict[str, np.ndarray]) -> tuple[np.ndarray, pd.DataFrame]:
@@ -184,19 +195,26 @@ def label_workloads(
     lat: pd.DataFrame, levels: dict[str, dict[int, int]] | None = None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """lat (normalised) with a categorical `workload` column, and the workloads: one row
-    per label with target_kind, pattern, vmas and mappings (levels; NA: not known), in
-    display order (kinds as TARGET_KINDS, then pattern, VMAs, mappings; unattributed last).
+    per label with target_kind, pattern, vmas, mappings (levels; NA: not known) and
+    rmap_one (the walk's function), in display order (kinds as TARGET_KINDS, then
+    pattern, VMAs, mappings, walk; unattributed last). Walks of different functions are
+    different rows: on the old kernel one that stops once the page is unmapped costs
+    about half of one that visits every mapping, and one page moved takes one of each.
     """
     levels = levels or _level_maps([lat])
     kind_codes, kinds = _codes(lat["target_kind"])
     pat_codes, patterns = _codes(lat["pattern"])
+    walk_codes, walks = _codes(lat["rmap_one"] if "rmap_one" in lat.columns else _no_walks(lat))
     v = _levelled(lat["vmas"], levels["vmas"])
     m = _levelled(lat["mappings"], levels["mappings"])
-    codes, rows = _combined_codes({"k": kind_codes, "p": pat_codes, "v": v, "m": m})
+    codes, rows = _combined_codes(
+        {"k": kind_codes, "p": pat_codes, "v": v, "m": m, "w": walk_codes}
+    )
     wl = pd.DataFrame(
         {
             "target_kind": kinds[rows["k"].to_numpy()],
             "pattern": [patterns[p] if p >= 0 else None for p in rows["p"]],
+            "rmap_one": [walks[w] if w >= 0 else None for w in rows["w"]],
             "vmas": pd.array(np.where(rows["v"] >= 0, rows["v"], 0), dtype="Int64"),
             "mappings": pd.array(np.where(rows["m"] >= 0, rows["m"], 0), dtype="Int64"),
         }
@@ -204,12 +222,15 @@ def label_workloads(
     wl.loc[rows["v"].to_numpy() < 0, "vmas"] = pd.NA
     wl.loc[rows["m"].to_numpy() < 0, "mappings"] = pd.NA
     wl["workload"] = [
-        workload_label(str(k), p, int(vv), int(mm))
-        for k, p, vv, mm in zip(wl["target_kind"], wl["pattern"], rows["v"], rows["m"], strict=True)
+        workload_label(str(k), p, int(vv), int(mm), w)
+        for k, p, vv, mm, w in zip(
+            wl["target_kind"], wl["pattern"], rows["v"], rows["m"], wl["rmap_one"], strict=True
+        )
     ]
     rank = {k: i for i, k in enumerate(TARGET_KINDS)}
     wl["_k"] = wl["target_kind"].map(lambda k: rank.get(k, len(rank) - 1) + (k == UNATTRIBUTED))
-    order = wl.sort_values(["_k", "pattern", "vmas", "mappings"], na_position="first").index
+    by = ["_k", "pattern", "vmas", "mappings", "rmap_one"]
+    order = wl.sort_values(by, na_position="first").index
     wl = wl.drop(columns="_k")
     remap = np.empty(len(wl), dtype=np.int64)
     remap[order.to_numpy()] = np.arange(len(wl))

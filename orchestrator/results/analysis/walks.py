@@ -4,7 +4,7 @@ A campaign holds hundreds of millions of timed walks; pandas would need them all
 memory. Two passes over the parquet files instead, neither of which holds the walks:
 
 1. Combinations: one row per distinct (trial, kernel, trigger, method, target,
-   target_kind, pattern, vmas, mappings) with its walk count. A few thousand rows however
+   target_kind, pattern, rmap_one, vmas, mappings) with its walk count. A few thousand rows however
    many walks; they are normalised and labelled with their workload by the same code as
    before (labels.normalise_latency, labels.label_workloads), so a row of every latency
    table (kernel, trigger, workload, method) is a set of combinations.
@@ -40,7 +40,9 @@ __all__ = ["CAP", "Walks", "read_walks", "walk_combos"]
 
 CAP = WALK_CAP  # walks kept per latency row for quantiles, bootstrap and rank tests
 KEYS = ("kernel", "trigger", "workload", "method")
-STRINGS = ("trial_id", "kernel", "trigger", "method", "target", "target_kind", "pattern")
+STRINGS = (
+    "trial_id", "kernel", "trigger", "method", "target", "target_kind", "pattern", "rmap_one"
+)  # fmt: skip
 COUNTS = ("vmas", "mappings")
 # DuckDB's working memory: its aggregates here are small (a few thousand groups), and the
 # report's peak RSS is the figure that matters on a 2 GiB budget.
@@ -149,7 +151,9 @@ def walk_combos(run: Run, ok: set[str]) -> pd.DataFrame | None:
     for i, part in enumerate(parts):  # columns the file lacks are absent, as on disk
         c = combos[combos["part"] == i]
         absent = [
-            col for col in ("target", "target_kind", "pattern", *COUNTS) if col not in part.columns
+            col
+            for col in ("target", "target_kind", "pattern", "rmap_one", *COUNTS)
+            if col not in part.columns
         ]
         frames.append(normalise_latency(c.drop(columns=absent).reset_index(drop=True)))
     out = pd.concat(frames, ignore_index=True)
