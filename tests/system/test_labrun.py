@@ -88,6 +88,10 @@ def test_lab_host_kprobe_samples(lab_image, tmp_path: Path, host_untouched) -> N
         assert (pat.vmas == 1).all() and (pat.target_kind == "host-process").all()
     # The first of two sharers moves the shared KSM page; the second finds it moved.
     assert {"pattern-0", "fragmented-0"} <= set(lat[lat.trigger == "migrate"].target)
+    # The entry probe fetched each walk's rmap_one: a page moved is unmapped, then remapped.
+    walk_funcs = set(lat[lat.trigger == "migrate"].rmap_one.dropna())
+    assert {"try_to_migrate_one", "remove_migration_pte"} <= walk_funcs, walk_funcs
+    assert lat.rmap_one.notna().all()
     moved = pd.read_parquet(run / "events.parquet").query("event == 'migrated-process'")
     assert moved.detail.str.contains("move_pages").all() and len(moved) == 4
     assert 1.9 < t.mappings_per_ksm_page < 2.1  # every KSM page here has two mappings
