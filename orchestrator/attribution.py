@@ -5,7 +5,10 @@ VMAs the anon_vma of each mapping holds. So a latency figure only means somethin
 to the workload whose page was walked. Triggers therefore act on one workload at a time
 (migrate one process's pages, reclaim one cgroup) inside a recorded window, and every
 walk inside a window is that workload's. A walk outside every window (kcompactd, kswapd,
-a host-wide compaction) is `unattributed`: it never borrows someone's VMA count.
+a host-wide compaction) is `unattributed`: it never borrows someone's VMA count. So is a
+walk inside a window that no trigger of ours makes, known by its function (rmap_one):
+DAMON's access sampling (kdamond, running by default on Debian's 7.3 kernel) walks KSM
+pages of any process at any time.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 UNATTRIBUTED = "unattributed"
+# rmap_one functions of walks that are not a migration's or a reclaim's.
+FOREIGN_WALK_PREFIXES = ("damon_", "page_idle_")
 TargetKind = str  # "guest" | "host-process" | "host-copy"
 Pattern = str  # "distinct" | "one-content"
 
@@ -81,17 +86,26 @@ def attribute(
     if n == 0:
         return lat
     ts = lat["ts_ns"]
+    ours = ~foreign_walks(lat)
     for w in windows:
         t = targets.get(w.target)
         if t is None:
             continue
-        inside = (ts >= w.start_ns) & (ts <= w.end_ns)
+        inside = (ts >= w.start_ns) & (ts <= w.end_ns) & ours
         lat.loc[inside, "target"] = t.name
         lat.loc[inside, "target_kind"] = t.kind
         lat.loc[inside, "pattern"] = t.pattern
         lat.loc[inside, "vmas"] = t.vmas if t.vmas is not None else pd.NA
         lat.loc[inside, "mappings"] = t.mappings if t.mappings is not None else pd.NA
     return lat
+
+
+def foreign_walks(lat: pd.DataFrame) -> pd.Series:
+    """Walks whose function says no trigger of ours made them (False where unknown)."""
+    if "rmap_one" not in lat.columns:
+        return pd.Series(False, index=lat.index)
+    walk = lat["rmap_one"].astype("string")
+    return walk.str.startswith(FOREIGN_WALK_PREFIXES).fillna(False).astype(bool)
 
 
 def measured_mappings(pages_sharing: int | None, pages_shared: int | None) -> float | None:

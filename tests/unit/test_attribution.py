@@ -40,6 +40,21 @@ def test_walks_outside_every_window_never_borrow_a_vma_count() -> None:
     assert lat.vmas.isna().all() and lat.mappings.isna().all()
 
 
+def test_damon_walks_inside_a_window_are_not_the_triggers() -> None:
+    """kdamond samples pages of any process whenever it likes (Debian's 7.3 runs it):
+    its walks fall inside windows by chance and must not take the window's workload."""
+    lat = pd.DataFrame(
+        {
+            "ts_ns": [2, 4, 6, 8],
+            "rmap_one": ["try_to_migrate_one", "damon_folio_young_one", None,
+                         "damon_folio_mkold_one"],
+        }
+    )  # fmt: skip
+    attribute(lat, [Window(0, 10, "pattern-0", "migrate")], TARGETS)
+    assert list(lat.target) == ["pattern-0", None, "pattern-0", None]
+    assert list(lat.target_kind) == ["host-process", UNATTRIBUTED, "host-process", UNATTRIBUTED]
+
+
 def test_a_window_for_an_unknown_target_attributes_nothing() -> None:
     lat = pd.DataFrame({"ts_ns": [5]})
     attribute(lat, [Window(0, 10, "ghost", "migrate")], TARGETS)
