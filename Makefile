@@ -113,7 +113,7 @@ lab-images: setup
 	$(PY) -m orchestrator.labimage
 
 # Kernel A/B: Debian 6.12 against 7.3 in lab-host VMs, rmap_walk_ksm timed by BPF fentry/fexit,
-# then the report. About 11 minutes under TCG.
+# then the report. 11-20 minutes under TCG (the old walk's cost varies with the host CPU).
 ab-demo: setup images lab-images
 	@started=$$(scripts/labd start | grep -c '^labd: running' || true); \
 	$(DL) run experiments/rmap-walk-ksm.yaml; rc=$$?; \
