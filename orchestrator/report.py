@@ -276,12 +276,15 @@ def fig_latency_ecdf(ecdf: pd.DataFrame, palette: dict[str, Any]) -> Figure:
 
 
 def _wrap(text: str, width: int = 34) -> str:
-    """A panel title on two lines when long (workload labels are)."""
-    if len(text) <= width or ", " not in text:
-        return text
-    parts = text.split(", ")
-    cut = max(1, len(parts) // 2)
-    return ", ".join(parts[:cut]) + ",\n" + ", ".join(parts[cut:])
+    """A panel title in lines of at most about `width` characters, broken after the
+    commas of a workload label (a part longer than width gets a line of its own)."""
+    lines: list[str] = []
+    for part in text.split(", "):
+        if lines and len(lines[-1]) + 2 + len(part) <= width:
+            lines[-1] += ", " + part
+        else:
+            lines.append(part)
+    return ",\n".join(lines)
 
 
 def _exact(points: pd.DataFrame) -> pd.DataFrame:

@@ -289,3 +289,14 @@ def test_every_latex_table_is_ascii_with_known_commands_and_closed_math(
             assert len(re.findall(r"(?<!\\)\$", line)) % 2 == 0, (name, line)
     # Every special character the escaper knows comes out as ASCII the same way.
     assert report.latex_escape("".join(report.LATEX_SPECIAL)).isascii()
+
+
+def test_panel_titles_break_after_commas_into_short_lines() -> None:
+    label = "host-copy, distinct, 10,000 VMAs, 3 mappings/page, via remove_migration_pte"
+    lines = report._wrap(label).split("\n")
+    assert lines == [
+        "host-copy, distinct, 10,000 VMAs,",
+        "3 mappings/page,",
+        "via remove_migration_pte",
+    ]
+    assert report._wrap("unattributed") == "unattributed"
