@@ -135,7 +135,7 @@ def plan(
         machines = planned_machines(s)
     except DensitylabError as e:
         fail(e)
-    est = planmod.estimate(s, trials, spec_history(results, s.name), machines)
+    est = planmod.estimate(s, trials, spec_history(results, s.name, sha), machines)
     t = Table(title=f"{s.name} ({len(trials)} trials, spec sha256 {sha[:12]})")
     swept = any(isinstance(v, list) for v in s.ksm.values())
     cols = ("trial", "kernel", "guests", *(("KSM setting",) if swept else ()), "repeat", "est. s")

@@ -171,7 +171,9 @@ def estimate(
     only a run can tell (trigger and walk costs: they depend on the kernel). An
     inventory's `machines` run trials side by side."""
     h = history or History()
-    runs = f"{h.runs} earlier run{'s' if h.runs != 1 else ''}"
+    runs = f"{h.runs} earlier run{'s' if h.runs != 1 else ''}" + (
+        "" if h.same_spec else " of an earlier version of the spec"
+    )
     per_trial = []
     for t in trials:
         past = h.trial(t.trial_id)

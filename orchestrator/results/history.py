@@ -8,6 +8,7 @@ import statistics
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -15,6 +16,9 @@ class History:
     """Seconds measured by earlier successful trials of one spec, per trial id."""
 
     runs: int = 0
+    # False when no earlier run had this exact spec and these are runs of an earlier
+    # version of it (same name): a changed page count or repeat count makes them stale.
+    same_spec: bool = True
     trial_s: dict[str, list[float]] = field(default_factory=dict)
     overhead_s: list[float] = field(default_factory=list)  # run wall minus its trials
 
@@ -32,18 +36,30 @@ def seconds_between(start: str | None, end: str | None) -> float | None:
     return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
-def spec_history(results: Path, spec_name: str) -> History:
-    """Every finished run of spec_name under results (one folder per run); runs from
-    before trials recorded their wall time are left out."""
-    h = History()
+def finished_runs(results: Path, spec_name: str) -> list[dict[str, Any]]:
+    """Manifests of spec_name's runs under results that recorded trial wall times."""
+    out = []
     for path in sorted(results.glob("*/manifest.json")) if results.is_dir() else []:
         try:
             m = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        trials = [t for t in m.get("trials", []) if t.get("wall_s") is not None]
-        if m.get("spec_name") != spec_name or not trials:
-            continue
+        if m.get("spec_name") == spec_name and any(
+            t.get("wall_s") is not None for t in m.get("trials", [])
+        ):
+            out.append(m)
+    return out
+
+
+def spec_history(results: Path, spec_name: str, spec_sha256: str | None = None) -> History:
+    """Every finished run of spec_name under results (one folder per run): those of this
+    exact spec (spec_sha256) where there are any, else those of its earlier versions.
+    Runs from before trials recorded their wall time are left out."""
+    runs = finished_runs(results, spec_name)
+    same = [m for m in runs if spec_sha256 is not None and m.get("spec_sha256") == spec_sha256]
+    h = History(same_spec=spec_sha256 is None or bool(same) or not runs)
+    for m in same or runs:
+        trials = [t for t in m["trials"] if t.get("wall_s") is not None]
         h.runs += 1
         for t in trials:
             if t.get("status") == "successful":

@@ -33,12 +33,18 @@ def test_estimate_grows_with_fleet_size() -> None:
 
 
 def write_run(
-    results: Path, name: str, spec_name: str, trials: list[dict[str, object]], wall_s: int
+    results: Path,
+    name: str,
+    spec_name: str,
+    trials: list[dict[str, object]],
+    wall_s: int,
+    sha: str | None = None,
 ) -> None:
     d = results / name
     d.mkdir(parents=True)
     manifest = {
         "spec_name": spec_name,
+        "spec_sha256": sha,
         "started_at": "2026-12-02T10:00:00+00:00",
         "ended_at": f"2026-12-02T10:{wall_s // 60:02d}:{wall_s % 60:02d}+00:00",
         "trials": trials,
@@ -65,6 +71,20 @@ def test_estimate_uses_earlier_runs_of_the_spec(tmp_path: Path) -> None:
     fresh = plan.estimate(spec, [small, big], spec_history(tmp_path / "none", "a"))
     assert [src for _, src in fresh.trial_s] == ["model", "model"]
     assert fresh.total_s == plan.estimate_s(spec, small) + plan.estimate_s(spec, big)
+
+
+def test_runs_of_this_exact_spec_win_over_its_earlier_versions(tmp_path: Path) -> None:
+    spec, _ = load_spec_text("name: a", "x")
+    (t,) = plan.expand(spec)
+    rec = {"trial_id": t.trial_id, "status": "successful"}
+    write_run(tmp_path, "old", "a", [{**rec, "wall_s": 900}], 950, sha="aaa")
+    write_run(tmp_path, "new", "a", [{**rec, "wall_s": 300}], 320, sha="bbb")
+    same = plan.estimate(spec, [t], spec_history(tmp_path, "a", "bbb"))
+    assert same.trial_s == [(300.0, "1 earlier run")]
+    # A spec changed since (say fewer pages migrated): its old runs still beat the model,
+    # but plan says where the figure came from.
+    other = plan.estimate(spec, [t], spec_history(tmp_path, "a", "ccc"))
+    assert other.trial_s == [(600.0, "2 earlier runs of an earlier version of the spec")]
 
 
 def test_lab_host_boots_count_outside_trials() -> None:
