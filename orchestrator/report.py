@@ -224,6 +224,7 @@ def fig_ksmd_cpu(trials: pd.DataFrame, palette: dict[str, Any]) -> Figure:
 
 METHOD_STYLES = {"tracepoint": "-", "kprobe": "-", "bpf-fentry": "-", "tracepoint-proxy": ":"}
 ECDF_COLUMNS = 4  # panels per row: a readable grid, however many workloads
+FEW_WALKS = 20  # an ECDF line of fewer walks gets a marker per walk
 
 
 def _kernel_method_legend(fig: Figure, palette: dict[str, Any], methods: Sequence[str]) -> None:
@@ -251,7 +252,9 @@ def fig_latency_ecdf(ecdf: pd.DataFrame, palette: dict[str, Any]) -> Figure:
         axes = sub.subplots(nrows[trigger], ncols, sharex=True, sharey=True, squeeze=False)
         for ax, workload in zip(axes.ravel(), per[trigger], strict=False):
             d = ecdf[(ecdf["trigger"] == trigger) & (ecdf["workload"] == workload)]
+            counts = []
             for (kernel, method), g in d.groupby(["kernel", "method"], sort=False):
+                n = int(g["n_walks"].iloc[0])
                 ax.step(
                     g["duration_us"],
                     g["fraction"],
@@ -259,7 +262,13 @@ def fig_latency_ecdf(ecdf: pd.DataFrame, palette: dict[str, Any]) -> Figure:
                     color=palette.get(str(kernel), "C0"),
                     ls=METHOD_STYLES.get(str(method), "--"),
                     lw=1.5,
+                    # a handful of walks draws a line too short to see: mark each walk
+                    marker="o" if n < FEW_WALKS else None,
+                    ms=4,
                 )
+                counts.append(f"{kernel}: n={n:,}")
+            ax.text(0.98, 0.04, "\n".join(counts), transform=ax.transAxes, ha="right",
+                    va="bottom", fontsize=7)  # fmt: skip
             ax.set_xscale("log")
             ax.set(
                 title=_wrap(str(workload)),

@@ -492,3 +492,16 @@ def test_rmap_bench_states_the_published_figures(tmp_path: Path) -> None:
     assert (ours["VMAs"] == 10000).all() and (ours["max ratio before/after"] > 1000).all()
     plain = an.analyze(an.load_run(make_run(tmp_path, run_id="plain")), n_boot=200)
     assert plain.published is None
+
+
+def test_ecdf_points_carry_their_groups_walk_count() -> None:
+    from orchestrator.results.analysis.latency import LatencyKey, latency_ecdf
+
+    fields = {f: "x" for f in LatencyKey._fields}
+    many = LatencyKey(**(fields | {"kernel": "6.12"}))
+    one = LatencyKey(**(fields | {"kernel": "7.3"}))
+    e = latency_ecdf({many: np.arange(1, 10_001) * 1000, one: np.array([5000])}, points=40)
+    assert set(e.loc[e.kernel == "6.12", "n_walks"]) == {10_000}
+    assert len(e.loc[e.kernel == "6.12"]) < 100  # bounded points, the count kept apart
+    lone = e.loc[e.kernel == "7.3"]
+    assert lone[["duration_us", "fraction", "n_walks"]].values.tolist() == [[5.0, 1.0, 1]]

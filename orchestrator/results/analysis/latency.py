@@ -59,7 +59,7 @@ class LatencyAnalysis:
     summary: pd.DataFrame  # kernel, trigger, workload, ..., method, statistic, value_us, ...
     comparisons: pd.DataFrame  # pooled walks, kernel a vs reference b, per row
     trial_comparisons: pd.DataFrame  # per-trial medians as the units
-    ecdf: pd.DataFrame  # kernel, trigger, workload, method, duration_us, fraction
+    ecdf: pd.DataFrame  # kernel, trigger, workload, method, duration_us, fraction, n_walks
     by_vmas: pd.DataFrame | None  # attributed walks: kernel, trigger, method, vmas bins
     walk_cost: WalkCost | None = None
     sampled_rows: int = 0  # rows summarised from a sample of about `cap` walks (walks.py)
@@ -265,7 +265,8 @@ def latency_trial_comparisons(
 
 def latency_ecdf(groups: dict[LatencyKey, np.ndarray], points: int = 400) -> pd.DataFrame:
     """ECDF per group at a bounded number of points (dense in the upper tail), so plotting
-    10 million walks draws a few hundred vertices per line. duration_us, fraction in 0..1."""
+    10 million walks draws a few hundred vertices per line. duration_us, fraction in 0..1,
+    n_walks (the group's walks, which the points no longer show)."""
     body = np.linspace(0.0, 1.0, points)
     frames = []
     for key, x in groups.items():
@@ -274,7 +275,10 @@ def latency_ecdf(groups: dict[LatencyKey, np.ndarray], points: int = 400) -> pd.
         frac = np.unique(np.concatenate([body, tail, [1.0 / n, 1.0]]))
         idx = np.clip(np.ceil(frac * n - 1e-9).astype(np.int64) - 1, 0, n - 1)
         frames.append(
-            pd.DataFrame(_key_row(key) | {"duration_us": x[idx] / 1e3, "fraction": (idx + 1) / n})
+            pd.DataFrame(
+                _key_row(key)
+                | {"duration_us": x[idx] / 1e3, "fraction": (idx + 1) / n, "n_walks": n}
+            )
         )
     return pd.concat(frames, ignore_index=True).drop_duplicates()
 
