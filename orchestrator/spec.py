@@ -383,6 +383,18 @@ class Latency(Strict):
     method: Literal["auto", "tracepoint", "bpf-fentry", "kprobe", "tracepoint-proxy", "none"] = (
         "auto"
     )
+    stop_when_tight: StopWhenTight | None = None
+
+
+class StopWhenTight(Strict):
+    """End each migrate or reclaim window early once every walk function's median walk
+    is known to within +-ci_pct (95%, distribution-free) from at least min_walks walks;
+    `pages` and `reclaim_mib` stay the most a window does. Needs the bpf-fentry
+    collector, which can be read while it collects; with another method every page is
+    walked and the trial's events say so."""
+
+    ci_pct: Annotated[float, Field(gt=0, le=50)] = 5.0
+    min_walks: Annotated[int, Field(ge=50, le=100_000)] = 400
 
 
 class HostWorkload(Strict):

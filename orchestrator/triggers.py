@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import dlfill, images, proc
-from orchestrator.agent import fs, memory
+from orchestrator.agent import enough, fs, memory
+from orchestrator.agent.enough import stop_detail
 from orchestrator.attribution import Window
 from orchestrator.errors import HostError
 from orchestrator.spec import HostWorkload, Migrate, Reclaim
@@ -144,6 +145,7 @@ def migrate_once(
     repeat: int,
     event: EventFn,
     run_id: str,
+    watch: enough.WatchFactory | None = None,
 ) -> list[Window]:
     """One migration pass: NUMA migrate_pages between nodes (one process at a time, each
     in a window of its own), memory-block offline/online of the blocks holding the
@@ -169,7 +171,9 @@ def migrate_once(
             proc.run(["migratepages", str(pid), str(src), str(dst)], timeout_s=600)
         else:
             addrs = memory.sample_page_addresses(memory.mergeable_ranges(pid), cfg.pages)
-            memory.move_pages(pid, addrs, dst)
+            moved = enough.move_until_tight(pid, addrs, dst, watch() if watch else None)
+            if "stopped" in moved:
+                event("migrated-process", f"{name}: {stop_detail(moved)}")
         windows.append(Window(start, time.monotonic_ns(), name, "migrate"))
     event("migrated", f"numa {src}->{dst} for {len(pids)} processes")
     return windows
@@ -252,7 +256,12 @@ V1_RETRY_PAUSE_S = 0.2
 
 
 def reclaim_once(
-    cfg: Reclaim, cgroup_kind: str, targets: dict[str, int], stack: ExitStack, event: EventFn
+    cfg: Reclaim,
+    cgroup_kind: str,
+    targets: dict[str, int],
+    stack: ExitStack,
+    event: EventFn,
+    watch: enough.WatchFactory | None = None,
 ) -> list[Window]:
     """Reclaim from every cgroup holding mergeable memory, one at a time in a window of
     its own: v2 memory.reclaim, or v1 limits stepped down (and put back)."""
@@ -263,23 +272,25 @@ def reclaim_once(
             method = "memory.reclaim" if (cg / "memory.reclaim").exists() else "v1-limit-steps"
         start = time.monotonic_ns()
         if method == "memory.reclaim":
-            reclaim_v2(cg, cfg, cgroup_kind, event)
+            reclaim_v2(cg, cfg, cgroup_kind, event, watch() if watch else None)
         else:
             reclaim_v1_steps(cg, cfg, stack, event)
         windows.append(Window(start, time.monotonic_ns(), window_target(names), "reclaim"))
     return windows
 
 
-def reclaim_v2(cg: Path, cfg: Reclaim, cgroup_kind: str, event: EventFn) -> None:
+def reclaim_v2(
+    cg: Path, cfg: Reclaim, cgroup_kind: str, event: EventFn, watch: enough.WalkWatch | None
+) -> None:
     if not (cg / "memory.reclaim").exists():
         raise HostError(
             f"phases.reclaim.method: {cg}/memory.reclaim does not exist here (cgroup {cgroup_kind})"
         )
-    ok = memory.memcg_reclaim_v2(cg, cfg.reclaim_mib * MIB)
-    event(
-        "reclaimed",
-        f"{cg.name} memory.reclaim {cfg.reclaim_mib} MiB ({'all' if ok else 'partly (EAGAIN)'})",
-    )
+    got = enough.reclaim_until_tight(cg, cfg.reclaim_mib * MIB, watch)
+    how = "all" if got["result"] == "all" else "partly (EAGAIN)"
+    if "stopped" in got:
+        how += f"; {stop_detail(got)}"
+    event("reclaimed", f"{cg.name} memory.reclaim {cfg.reclaim_mib} MiB ({how})")
 
 
 V1_CREEP_MIB = 8

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import hold, ksm, leftovers, memory, probe, procs, sample, trace
+from . import enough, hold, ksm, leftovers, memory, probe, procs, sample, trace
 from .fs import PROC, AgentError, read_text
 
 # One argument: its flags and argparse keywords.
@@ -97,11 +97,19 @@ def do_reclaim(a: argparse.Namespace) -> int:
     the caller a round trip per workload (seconds each in a TCG lab host)."""
     for name in a.cgroup:
         cg = our_cgroup(name)
+        watch = walk_watch(a)
         start = time.monotonic_ns()
-        result = "all" if memory.memcg_reclaim_v2(cg, a.mib << 20) else "partly"
+        got = enough.reclaim_until_tight(cg, a.mib << 20, watch)
         window = {"start_ns": start, "end_ns": time.monotonic_ns()}
-        print(json.dumps({"cgroup": name, "result": result, **window}) if a.json else result)
+        print(json.dumps({"cgroup": name, **got, **window}) if a.json else got["result"])
     return 0
+
+
+def walk_watch(a: argparse.Namespace) -> enough.WalkWatch | None:
+    """The stopping rule's watch over the BPF collector's raw file, when one is asked."""
+    if a.tight_raw is None:
+        return None
+    return enough.WalkWatch(Path(a.tight_raw), a.tight_ci_pct, a.tight_min_walks)
 
 
 def do_cgroup_create(a: argparse.Namespace) -> int:
@@ -121,8 +129,9 @@ def do_move_pages(a: argparse.Namespace) -> int:
         ranges = memory.mergeable_ranges(pid)
         total = sum((hi - lo) // 4096 for lo, hi in ranges)
         addrs = memory.sample_page_addresses(ranges, a.pages or total)
+        watch = walk_watch(a)
         start = time.monotonic_ns()
-        moved = memory.move_pages(pid, addrs, a.node)
+        moved = enough.move_until_tight(pid, addrs, a.node, watch)
         print(json.dumps({"pid": pid, **moved, "start_ns": start, "end_ns": time.monotonic_ns()}))
     return 0
 
@@ -158,6 +167,13 @@ PARENT_PID = arg("--parent-pid", type=int, help="stop when this process is gone"
 SAVED = arg("--saved", type=Path, required=True)
 CGROUP = arg("--cgroup", required=True)
 CGROUPS = arg("--cgroup", action="append", required=True, help="repeat for several, in order")
+# The stopping rule (enough.py): given the BPF collector's raw file, stop each window once
+# every walk function's median is known to within --tight-ci-pct.
+TIGHT = [
+    arg("--tight-raw", help="the BPF collector's raw record file"),
+    arg("--tight-ci-pct", type=float, default=5.0),
+    arg("--tight-min-walks", type=int, default=400),
+]
 
 # In `--help` order (as before the split).
 COMMANDS: dict[str, Command] = {
@@ -228,6 +244,7 @@ COMMANDS: dict[str, Command] = {
             CGROUPS,
             arg("--mib", type=int, required=True),
             arg("--json", action="store_true", help="print the result and its window"),
+            *TIGHT,
         ],
     ),
     "cgroup-remove": Command("remove a cgroup of ours", do_cgroup_remove, [CGROUP]),
@@ -238,6 +255,7 @@ COMMANDS: dict[str, Command] = {
             arg("--pid", type=int, action="append", required=True, help="repeat for several"),
             arg("--pages", type=int, required=True, help="pages to sample (0: all)"),
             arg("--node", type=int, required=True),
+            *TIGHT,
         ],
     ),
     "cgroup-create": Command(

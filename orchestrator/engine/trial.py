@@ -223,6 +223,7 @@ class Trial:
                     self.ctx.store.run_id.replace("-", "_"),
                     stack,
                     self.events_of("restore"),
+                    spec.latency.stop_when_tight,
                 )
                 st.collected = True
             for i in range(p.migrate.repeats if p.migrate.enabled else 0):

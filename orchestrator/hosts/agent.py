@@ -16,11 +16,12 @@ from typing import Any, Protocol
 import pandas as pd
 
 from orchestrator import agentship, dlfill, images, integrity
+from orchestrator.agent.enough import stop_detail
 from orchestrator.attribution import Window
 from orchestrator.errors import HostError
-from orchestrator.hosts.base import EventFn, Proc, ProcKind
+from orchestrator.hosts.base import EventFn, Proc, ProcKind, usable_stop_rule
 from orchestrator.integrity import Verification
-from orchestrator.spec import HostWorkload, Migrate, Reclaim, Workload
+from orchestrator.spec import HostWorkload, Migrate, Reclaim, StopWhenTight, Workload
 
 AGENT_PATH = agentship.REMOTE_AGENT_PATH  # the agent as one file (a zipapp)
 DLFILL_PATH = "/usr/local/bin/dlfill"
@@ -97,6 +98,7 @@ class AgentHost:
         self._samples: list[dict[str, Any]] = []
         self._sample_bytes = 0
         self._procs: list[str] = []
+        self._tight_flags: list[str] = []  # the stopping rule, for this trial's collector
 
     # -------------------------------------------------------------- plumbing
 
@@ -298,9 +300,25 @@ class AgentHost:
 
     # -------------------------------------------------------------- latency
 
-    def start_collector(self, method: str, tag: str, stack: ExitStack, event: EventFn) -> None:
+    def start_collector(
+        self,
+        method: str,
+        tag: str,
+        stack: ExitStack,
+        event: EventFn,
+        stop_rule: StopWhenTight | None = None,
+    ) -> None:
         """Start the agent's latency collector and wait until its probes are in place."""
         log = f"{self.work}/collector.log"
+        rule = usable_stop_rule(method, stop_rule, event)
+        self._tight_flags = (
+            []
+            if rule is None
+            else [
+                *("--tight-raw", f"{self.work}/latency.jsonl.raw"),
+                *("--tight-ci-pct", str(rule.ci_pct), "--tight-min-walks", str(rule.min_walks)),
+            ]
+        )
         self.agent(
             "spawn",
             *("--out", log, "--pidfile", f"{self.work}/collector.pid", "--"),
@@ -319,6 +337,7 @@ class AgentHost:
     def _stop_collector(self, event: EventFn) -> None:
         """Give the collector time to drain its buffer (a slow VM parses ~10^4 events/s);
         one that had to be killed is said in the trial's events."""
+        self._tight_flags = []
         self.agent(
             "stop", "--pidfile", f"{self.work}/collector.pid", "--grace-s", "600", timeout_s=660
         )
@@ -372,6 +391,7 @@ class AgentHost:
             "move-pages",
             *[f"--pid={pid}" for pid in targets.values()],
             *("--pages", str(pages), "--node", str(dst)),
+            *self._tight_flags,
             timeout_s=3600,
         )
         windows = []
@@ -400,6 +420,7 @@ class AgentHost:
             "--json",
             *[f"--cgroup={cg}" for cg in cgroups],
             *("--mib", str(cfg.reclaim_mib)),
+            *self._tight_flags,
             timeout_s=3600,
         )
         windows = []
@@ -408,6 +429,8 @@ class AgentHost:
             name = cgroups[r["cgroup"]]
             windows.append(Window(r["start_ns"], r["end_ns"], name, "reclaim"))
             detail = f"{name}: memory.reclaim {cfg.reclaim_mib} MiB: {r['result']}"
+            if "stopped" in r:
+                detail += f" ({stop_detail(r)})"
             event("reclaimed", detail, r["end_ns"])
         return windows
 

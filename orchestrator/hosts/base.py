@@ -19,7 +19,7 @@ import pandas as pd
 from orchestrator.attribution import Window
 from orchestrator.hosts.methods import HostKind
 from orchestrator.integrity import Verification
-from orchestrator.spec import HostWorkload, Migrate, Reclaim, Workload
+from orchestrator.spec import HostWorkload, Migrate, Reclaim, StopWhenTight, Workload
 
 ProcKind = Literal["host-copy", "host-process"]
 EventFn = Any  # Callable[[str, str], None]: (event, detail)
@@ -78,7 +78,14 @@ class Host(Protocol):
     ) -> None: ...
     def samples(self) -> list[dict[str, Any]]: ...
 
-    def start_collector(self, method: str, tag: str, stack: ExitStack, event: EventFn) -> None: ...
+    def start_collector(
+        self,
+        method: str,
+        tag: str,
+        stack: ExitStack,
+        event: EventFn,
+        stop_rule: StopWhenTight | None = None,
+    ) -> None: ...
     def latency(self) -> pd.DataFrame: ...
 
     def migrate(
@@ -95,3 +102,18 @@ class Host(Protocol):
 
     def keep_files(self, trial_dir: Path) -> None:
         """Copy the host's own record files (samples, collector log) into the run."""
+
+
+def usable_stop_rule(
+    method: str, rule: StopWhenTight | None, event: EventFn
+) -> StopWhenTight | None:
+    """The stopping rule where the collector can be read while it runs (bpf-fentry's raw
+    record file); with any other method every page is walked, and the events say so."""
+    if rule is None or method == "bpf-fentry":
+        return rule
+    event(
+        "stop-when-tight-off",
+        f"latency.stop_when_tight needs the bpf-fentry collector, this one is {method}: "
+        "every page walked",
+    )
+    return None

@@ -13,14 +13,14 @@ from typing import Any
 import pandas as pd
 
 from orchestrator import fleet, integrity, triggers
-from orchestrator.agent import fs, ksm
+from orchestrator.agent import enough, fs, ksm
 from orchestrator.attribution import Window
 from orchestrator.errors import HostError
-from orchestrator.hosts.base import EventFn, Proc
+from orchestrator.hosts.base import EventFn, Proc, usable_stop_rule
 from orchestrator.hosts.methods import HostKind
 from orchestrator.integrity import Verification
 from orchestrator.sampling import Collector, Sampler
-from orchestrator.spec import HostWorkload, Migrate, Reclaim, Workload
+from orchestrator.spec import HostWorkload, Migrate, Reclaim, StopWhenTight, Workload
 
 
 def ksm_saved_path(run_id: str) -> Path:
@@ -50,6 +50,7 @@ class LocalHost:
         self.trial_dir = Path(".")
         self.sampler: Sampler | None = None
         self.collector: Collector | None = None
+        self.watch: enough.WatchFactory | None = None  # the stopping rule, while collecting
         self._copies: dict[str, triggers.HostProcess] = {}
 
     def open(self, kernel: str, stack: ExitStack, trial_dir: Path) -> list[tuple[str, str]]:
@@ -115,9 +116,19 @@ class LocalHost:
     def samples(self) -> list[dict[str, Any]]:
         return self.sampler.poll() if self.sampler is not None else []
 
-    def start_collector(self, method: str, tag: str, stack: ExitStack, event: EventFn) -> None:
+    def start_collector(
+        self,
+        method: str,
+        tag: str,
+        stack: ExitStack,
+        event: EventFn,
+        stop_rule: StopWhenTight | None = None,
+    ) -> None:
         out = self.trial_dir / "latency.jsonl"
         self.collector = stack.enter_context(Collector(out, method, tag))
+        rule = usable_stop_rule(method, stop_rule, event)
+        self.watch = None if rule is None else walk_watch_factory(out, rule)
+        stack.callback(setattr, self, "watch", None)
 
     def latency(self) -> pd.DataFrame:
         assert self.collector is not None
@@ -127,7 +138,7 @@ class LocalHost:
         self, cfg: Migrate, targets: dict[str, int], repeat: int, event: EventFn
     ) -> list[Window]:
         nodes = int(self._facts["numa"]["value"])
-        return triggers.migrate_once(cfg, nodes, targets, repeat, event, self.run_id)
+        return triggers.migrate_once(cfg, nodes, targets, repeat, event, self.run_id, self.watch)
 
     def provide_swap(self, cfg: Reclaim, stack: ExitStack, event: EventFn) -> None:
         triggers.provide_swap(cfg, self.run_id, stack, event)
@@ -136,10 +147,17 @@ class LocalHost:
         self, cfg: Reclaim, targets: dict[str, int], stack: ExitStack, event: EventFn
     ) -> list[Window]:
         cgroup_kind = str(self._facts["cgroup"]["value"])
-        return triggers.reclaim_once(cfg, cgroup_kind, targets, stack, event)
+        return triggers.reclaim_once(cfg, cgroup_kind, targets, stack, event, self.watch)
 
     def close(self) -> list[str]:
         return []  # nothing outlives a trial here
 
     def keep_files(self, trial_dir: Path) -> None:
         pass  # the sampler and collector write into the trial directory already
+
+
+def walk_watch_factory(out: Path, rule: StopWhenTight) -> enough.WatchFactory:
+    """A new watch per window over the collector's raw file (trace.run_fentry_collector):
+    the walks are this process's, which calls move_pages and writes memory.reclaim."""
+    raw = out.with_name(out.name + ".raw")
+    return lambda: enough.WalkWatch(raw, rule.ci_pct, rule.min_walks)

@@ -137,3 +137,14 @@ def test_lab_host_refuses_methods_it_cannot_run(tmp_path: Path, trigger: str, me
     with pytest.raises(UsageError, match=rf"phases\.{trigger}\.method.*host\.kind labvm") as e:
         load_spec(p)
     assert "\n" not in str(e.value)
+
+
+def test_stop_rule_defaults_and_bounds() -> None:
+    spec, _ = load_spec_text("name: a\nlatency: {stop_when_tight: {}}", "x.yaml")
+    assert spec.latency.stop_when_tight is not None
+    assert (spec.latency.stop_when_tight.ci_pct, spec.latency.stop_when_tight.min_walks) == (5, 400)
+    assert load_spec_text("name: a", "x.yaml")[0].latency.stop_when_tight is None
+    with pytest.raises(UsageError, match=r"^x.yaml: latency.stop_when_tight.ci_pct"):
+        load_spec_text("name: a\nlatency: {stop_when_tight: {ci_pct: 0}}", "x.yaml")
+    with pytest.raises(UsageError, match=r"^x.yaml: latency.stop_when_tight.min_walks"):
+        load_spec_text("name: a\nlatency: {stop_when_tight: {min_walks: 3}}", "x.yaml")
