@@ -187,7 +187,7 @@ def _points_by_fleet(
         ax=ax,
         legend=False,
     )
-    if legend:
+    if legend and ax.get_legend_handles_labels()[0]:  # no bars when every value is NaN
         ax.legend(title="kernel (bar: median, dots: trials)", loc="best")
 
 
