@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import enough, hold, ksm, leftovers, memory, probe, procs, sample, trace
+from . import enough, hold, ksm, leftovers, memory, probe, procs, pyc, sample, trace
 from .fs import PROC, AgentError, read_text
 
 # One argument: its flags and argparse keywords.
@@ -145,6 +145,11 @@ def do_verify(a: argparse.Namespace) -> int:
         workloads[name] = (int(pid), Path(out))
     for name, line in procs.verify_workloads(workloads, a.timeout_s):
         print(json.dumps({"workload": name, "line": line}))
+    return 0
+
+
+def do_precompile(a: argparse.Namespace) -> int:
+    print(f"{pyc.add_compiled(Path(a.archive))} modules compiled")
     return 0
 
 
@@ -279,6 +284,11 @@ COMMANDS: dict[str, Command] = {
         "remove what killed runs left here (not the live holder's)",
         do_clean,
         [arg("--holder", help="the run holding the machine, before it starts anything")],
+    ),
+    "precompile": Command(
+        "add this Python's .pyc of every module to the agent's zipapp (before it is used)",
+        do_precompile,
+        [arg("--archive", required=True)],
     ),
 }
 

@@ -64,6 +64,8 @@ def ship_tools(t: Transport) -> None:
     """The host agent and the workload program: all a host needs from us."""
     t.run(["/bin/mkdir", "-p", str(Path(AGENT_PATH).parent), WORK])
     t.write(AGENT_PATH, agentship.agent_zipapp().read_bytes(), 0o644)
+    # Before any other agent call: each would compile every module again (agent/pyc.py).
+    t.run(agent_argv("precompile", "--archive", AGENT_PATH), 120)
     # The same static binary as the tiny guest's and this machine's.
     t.write(DLFILL_PATH, images.host_dlfill().read_bytes(), 0o755)
 

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -271,3 +272,42 @@ def test_verify_signals_every_workload_and_returns_its_new_line(
         for p in procs:
             p.kill()
             p.wait()
+
+
+@pytest.mark.parametrize("python", pythons())
+def test_precompile_makes_the_zipapp_import_bytecode_and_keeps_it_working(
+    python: str, tmp_path: Path
+) -> None:
+    """`precompile` rewrites the archive with this Python's .pyc beside each module:
+    imports then come from the bytecode (the loader says which), the subcommands still
+    run, and a .pyc of another Python (bad magic) is passed over for the source."""
+    shipped = tmp_path / "agent.pyz"
+    shutil.copy(agentship.agent_zipapp(tmp_path / "cache"), shipped)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([python, "-I", *args], capture_output=True, text=True, env=env)
+
+    which = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import densitylab_agent.enough as m; "
+        "print(m.__spec__.loader.get_filename('densitylab_agent.enough'))"
+    )
+    assert run("-c", which, str(shipped)).stdout.strip().endswith("enough.py")
+    cp = run(str(shipped), "precompile", "--archive", str(shipped))
+    assert cp.returncode == 0 and "modules compiled" in cp.stdout, cp.stderr
+    with zipfile.ZipFile(shipped) as z:
+        names = set(z.namelist())
+    assert "densitylab_agent/enough.pyc" in names and "__main__.pyc" not in names
+    assert run("-c", which, str(shipped)).stdout.strip().endswith("enough.pyc")
+    assert int(run(str(shipped), "now").stdout) > 0
+    # Another interpreter's bytecode (here: a corrupted magic number) falls back to source.
+    with zipfile.ZipFile(shipped) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    entries["densitylab_agent/enough.pyc"] = (
+        b"\0\0\0\0" + entries["densitylab_agent/enough.pyc"][4:]
+    )
+    with zipfile.ZipFile(shipped, "w") as z:
+        for n, data in entries.items():
+            z.writestr(n, data)
+    assert run("-c", which, str(shipped)).stdout.strip().endswith("enough.py")
+    assert int(run(str(shipped), "now").stdout) > 0
