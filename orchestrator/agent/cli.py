@@ -74,7 +74,12 @@ def do_now(_a: argparse.Namespace) -> int:
 
 
 def do_stop(a: argparse.Namespace) -> int:
-    procs.stop_pidfile(a.pidfile, a.grace_s)
+    """Each pidfile's process in turn, then each cgroup of ours: one call for a trial's
+    workloads (each agent call costs a Python start-up, seconds in a TCG lab host)."""
+    for pidfile in a.pidfile:
+        procs.stop_pidfile(pidfile, a.grace_s)
+    for name in a.cgroup or []:
+        memory.memcg_remove(our_cgroup(name))
     return 0
 
 
@@ -225,11 +230,12 @@ COMMANDS: dict[str, Command] = {
     ),
     "now": Command("print CLOCK_MONOTONIC in ns (to line up remote phases)", do_now),
     "stop": Command(
-        "stop a process started by spawn",
+        "stop processes started by spawn (then remove cgroups of ours)",
         do_stop,
         [
-            arg("--pidfile", type=Path, required=True),
+            arg("--pidfile", type=Path, action="append", required=True, help="repeatable"),
             arg("--grace-s", type=float, default=30, help="SIGKILL after this long"),
+            arg("--cgroup", action="append", help="removed once the processes are stopped"),
         ],
     ),
     "swap-on": Command(

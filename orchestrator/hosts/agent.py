@@ -262,13 +262,13 @@ class AgentHost:
         return [integrity.parse_verified(a["line"], a["workload"]) for a in answers]
 
     def _stop_procs(self) -> None:
-        agent = f"/usr/bin/python3 {AGENT_PATH}"
-        steps = [
-            f"{agent} stop --pidfile {self.work}/{n}.pid; "
-            f"{agent} cgroup-remove --cgroup densitylab-{self.tag}-{n}"
-            for n in reversed(self._procs)
-        ]
-        self.transport.run(["/bin/sh", "-ec", "; ".join(steps)], 300)
+        names = list(reversed(self._procs))
+        self.agent(
+            "stop",
+            *[f"--pidfile={self.work}/{n}.pid" for n in names],
+            *[f"--cgroup=densitylab-{self.tag}-{n}" for n in names],
+            timeout_s=300,
+        )
 
     # -------------------------------------------------------------- sampling
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
 import shutil
@@ -311,3 +312,25 @@ def test_precompile_makes_the_zipapp_import_bytecode_and_keeps_it_working(
             z.writestr(n, data)
     assert run("-c", which, str(shipped)).stdout.strip().endswith("enough.py")
     assert int(run(str(shipped), "now").stdout) > 0
+
+
+def test_one_stop_call_stops_every_process_then_removes_their_cgroups(tmp_path: Path) -> None:
+    """Real processes spawned into a real memory cgroup of ours, stopped in one call."""
+    name = f"densitylab-test-stop-{os.getpid()}"
+    pidfiles = [tmp_path / f"{i}.pid" for i in range(2)]
+    for pf in pidfiles:
+        argv = ["spawn", "--out", str(tmp_path / "o"), "--pidfile", str(pf), "--cgroup", name]
+        assert cli.main([*argv, "--", "/bin/sleep", "600"]) == 0
+    pids = [int(pf.read_text()) for pf in pidfiles]
+    cg = cli.our_cgroup(name)
+    assert all(Path(f"/proc/{p}").exists() for p in pids)
+    try:
+        argv = ["stop", *[f"--pidfile={pf}" for pf in pidfiles], f"--cgroup={name}"]
+        assert cli.main([*argv, "--grace-s", "5"]) == 0
+        assert not any(Path(f"/proc/{p}").exists() for p in pids) and not cg.exists()
+    finally:
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, 9)
+        with contextlib.suppress(OSError):
+            cg.rmdir()
