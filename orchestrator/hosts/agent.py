@@ -101,6 +101,7 @@ class AgentHost:
         self._sample_bytes = 0
         self._procs: list[str] = []
         self._tight_flags: list[str] = []  # the stopping rule, for this trial's collector
+        self._kept: dict[str, bytes] = {}  # record files already read this trial
 
     # -------------------------------------------------------------- plumbing
 
@@ -125,6 +126,7 @@ class AgentHost:
         """Forget the previous trial's state (a host may serve several trials)."""
         self._facts = None
         self._samples, self._sample_bytes, self._procs = [], 0, []
+        self._kept = {}
 
     def facts(self) -> dict[str, Any]:
         if self._facts is None:
@@ -348,9 +350,11 @@ class AgentHost:
 
     def latency(self) -> pd.DataFrame:
         try:
-            text = self.read_text(f"{self.work}/latency.jsonl")
+            data = self.transport.read(f"{self.work}/latency.jsonl")
         except HostError:
-            text = ""
+            data = b""
+        self._kept["latency.jsonl"] = data  # keep_files copies it without a second read
+        text = data.decode(errors="replace")
         rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         return pd.DataFrame(rows, columns=LATENCY_COLUMNS)
 
@@ -440,7 +444,7 @@ class AgentHost:
         """Copies of the host's record files in the run directory (missing ones are fine)."""
         for name in ("samples.jsonl", "latency.jsonl", "collector.log"):
             try:
-                data = self.transport.read(f"{self.work}/{name}")
+                data = self._kept.pop(name, None) or self.transport.read(f"{self.work}/{name}")
             except HostError:
                 continue
             trial_dir.mkdir(parents=True, exist_ok=True)
