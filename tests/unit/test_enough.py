@@ -101,3 +101,10 @@ def test_move_walks_every_page_while_the_interval_is_wide(
     got = enough.move_until_tight(os.getpid(), own_pages, 0, w)
     assert got["requested"] == 2000 and got["stopped"] == "every page"
     assert enough.move_until_tight(os.getpid(), own_pages[:10], 0, None)["requested"] == 10
+
+
+def test_stop_detail_says_how_a_window_ended() -> None:
+    tight = {"stopped": "interval tight", "walks_seen": 812, "ci_pct": 3.1}
+    assert enough.stop_detail(tight) == "interval tight after 812 walks, +-3.1%"
+    none = {"stopped": "every page", "walks_seen": 0, "ci_pct": None}
+    assert enough.stop_detail(none) == "no walks of this process's"
