@@ -94,7 +94,7 @@ class WalkWatch:
 def stop_detail(r: dict[str, Any]) -> str:
     """How a watched window ended, for its event: 'interval tight after 812 walks, +-4.1%'."""
     if not r["walks_seen"]:
-        return "no walks of this process's"  # its pages were moved or reclaimed before
+        return "no walks in this window"  # its KSM pages moved or went with another's
     ci = r.get("ci_pct")
     width = f", +-{ci}%" if ci is not None else ""
     return f"{r['stopped']} after {r['walks_seen']} walks{width}"

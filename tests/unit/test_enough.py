@@ -107,4 +107,4 @@ def test_stop_detail_says_how_a_window_ended() -> None:
     tight = {"stopped": "interval tight", "walks_seen": 812, "ci_pct": 3.1}
     assert enough.stop_detail(tight) == "interval tight after 812 walks, +-3.1%"
     none = {"stopped": "every page", "walks_seen": 0, "ci_pct": None}
-    assert enough.stop_detail(none) == "no walks of this process's"
+    assert enough.stop_detail(none) == "no walks in this window"
