@@ -113,7 +113,8 @@ lab-images: setup
 	$(PY) -m orchestrator.labimage
 
 # Kernel A/B: Debian 6.12 against 7.3 in lab-host VMs, rmap_walk_ksm timed by BPF fentry/fexit,
-# then the report. 11-20 minutes under TCG (the old walk's cost varies with the host CPU).
+# then the report. About 12 minutes under TCG here (each window stops once its medians are
+# within +-5%; the old walk's cost still varies 2-4x from trial to trial at 10,000 VMAs).
 ab-demo: setup images lab-images
 	@started=$$(scripts/labd start | grep -c '^labd: running' || true); \
 	$(DL) run experiments/rmap-walk-ksm.yaml; rc=$$?; \
