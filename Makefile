@@ -99,7 +99,8 @@ bench-sampler: setup
 	$(PY) bench/sampler_cost.py
 
 # What the rmap_walk_ksm collector costs: NUMA migration throughput with and without the
-# kprobe collector, in ABBA pairs inside a lab host per kernel. About 5 minutes.
+# collector, every method the lab host offers, in ABBA pairs inside a lab host per kernel.
+# About 16 minutes under TCG here (2026-12-04).
 bench-collector: setup images lab-images
 	@started=$$(scripts/labd start | grep -c '^labd: running' || true); \
 	$(PY) bench/collector_overhead.py; rc=$$?; \
