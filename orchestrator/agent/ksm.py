@@ -71,6 +71,25 @@ def write_knob(ksm_dir: Path, name: str, value: str) -> None:
         write_text(ksm_dir / name, value)
 
 
+def prune_stale_stable_tree(ksm_dir: Path = KSM_DIR) -> bool:
+    """With ksmd stopped and nothing merged, drop what KSM still keeps of merges gone by
+    (run=2, then back to 0); True when it did. Measured on this 6.18 host: a trial's
+    teardown stopping ksmd (run=0) left `stable_node_chains` at 1 with `pages_shared` 0,
+    and the next trial's guests merged only 7-19 of their 24 identical MiB however long
+    they held; after run=2 they merged all 24. With pages_shared 0 no page of anyone's is
+    merged, so unmerging changes no process's memory."""
+    chains = ksm_dir / "stable_node_chains"
+    if not chains.exists() or int(read_text(chains).split()[0]) == 0:
+        return False
+    if knob_value(read_text(ksm_dir / "run")) != "0":
+        return False  # a running ksmd prunes its chains itself
+    if read_ksm_counters(ksm_dir).get("pages_shared", 0) != 0:
+        return False
+    write_text(ksm_dir / "run", "2")
+    write_text(ksm_dir / "run", "0")
+    return True
+
+
 def ordered_for_write(settings: Mapping[str, str]) -> list[tuple[str, str]]:
     """`run` goes last so ksmd starts only once every other knob is in place."""
     return sorted(settings.items(), key=lambda kv: (kv[0] == "run", kv[0]))
@@ -100,6 +119,7 @@ def apply_ksm(
         # run's, not the host's. Keep every saved value; add only knobs it lacks.
         saved = {**saved, **json.loads(read_text(saved_path))["knobs"]}
     write_json_atomic(saved_path, {"ksm_dir": str(ksm_dir), "knobs": saved})
+    prune_stale_stable_tree(ksm_dir)
     for name, value in ordered_for_write({k: str(v) for k, v in settings.items()}):
         write_knob(ksm_dir, name, value)
     return saved
@@ -116,6 +136,11 @@ def restore_ksm(saved_path: Path) -> list[str]:
     for name, value in ordered_for_write(data["knobs"]):
         try:
             write_knob(ksm_dir, name, value)
+        except AgentError as e:
+            errors.append(str(e))
+    if not errors:
+        try:
+            prune_stale_stable_tree(ksm_dir)
         except AgentError as e:
             errors.append(str(e))
     if not errors:

@@ -172,3 +172,22 @@ def test_sampler_stops_when_its_parent_is_gone(tmp_path: Path) -> None:
     )
     assert p.returncode == 0
     assert out.read_text().count("\n") == 1
+
+
+def test_a_stale_stable_tree_is_pruned_only_when_nothing_is_merged(tmp_path: Path) -> None:
+    """ksmd stopped, pages_shared 0, a chain left: run=2 then 0 (the write order is what
+    the kernel sees; a file here keeps the last value). Merged pages or a running ksmd:
+    left alone."""
+    kdir = ksm_dir_copy(tmp_path)
+    for name, value in (("run", "0"), ("pages_shared", "0"), ("stable_node_chains", "1")):
+        (kdir / name).write_text(f"{value}\n")
+    assert ksm.prune_stale_stable_tree(kdir)
+    assert (kdir / "run").read_text() == "0"
+    (kdir / "pages_shared").write_text("3463\n")
+    assert not ksm.prune_stale_stable_tree(kdir)
+    (kdir / "pages_shared").write_text("0\n")
+    (kdir / "run").write_text("1\n")
+    assert not ksm.prune_stale_stable_tree(kdir)
+    (kdir / "run").write_text("0\n")
+    (kdir / "stable_node_chains").write_text("0\n")
+    assert not ksm.prune_stale_stable_tree(kdir)
